@@ -105,11 +105,17 @@ def applicable_metrics(layout: TokenLayout, *, residual: bool = True) -> tuple[l
 _DISTANCE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def patch_distance_matrix(layout: TokenLayout, device: torch.device) -> torch.Tensor:
-    """(N, N) Euclidean distances between patch centres in input pixels, row-major grid."""
+def patch_distance_matrix(
+    layout: TokenLayout, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """(N, N) Euclidean distances between patch centres in input pixels, row-major grid.
+
+    Computed in float64 and rounded once to `dtype` (default float32).
+    """
     import torch
 
-    key = (layout.grid, layout.patch_size, str(device))
+    dtype = dtype or torch.float32
+    key = (layout.grid, layout.patch_size, str(device), dtype)
     cached = _DISTANCE_CACHE.get(key)
     if cached is None:
         gh, gw = layout.grid
@@ -117,9 +123,26 @@ def patch_distance_matrix(layout: TokenLayout, device: torch.device) -> torch.Te
         rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw) * ph
         cols = torch.arange(gw, dtype=torch.float64).repeat(gh) * pw
         coords = torch.stack([rows, cols], dim=1)
-        cached = torch.cdist(coords, coords).to(device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+        cached = torch.cdist(coords, coords).to(device=device, dtype=dtype)
         _DISTANCE_CACHE[key] = cached
     return cached
+
+
+def _mean_distance(patch_patch: torch.Tensor, inv_s: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """`attn_distance_px` per (image, head): mean_i (sum_j a_ij D_ij) / S_i.
+
+    The values are ~100 px while the spread across images can be < 0.1 px, so rounding
+    shows in the std over images. The row dot products (the bulk of the work) are float32,
+    off by a few float32 ulps; everything after them is float64 where the device has it
+    (not MPS): rounding each image's ~100 px value to float32 alone would move the std by
+    ~4e-6 px. tests/test_reference_agreement.py holds this to the float64 reference.
+    """
+    import torch
+
+    wide = torch.float32 if patch_patch.device.type == "mps" else torch.float64
+    dist = patch_distance_matrix(layout, patch_patch.device)
+    rows = torch.linalg.vecdot(patch_patch, dist).to(wide)
+    return (rows * inv_s.to(wide)).mean(-1)
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
@@ -129,10 +152,31 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(p).sum(dim=-1)
 
 
+def _sum_a_log_a(A: torch.Tensor, patches: slice) -> torch.Tensor:
+    """sum over patch keys of a ln a, per patch query row, with 0 ln 0 = 0 exactly.
+
+    Elementwise work runs on the whole contiguous map (on the strided patch view it costs
+    ~4x more) and in place. `torch.special.entr` would be the direct form but is ~4x slower
+    than log + mul on CPUs. A zero probability gives 0 * log(0) = NaN, so rows with NaN
+    are recomputed with log(0) raised to a finite value that a zero multiplies to 0 (no
+    positive float32 is near it: the smallest subnormal has ln = -103.3).
+    """
+    import torch
+
+    terms = torch.log(A).mul_(A)
+    sums = terms[:, :, patches, patches].sum(-1)
+    if bool(torch.isnan(sums).any()):
+        terms = torch.log(A).clamp_min_(-1e4).mul_(A)
+        sums = terms[:, :, patches, patches].sum(-1)
+    return sums
+
+
 def _renormalise(rows: torch.Tensor, what: str) -> torch.Tensor:
     total = rows.sum(dim=-1, keepdim=True)
     if bool((total <= 0).any()):
-        raise AttnscopeError(f"{what}: an attention row puts zero mass on the patches (corrupt attention map)")
+        raise AttnscopeError(
+            f"{what}: an attention row puts zero mass on the patches (corrupt attention map)"
+        )
     return rows / total
 
 
@@ -194,20 +238,26 @@ def block_metrics(
         out["cls_patch_gini"] = 2.0 * (desc * ranks).sum(-1) / n - (n + 1) / n
         out["cls_patch_max"] = desc[..., 0]
 
-    p = _renormalise(patch_patch, "patch->patch attention")
-    h_rows = _entropy(p)  # (B, H, N)
+    # The patch->patch metrics touch all B*H*N*N probabilities, so they dominate the cost of
+    # a run; they are written to read the map a few times and never materialise the
+    # renormalised rows p_i = a_i / S_i:
+    #   H(p_i)            = ln S_i - (sum_j a_ij ln a_ij) / S_i
+    #   sum_j p_i(j) D_ij = (sum_j a_ij D_ij) / S_i
+    #   k(j)              = (1/N) sum_i a_ij / S_i          (one matrix-vector product)
+    s = patch_patch.sum(-1)  # (B, H, N)
+    if not bool(torch.isfinite(s).all() and (s > 0).all()):
+        raise AttnscopeError(
+            "patch->patch attention: an attention row puts zero (or no finite) mass on the patches (corrupt attention map)"
+        )
+    inv_s = 1.0 / s
+    a_log_a = _sum_a_log_a(A, P)  # (B, H, N), sum_j a_ij ln a_ij (<= 0)
+    h_rows = torch.log(s) - a_log_a * inv_s
     mean_h = h_rows.mean(-1)
     out["patch_patch_entropy"] = mean_h
     out["patch_patch_entropy_norm"] = mean_h / log_n
     out["patch_patch_eff_frac"] = torch.exp(h_rows).mean(-1) / n
-    # Terms reach ~100 px while the sum can be ~1 px, so float32 loses ~1e-5 here; float64
-    # (where the device has it) keeps agreement with the float64 reference at 1e-7.
-    wide = torch.float32 if A.device.type == "mps" else torch.float64
-    dist = patch_distance_matrix(layout, A.device).to(wide)
-    # Kept wide: distances are ~100 px with a spread across images that can be < 0.1 px,
-    # and float32 rounding of each image's value would show up in the std.
-    out["attn_distance_px"] = (p.to(wide) * dist).sum(-1).mean(-1)
-    k = p.mean(-2)
+    out["attn_distance_px"] = _mean_distance(patch_patch, inv_s, layout)
+    k = torch.matmul(inv_s.unsqueeze(-2), patch_patch).squeeze(-2) / n  # (B, H, N), sums to 1
     h_k = _entropy(k)
     # H_K = 0 means every query looks at one and the same key: I = 0 too, and the spec's
     # 0/0 is taken as 0 (no information about the query in the key distribution).
@@ -258,7 +308,9 @@ class MetricAccumulator:
         current = self.state.get(key)
         self.state[key] = stats if current is None else current + stats.to(current.device)
 
-    def update(self, layer: int, per_head: dict[str, torch.Tensor], per_block: dict[str, torch.Tensor]) -> None:
+    def update(
+        self, layer: int, per_head: dict[str, torch.Tensor], per_block: dict[str, torch.Tensor]
+    ) -> None:
         for name in self.head_metrics:
             values = self._float64(per_head[name])  # (B, H)
             self._add(("head", layer, name), values)
@@ -290,10 +342,16 @@ class MetricAccumulator:
                 layer_rows.append((self.model, layer, metric, float(mean), float(std), int(count)))
             else:
                 for h in range(mean.shape[0]):
-                    head_rows.append((self.model, layer, h, metric, float(mean[h]), float(std[h]), int(count[h])))
+                    head_rows.append(
+                        (self.model, layer, h, metric, float(mean[h]), float(std[h]), int(count[h]))
+                    )
         layers = pd.DataFrame(layer_rows, columns=["model", "layer", "metric", "mean", "std", "count"])
         heads = pd.DataFrame(head_rows, columns=["model", "layer", "head", "metric", "mean", "std", "count"])
         order = {m: i for i, m in enumerate(ALL_METRICS)}
-        layers = layers.sort_values(["layer", "metric"], key=lambda s: s.map(order) if s.name == "metric" else s)
-        heads = heads.sort_values(["layer", "metric", "head"], key=lambda s: s.map(order) if s.name == "metric" else s)
+        layers = layers.sort_values(
+            ["layer", "metric"], key=lambda s: s.map(order) if s.name == "metric" else s
+        )
+        heads = heads.sort_values(
+            ["layer", "metric", "head"], key=lambda s: s.map(order) if s.name == "metric" else s
+        )
         return layers.reset_index(drop=True), heads.reset_index(drop=True)

@@ -93,7 +93,9 @@ def test_dominant_key_closed_form(K):
     for metric, value in checks.items():
         # NMI at K=1e9 is a float32 0/0 (both entropies ~1e-6): absolute error ~1e-5 is rounding
         atol = 1e-4 if metric == "attn_nmi" else 2e-6
-        torch.testing.assert_close(per_head[metric], torch.full_like(per_head[metric], value), rtol=2e-5, atol=atol)
+        torch.testing.assert_close(
+            per_head[metric], torch.full_like(per_head[metric], value), rtol=2e-5, atol=atol
+        )
     if K > 1e6:
         assert per_head["cls_patch_entropy"].max() < 1e-5
         assert per_head["cls_patch_gini"].min() == pytest.approx((n - 1) / n, abs=1e-5)
@@ -154,3 +156,32 @@ def test_reduced_precision_forward_gives_float32_metrics(dtype, sample_paths):
     norm = ref[ref["metric"] == "cls_patch_entropy_norm"]["mean"].to_numpy()
     norm_low = low[low["metric"] == "cls_patch_entropy_norm"]["mean"].to_numpy()
     np.testing.assert_allclose(norm_low, norm, atol=0.03)
+
+
+@pytest.mark.parametrize("has_cls,registers", [(True, 2), (False, 0)])
+def test_sparse_maps_with_exact_zeros_match_the_reference(has_cls, registers):
+    """0 ln 0 = 0 exactly: maps with many exact zeros (as very peaked softmaxes give) and
+    the fast path's NaN fallback agree with the float64 reference on every metric."""
+    from reference_metrics import reference_block_metrics
+
+    from attnscope.models import TokenLayout
+
+    g = torch.Generator().manual_seed(3)
+    grid, patch = (3, 5), (16, 8)
+    prefix = int(has_cls) + registers
+    t = prefix + grid[0] * grid[1]
+    logits = torch.randn(2, 3, t, t, generator=g) * 4
+    logits[torch.rand(logits.shape, generator=g) < 0.5] = -float("inf")  # half the keys get exactly 0
+    logits[..., prefix:] = torch.where(
+        torch.isinf(logits[..., prefix:]).all(-1, keepdim=True), 0.0, logits[..., prefix:]
+    )
+    A = logits.softmax(-1)
+    assert (A[..., prefix:, prefix:] == 0).float().mean() > 0.3
+    layout = TokenLayout(has_cls, registers, prefix, grid, patch)
+    ours, _ = block_metrics(A, layout)
+    ref, _ = reference_block_metrics(
+        A.double().numpy(), has_cls=has_cls, num_registers=registers, grid=grid, patch_size=patch
+    )
+    assert set(ours) == set(ref)
+    for name, values in ours.items():
+        np.testing.assert_allclose(values.double().numpy(), ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
