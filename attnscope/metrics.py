@@ -283,6 +283,10 @@ class MetricAccumulator:
     `state` maps (kind, layer, metric) -> tensor [count, sum, sum_sq] of shape (3,) for
     per-layer rows, (3, H) for per-head rows. Sums (not running means) so shards from
     several processes merge by addition.
+
+    `update` runs once per block and batch, so it works on all metrics of a block at once
+    (a handful of tensor ops instead of ~10 per metric) and keeps per-layer stacked sums;
+    they are split into `state`'s rows only when `state` is read.
     """
 
     model: str
@@ -290,7 +294,20 @@ class MetricAccumulator:
     num_heads: int
     head_metrics: list[str]
     block_metrics: list[str]
-    state: dict[tuple[str, int, str], torch.Tensor] = field(default_factory=dict)
+    _state: dict[tuple[str, int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    # layer -> (names of the rows, kind of each row, stacked [count, sum, sum_sq] (3, M[, H]))
+    _stacked: dict[tuple[int, str, tuple[str, ...]], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def state(self) -> dict[tuple[str, int, str], torch.Tensor]:
+        for (layer, kind, names), stats in self._stacked.items():
+            for i, name in enumerate(names):
+                key = (kind, layer, name)
+                row = stats[:, i]
+                current = self._state.get(key)
+                self._state[key] = row.clone() if current is None else current + row.to(current.device)
+        self._stacked.clear()
+        return self._state
 
     @staticmethod
     def _float64(values: torch.Tensor) -> torch.Tensor:
@@ -301,23 +318,30 @@ class MetricAccumulator:
             v = v.cpu()
         return v.to(dtype=torch.float64)
 
-    def _add(self, key: tuple[str, int, str], v: torch.Tensor) -> None:
+    def _add(self, layer: int, kind: str, names: tuple[str, ...], v: torch.Tensor) -> None:
+        """v: (M, B[, H]) float64 per-image values of the metrics `names`."""
         import torch
 
-        stats = torch.stack([torch.full_like(v[0], v.shape[0]), v.sum(0), (v * v).sum(0)])
-        current = self.state.get(key)
-        self.state[key] = stats if current is None else current + stats.to(current.device)
+        count = torch.full_like(v[:, 0], v.shape[1])
+        stats = torch.stack([count, v.sum(1), (v * v).sum(1)])  # (3, M[, H])
+        key = (layer, kind, names)
+        current = self._stacked.get(key)
+        self._stacked[key] = stats if current is None else current + stats.to(current.device)
 
     def update(
         self, layer: int, per_head: dict[str, torch.Tensor], per_block: dict[str, torch.Tensor]
     ) -> None:
-        for name in self.head_metrics:
-            values = self._float64(per_head[name])  # (B, H)
-            self._add(("head", layer, name), values)
-            self._add(("layer", layer, name), values.mean(dim=1))  # head mean per image, in float64
-        for name in self.block_metrics:
-            if name in per_block:
-                self._add(("layer", layer, name), self._float64(per_block[name]))
+        import torch
+
+        if self.head_metrics:
+            names = tuple(self.head_metrics)
+            values = self._float64(torch.stack([per_head[name].detach() for name in names]))  # (M, B, H)
+            self._add(layer, "head", names, values)
+            self._add(layer, "layer", names, values.mean(dim=2))  # head mean per image, in float64
+        present = tuple(name for name in self.block_metrics if name in per_block)
+        if present:
+            values = self._float64(torch.stack([per_block[name].detach() for name in present]))  # (M, B)
+            self._add(layer, "layer", present, values)
 
     def merge_(self, other: MetricAccumulator) -> None:
         for key, value in other.state.items():
