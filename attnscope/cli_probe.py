@@ -76,7 +76,7 @@ WdsOpt = Annotated[str | None, typer.Option("--wds", help="Comma list of weight 
 PrenormOpt = Annotated[bool, typer.Option("--prenorm", help="Tokens before the model's final norm (the paper's code) instead of after it.")]
 CacheDirOpt = Annotated[Path | None, typer.Option(help="Feature cache folder. Default: ~/.cache/attnscope/probe ($ATTNSCOPE_CACHE/probe).", show_default=False)]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not cache features: stream the backbone every epoch (for data larger than the disk).")]
-ExtractBatchOpt = Annotated[int, typer.Option(help="Images per backbone forward during feature extraction.", min=1)]
+ExtractBatchOpt = Annotated[int, typer.Option(help="Images per backbone forward (feature extraction, or streaming with --no-cache).", min=1)]
 MapsOpt = Annotated[int, typer.Option("--maps", help="Evaluation images in the AbMILP-vs-[cls] figure (0: none).", min=0)]
 
 
@@ -179,6 +179,11 @@ def _show_recipe(ui: CliUI, recipe: Any, info: dict[str, Any]) -> None:
         highlight=False,
     )
     auto = f" (auto: {recipe.epochs * info['steps_per_epoch']} steps, aiming at 1,000 within 10-100 epochs)" if recipe.epochs_auto else ""
+    dp = info.get("data_parallel")
+    if dp:  # torchrun --no-cache: the batch is global, each rank takes a share of it
+        lo, hi = dp["images_per_rank_per_step"]
+        share = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        accum += f", summed over {dp['ranks']} ranks x {share} images (gradients and BatchNorm statistics all-reduced)"
     ui.err.print(
         f"effective batch size {recipe.batch_size}{accum}; {recipe.epochs} epochs{auto} x {info['steps_per_epoch']} steps; "
         f"learning rates: {lrs}; weight decays: {', '.join(_num(v) for v in recipe.wds)}",
@@ -334,7 +339,8 @@ def probe_cmd(
     write_probe_run(writer, result, meta, fmts)
 
     name = f"{model} (RANDOM WEIGHTS)" if random_init else model
-    n_eval = result.info["splits"]["eval"]
+    # images actually measured: a streamed (--no-cache) split learns of unreadable files only while reading
+    n_eval = int(result.summary["eval_images"].iloc[0]) if "eval_images" in result.summary else result.info["splits"]["eval"]
     ui.print(_summary_table(result.summary, f"{name}: probe accuracy on {n_eval} evaluation images"))
     if result.maps:
         rhos = [m.spearman for m in result.maps if not math.isnan(m.spearman)]

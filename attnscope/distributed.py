@@ -12,12 +12,15 @@ Under torchrun every rank runs the same code:
   every image is counted exactly once and uneven shards bias nothing.
 - `reduce_statistics` all-reduces the float64 sums of a `MetricAccumulator` (the key set
   is agreed first, because a rank whose shard held only unreadable files, or no files,
-  has no accumulator) and gathers the used/failed positions.
+  has no accumulator) and gathers the used/failed positions; `all_reduce_sum` sums any
+  tensor (gradients, BatchNorm statistics, accuracy counts of data-parallel probe training).
 - Work that can fail on one rank only runs inside `step()`. At the end of a step all
   ranks exchange "ok or error message" over a gloo group, so either every rank goes on
   to the next collective or every rank raises `RankFailure` together: no rank waits in
   a collective for a peer that has already given up. Rank 0 prints the message, the
-  others exit quietly (see `quiet_on_this_rank`). The process-group timeout is the last
+  others exit quietly (see `quiet_on_this_rank`). Loops that run collectives in every
+  iteration use `sum_and_agree` instead: one integer all-reduce per iteration, with the
+  messages exchanged only when a rank failed. The process-group timeout is the last
   resort for a rank that dies or wedges without raising.
 """
 
@@ -275,6 +278,28 @@ def barrier() -> None:
     agree(None)
 
 
+def sum_and_agree(count: int, error: BaseException | None = None) -> int:
+    """The sum of `count` over every rank; raise `RankFailure` on every rank if any rank failed.
+
+    For loops whose every iteration runs collectives (data-parallel training): one small
+    integer all-reduce over the gloo control group per iteration, cheap enough to run per
+    batch, where `step()` would pickle messages each time. The messages are exchanged (by
+    `agree`) only when some rank reports a failure, so every rank leaves the loop at the
+    same iteration instead of waiting in the next collective for a peer that left.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return count
+    import torch
+
+    box = torch.tensor([count, 0 if error is None else 1], dtype=torch.int64)
+    _dist().all_reduce(box, group=_STATE["control"])
+    if int(box[1]):
+        agree(error)  # raises on every rank, with the failed rank's message
+    return int(box[0])
+
+
 # ---------------------------------------------------------------- sharding and reduction
 
 
@@ -300,6 +325,20 @@ def _data_device() -> torch.device:
     if _STATE["backend"] == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over every rank (a new tensor on `tensor`'s device).
+
+    The collective runs on the data backend's device (the GPU with NCCL, the CPU with
+    gloo), so a tensor on another device (MPS under gloo) is copied there and back. The
+    result is bitwise identical on every rank. Outside torchrun: a copy of `tensor`.
+    """
+    device = _data_device() if is_distributed() else tensor.device
+    out = tensor.detach().to(device, copy=True)
+    if is_distributed():
+        _dist().all_reduce(out)
+    return out.to(tensor.device)
 
 
 def reduce_statistics(

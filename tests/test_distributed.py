@@ -277,3 +277,197 @@ def test_step_agreement_reduction_and_timeout(tmp_path):
     assert r0["reduced"] == r1["reduced"] == expected
     assert r0["used"] == r1["used"] == [0, 2] and r0["failures"] == [[1, "bad"], [3, "bad"]]
     assert "lost contact" in r0["timeout"] and "ATTNSCOPE_DIST_TIMEOUT=3" in r0["timeout"], r0["timeout"]
+
+
+# ---------------------------------------------------------------- probe --no-cache: data-parallel heads
+
+STREAM_ARGS = ["--img-size", "64", "--max-images", "41", "--epochs", "2", "--batch-size", "8", "--maps", "0", "--no-cache"]
+
+
+def test_probe_no_cache_trains_data_parallel_and_only_rank_0_writes(tmp_path, monkeypatch):
+    """41 train (37 fit + 4 hold-out) and 41 eval digits, batch 8 = 2 ranks x 4, streamed.
+
+    Same files and columns as one process; every head is measured on all 41 evaluation
+    images exactly once (rank 0 holds 21, rank 1 20); nothing else is written anywhere.
+    """
+    monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path / "cache-home"))  # --no-cache: must stay absent
+    result = CliRunner().invoke(app, ["probe", *TINY, *STREAM_ARGS, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    proc = torchrun(tmp_path, "-m", "attnscope", "probe", *TINY, *STREAM_ARGS, "--out", "two")
+    assert proc.returncode == 0, proc.stderr
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in two.rglob("*")) == sorted(p.name for p in one.rglob("*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no feature cache, no stray files
+    # rank 0 alone prints, and says the batch of 8 is the sum of the ranks' shares
+    assert proc.stdout.count("results: two") == 1 and proc.stdout.count("probe accuracy on 41 evaluation images") == 1
+    assert proc.stderr.count("effective batch size 8, summed over 2 ranks x 4 images") == 1, proc.stderr
+    assert proc.stderr.count("torchrun: each of the 2 ranks streams its share") == 1
+
+    for name in ("results.csv", "summary.csv"):
+        a, b = pd.read_csv(one / name), pd.read_csv(two / name)
+        assert list(b.columns) == list(a.columns) and "eval_images" in b.columns, name
+        pd.testing.assert_frame_equal(b[["aggregator", "lr", "wd", "params"]], a[["aggregator", "lr", "wd", "params"]])
+        assert (b["eval_images"] == 41).all(), b["eval_images"]  # not 42 (padding), not 21 (one rank's share)
+        # The ranks forward other batch compositions through the backbone, so tokens differ
+        # from one process's in the last float32 bits; a prediction at a near-tie may flip:
+        # at most one image of 41 (or of the 4 held out).
+        for col in ("eval_top1", "eval_top5", "holdout_top1"):
+            np.testing.assert_allclose(b[col], a[col], atol=1.01 / 4 if col == "holdout_top1" else 1.01 / 41, err_msg=col)
+    summary = pd.read_csv(two / "summary.csv")
+    assert ((summary["eval_top5"] >= summary["eval_top1"]) & summary["eval_top1"].between(0, 1)).all()
+    info = json.loads((two / "run.json").read_text())["models"]["test_vit"]
+    assert info["distributed"] == {"world_size": 2, "backend": "gloo"} and info["cache"] is None
+    assert info["bank"]["data_parallel"] == {"ranks": 2, "images_per_rank_per_step": [4, 4]}
+    assert info["bank"]["steps"] == 2 * 4 and info["splits"] == {"train": 37, "holdout": 4, "eval": 41}
+    base = json.loads((one / "run.json").read_text())["models"]["test_vit"]
+    np.testing.assert_allclose(info["bank"]["epoch_losses"], base["bank"]["epoch_losses"], rtol=1e-4)
+
+
+BANK = textwrap.dedent(
+    """
+    # Every rank trains the same bank data-parallel on the same in-memory features; some
+    # positions are unreadable (as a streaming source skips files), so the ranks' shares of a
+    # micro-batch differ, and some are empty.
+    import json, sys
+    import numpy as np
+    import torch
+    from attnscope import distributed
+    from attnscope.probe import train
+    from attnscope.probe.heads import AGGREGATORS
+
+    torch.set_num_threads(1)
+    UNREADABLE = [2, 3, 5, 8, 13, 21, 22, 23]
+
+
+    class Dropping(train.TensorSource):
+        def iterate(self, positions, batch_size, **kw):
+            yield from super().iterate([p for p in positions if int(p) not in UNREADABLE], batch_size, **kw)
+
+
+    def features(n, seed):
+        g = np.random.default_rng(seed)
+        y = g.integers(0, 7, n)
+        x = g.normal(size=(n, 10, 16)).astype(np.float32)
+        x[:, 1:4] += 0.5 * y[:, None, None] * np.linspace(-1, 1, 16, dtype=np.float32)
+        return x, y
+
+
+    def run(recipe, lrs, data_parallel):
+        xt, yt = features(31, 0)
+        xe, ye = features(19, 1)
+        recipe = train.resolve_recipe(recipe, n_train=27, batch_size=9, epochs=3, lrs=lrs, wds=[0.0, 0.05], micro_batch=3)
+        trained = train.train_bank(
+            train_source=Dropping(xt), train_labels=yt, train_positions=np.arange(27), holdout_positions=np.arange(27, 31),
+            eval_source=Dropping(xe), eval_labels=ye, eval_positions=np.arange(19), aggregators=list(AGGREGATORS),
+            num_classes=7, dim=16, num_prefix=2, has_cls=True, recipe=recipe, seed=0, data_parallel=data_parallel,
+        )
+        trained.bank.eval()
+        with torch.no_grad():
+            logits = {k: v.numpy() for k, v in trained.bank(torch.from_numpy(xe)).items()}
+        return trained, logits
+
+
+    # AdamW; LARS, whose bias steps scale with the gradient (so a sum and an average of the
+    # ranks' gradients differ). Small AdamW lrs: at lr 0.1 this tiny problem is chaotic, a
+    # 2e-7 relative change of the features moves one process's logits by up to 6e-2.
+    RECIPES = {"default": [1e-3, 1e-2], "paper": [1.0]}
+    if __name__ == "__main__":
+        distributed.setup("cpu")
+        empty = []
+        make_empty = train._empty_tokens
+        train._empty_tokens = lambda *a: empty.append(1) or make_empty(*a)
+        for name, lrs in RECIPES.items():
+            trained, logits = run(name, lrs, True)
+            torch.save(
+                {"state": trained.bank.state_dict(), "results": trained.results, "losses": trained.losses,
+                 "steps": trained.steps, "logits": logits, "empty_batches": len(empty)},
+                f"{name}-rank{distributed.rank()}.pt",
+            )
+    """
+)
+
+
+def test_data_parallel_bank_is_identical_on_every_rank_and_equals_one_process(tmp_path, monkeypatch):
+    """Gradient sums and BatchNorm statistics over the ranks are real: both ranks end with
+    bitwise the same bank, and it computes what one process trains on the same data.
+
+    Tolerance: both runs add the same float32 terms in another order (two half-batch sums
+    joined by the all-reduce; BatchNorm statistics from float64 sums instead of torch's
+    float32 kernel). That is float32 rounding, and its effect after 9 steps was measured
+    in one process: scaling the features by (1 + 2e-7) moves the logits by up to 2e-5 and
+    the losses by 1e-7 relative; hence 1e-4 on logits and 1e-5 on losses. Accuracies may
+    differ by one image, should a prediction sit at a near-tie. Parameters are compared
+    through what they compute, not one by one: directions with an exactly zero gradient
+    (a bias before a softmax or a BatchNorm) are moved by Adam's normalisation of pure
+    rounding noise and drift without changing any output. Per-rank BatchNorm, unsummed
+    gradients or averaged per-rank means (LARS's bias steps show those) miss by far more.
+    """
+    import torch
+
+    (tmp_path / "bank.py").write_text(BANK)
+    proc = torchrun(tmp_path, "bank.py")
+    assert proc.returncode == 0, proc.stderr
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import bank
+
+    torch.set_num_threads(1)
+    for name, lrs in bank.RECIPES.items():
+        r0, r1 = (torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=False) for r in (0, 1))
+        assert r0["state"].keys() == r1["state"].keys()
+        for key, value in r0["state"].items():
+            assert torch.equal(value, r1["state"][key]), f"{name}: {key} differs between the ranks"
+        assert r0["empty_batches"] + r1["empty_batches"] > 0  # a rank with no image still took part
+        single, logits = bank.run(name, lrs, False)
+        assert r0["steps"] == single.steps == 3 * 3
+        np.testing.assert_allclose(r0["losses"], single.losses, rtol=1e-5, err_msg=name)
+        for agg, lg in logits.items():
+            np.testing.assert_allclose(r0["logits"][agg], lg, rtol=1e-4, atol=1e-4, err_msg=f"{name}: {agg}")
+        exact = ["aggregator", "lr", "wd", "eval_images"]
+        pd.testing.assert_frame_equal(r0["results"][exact], single.results[exact])
+        n_eval = 19 - sum(p < 19 for p in bank.UNREADABLE)
+        assert (r0["results"]["eval_images"] == n_eval).all()  # the readable ones, each once
+        for col, n in (("eval_top1", n_eval), ("eval_top5", n_eval), ("holdout_top1", 4), ("train_top1", 27 - 8)):
+            np.testing.assert_allclose(r0["results"][col], single.results[col], atol=1.01 / n, err_msg=f"{name}: {col}")
+        for col in ("train_loss", "holdout_loss"):
+            np.testing.assert_allclose(r0["results"][col], single.results[col], rtol=1e-4, err_msg=f"{name}: {col}")
+
+
+FLAKY = textwrap.dedent(
+    """
+    # rank 1's backbone fails at its third forward: the second batch of the first epoch
+    import os, sys
+    from attnscope.errors import AttnscopeError
+    from attnscope.probe import features
+
+    forward, calls = features.TokenExtractor.__call__, []
+
+    def flaky(self, images):
+        calls.append(1)  # call 1 is the token-shape probe while loading
+        if os.environ["RANK"] == "1" and len(calls) == 3:
+            raise AttnscopeError("rank one lost its data disk")
+        return forward(self, images)
+
+    features.TokenExtractor.__call__ = flaky
+    from attnscope.cli import app
+    app(sys.argv[1:], prog_name="attnscope")
+    """
+)
+
+
+def test_probe_no_cache_failure_on_one_rank_mid_training_ends_every_rank_with_one_line(tmp_path):
+    """No hang and no second message: rank 0, waiting for the next micro-batch's collectives,
+    learns of rank 1's failure at the per-batch check and stops with rank 1's message.
+    Without that check rank 1 would exit alone and rank 0 would report a lost peer (or
+    wait for the collective timeout, here longer than the whole launch)."""
+    import time
+
+    (tmp_path / "flaky.py").write_text(FLAKY)
+    start = time.perf_counter()
+    proc = torchrun(
+        tmp_path, "flaky.py", "probe", *TINY, *STREAM_ARGS, "--extract-batch-size", "2", "--out", "run", dist_timeout=600
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert error_lines(proc.stderr) == ["error: rank 1: rank one lost its data disk"], proc.stderr
+    assert "lost contact" not in proc.stderr and not (tmp_path / "run").exists()
+    assert time.perf_counter() - start < LAUNCH_TIMEOUT

@@ -538,7 +538,11 @@ class FeatureStore:
 
 
 class StreamSource:
-    """Tokens computed on the fly (`--no-cache`): one backbone forward feeds the whole bank."""
+    """Tokens computed on the fly (`--no-cache`): one backbone forward feeds the whole bank.
+
+    The backbone takes `batch_size` images per forward (`--extract-batch-size`, which
+    bounds its memory); its outputs are regrouped into the batches `iterate` is asked for.
+    """
 
     def __init__(self, extractor: TokenExtractor, source: ImageSource, *, batch_size: int = 64, num_workers: int = 0, on_skip: SkipFn | None = None) -> None:
         self.extractor = extractor
@@ -552,7 +556,7 @@ class StreamSource:
         positions = np.asarray([p for p in positions if int(p) not in self.failures], dtype=np.int64)
         if shuffle:
             positions = positions[(rng or np.random.default_rng()).permutation(len(positions))]
-        loader = make_source_loader(self.source, self.extractor.transform, positions, batch_size, self.num_workers)
+        loader = make_source_loader(self.source, self.extractor.transform, positions, self.batch_size, self.num_workers)
         pending_tokens: list[torch.Tensor] = []
         pending_pos: list[np.ndarray] = []
         for batch in loader:

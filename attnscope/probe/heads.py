@@ -25,7 +25,7 @@ Aggregators (see shared/probe.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ __all__ = [
     "ProbeHeads",
     "build_aggregator",
     "parse_aggregators",
+    "synced_batch_norm",
 ]
 
 AGGREGATORS: tuple[str, ...] = ("cls", "mean", "cls_mean", "abmilp", "abmilp_gated", "attentive")
@@ -55,6 +56,7 @@ SELECTIVE = ("abmilp", "abmilp_gated", "attentive")  # aggregators that weight p
 GATED_HIDDEN = 128
 ATTENTIVE_HEAD_DIM = 64
 BN_EPS = 1e-6  # as MAE's linear-probe BatchNorm
+SumFn = Callable[[Tensor], Tensor]  # a differentiable sum of a 1-D tensor over every process
 
 
 def parse_aggregators(text: str | Sequence[str]) -> list[str]:
@@ -350,6 +352,45 @@ class AttentivePool(Aggregator):
         return out.reshape(h, b, d).transpose(0, 1)
 
 
+def synced_batch_norm(bns: Sequence[nn.BatchNorm1d], inputs: Sequence[Tensor], sync: SumFn) -> list[Tensor]:
+    """Train-mode BatchNorm of each `(B, C)` input with statistics over every process's batch.
+
+    SyncBatchNorm semantics (torch's own `nn.SyncBatchNorm` refuses CPU tensors, so gloo
+    runs could not use it, and makes one collective per layer): the count and every
+    layer's per-channel sum and sum of squares go through ONE `sync` call, in float64 so
+    that E[x^2] - E[x]^2 does not cancel.
+    `sync` is differentiable (its backward sums the gradients over the processes too), so
+    autograd yields exactly the gradient of BatchNorm over the whole distributed batch.
+    The running statistics are updated as `nn.BatchNorm1d` does (momentum, or a
+    cumulative average when momentum is None, unbiased variance), from the global
+    statistics, so they stay identical on every process. A process may hold no rows.
+    """
+    stat = torch.float64 if inputs[0].device.type in ("cpu", "cuda") else torch.float32
+    local = [inputs[0].new_full((1,), float(inputs[0].shape[0]), dtype=stat)]
+    for x in inputs:
+        x64 = x.to(stat)
+        local += [x64.sum(0), (x64 * x64).sum(0)]
+    total = sync(torch.cat(local))
+    n = total[0].detach()  # a count: no gradient
+    update = float(n) > 1  # as nn.BatchNorm1d, which refuses to train on one value per channel
+    out: list[Tensor] = []
+    offset = 1
+    for bn, x in zip(bns, inputs, strict=True):
+        c = x.shape[1]
+        mean = total[offset : offset + c] / n
+        var = (total[offset + c : offset + 2 * c] / n - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises
+        offset += 2 * c
+        out.append((x - mean.to(x.dtype)) * torch.rsqrt(var + bn.eps).to(x.dtype))
+        if update and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+                bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
+                unbiased = var * (n / (n - 1))
+                bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype), alpha=f)
+    return out
+
+
 def build_aggregator(name: str, num_heads: int, dim: int, *, abmilp_depth: int = 1, generator: torch.Generator) -> Aggregator:
     if name == "cls":
         return ClsPool(num_heads, dim)
@@ -389,17 +430,24 @@ class ProbeHeads(nn.Module):
     def params_per_head(self) -> int:
         return self.aggregator.params_per_head() + (self.weight.numel() + self.bias.numel()) // self.num_heads
 
-    def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
-        """`(H, B, C)` logits."""
+    def bn_input(self, cls: Tensor | None, patches: Tensor) -> Tensor:
+        """`(B, F)` (shared pooling) or `(B, H*F)`: what the BatchNorm normalises."""
         pooled = self.aggregator(cls, patches)
-        b, _, f = pooled.shape
-        h, c = self.num_heads, self.weight.shape[-1]
+        b, h, f = pooled.shape
+        return pooled[:, 0] if self.aggregator.shared else pooled.reshape(b, h * f)  # explicit: b may be 0
+
+    def classify(self, normed: Tensor) -> Tensor:
+        """`(H, B, C)` logits from the BatchNorm's output."""
+        b = normed.shape[0]
+        h, f, c = self.weight.shape
         if self.aggregator.shared:
-            normed = self.bn(pooled[:, 0])
             logits = torch.mm(normed, self.weight.permute(1, 0, 2).reshape(f, h * c))
             return logits.view(b, h, c).transpose(0, 1) + self.bias[:, None]
-        normed = self.bn(pooled.reshape(b, h * f)).view(b, h, f)
-        return torch.baddbmm(self.bias[:, None], normed.transpose(0, 1), self.weight)
+        return torch.baddbmm(self.bias[:, None], normed.view(b, h, f).transpose(0, 1), self.weight)
+
+    def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
+        """`(H, B, C)` logits."""
+        return self.classify(self.bn(self.bn_input(cls, patches)))
 
 
 class HeadBank(nn.Module):
@@ -465,9 +513,20 @@ class HeadBank(nn.Module):
         patches.copy_(src)
         return cls, patches
 
-    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
+    def forward(self, tokens: Tensor, sync: SumFn | None = None) -> dict[str, Tensor]:
+        """`{aggregator: (H, B, C) logits}`.
+
+        `sync` (data-parallel training): a differentiable sum over every process. In train
+        mode the BatchNorms then normalise with the statistics of the whole distributed
+        batch instead of this process's share (see `synced_batch_norm`). Every process must
+        call this the same number of times, also with an empty batch.
+        """
         cls, patches = self.split_tokens(tokens)
-        return {name: head(cls, patches) for name, head in self.heads.items()}
+        if sync is None or not self.training:
+            return {name: head(cls, patches) for name, head in self.heads.items()}
+        heads = list(self.heads.items())
+        normed = synced_batch_norm([h.bn for _, h in heads], [h.bn_input(cls, patches) for _, h in heads], sync)
+        return {name: head.classify(y) for (name, head), y in zip(heads, normed, strict=True)}
 
     def patch_weights(self, name: str, tokens: Tensor) -> Tensor | None:
         """`(H, B, N)` weights of a selective aggregator over the patch tokens."""

@@ -8,6 +8,7 @@ extraction starts, the recipe before training, progress and skipped files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -133,7 +134,10 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
 
     Under torchrun each rank extracts its share of the features into the shared cache,
     rank 0 writes the cache index once all have finished, then trains and returns the
-    result alone; the other ranks return None.
+    result alone; the other ranks return None. With `no_cache` under torchrun there is no
+    extraction to share: every rank streams its share of every training batch through the
+    backbone and the head bank is trained data-parallel (`train_bank(data_parallel=True)`);
+    rank 0 returns the result, the other ranks None.
     """
     import torch
 
@@ -159,13 +163,10 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
 
     device = distributed.setup(config.device)  # torchrun: this rank's device; features are extracted in shares
     main = distributed.is_main()
+    # torchrun + --no-cache: no cache to share out, so the ranks share every training batch instead
+    data_parallel = config.no_cache and distributed.is_distributed()
     # torchrun: a failure on any rank while loading and planning stops every rank here, with one message
     with distributed.step():
-        if config.no_cache and distributed.is_distributed():
-            raise AttnscopeError(
-                "--no-cache streams the backbone while the heads train, which runs in one process; under torchrun "
-                "use the feature cache (extraction is what torchrun spreads over the GPUs)"
-            )
         torch.manual_seed(config.seed)
         loaded = load_model(
             config.model,
@@ -266,9 +267,15 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
     if config.no_cache:
         for name, split in splits.items():
             sources[name] = feat.StreamSource(
-                extractor, split.source, batch_size=config.extract_batch_size, num_workers=config.num_workers, on_skip=cb.on_skip
-            )
+                extractor, split.source, batch_size=config.extract_batch_size, num_workers=config.num_workers,
+                on_skip=cb.on_skip if main else None,  # torchrun: rank 0 reports the other ranks' skips after training
+            )  # fmt: skip
         _note(cb, notes, "--no-cache: features are streamed through the backbone every epoch")
+        if data_parallel:
+            _note(
+                cb, notes, f"torchrun: each of the {distributed.world_size()} ranks streams its share of every batch; "
+                "the heads are trained data-parallel (gradients and BatchNorm statistics summed over the ranks)",
+            )  # fmt: skip
     else:
         budget = _ram_budget()
         for name, split in splits.items():
@@ -316,40 +323,49 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
                 "read_into_ram": in_ram,
             }
     timings["features"] = time.perf_counter() - t1
-    if not main:  # torchrun: the caches are complete; rank 0 alone trains the heads and writes
+    if not main and not data_parallel:  # torchrun: the caches are complete; rank 0 alone trains the heads and writes
         return None
 
     def valid(name: str, positions: Sequence[int]) -> np.ndarray:
         bad = failures.get(name, {})
         return np.asarray([p for p in positions if int(p) not in bad], dtype=np.int64)
 
-    fit = valid("train", fit_all)
-    hold = valid("train", hold_all)
-    ev = valid("eval", range(len(data.eval)))
-    if len(ev) == 0:
-        raise AttnscopeError("none of the evaluation images could be read")
-    if len(hold) == 0 and config.holdout_fraction > 0:
-        _note(cb, notes, "the hold-out is empty (too few training images): heads are selected on training accuracy")
-    elif 0 < len(hold) < 50:
-        _note(cb, notes, f"the hold-out has only {len(hold)} images: hyper-parameter selection is noisy")
-    if config.holdout_fraction == 0:
-        _note(cb, notes, "--holdout-fraction 0: heads are selected on training accuracy")
+    # data-parallel: every rank plans the same; an error here is the same on all of them, shown once
+    with distributed.step() if data_parallel else contextlib.nullcontext():
+        fit = valid("train", fit_all)
+        hold = valid("train", hold_all)
+        ev = valid("eval", range(len(data.eval)))
+        if len(ev) == 0:
+            raise AttnscopeError("none of the evaluation images could be read")
+        if len(hold) == 0 and config.holdout_fraction > 0:
+            _note(cb, notes, "the hold-out is empty (too few training images): heads are selected on training accuracy")
+        elif 0 < len(hold) < 50:
+            _note(cb, notes, f"the hold-out has only {len(hold)} images: hyper-parameter selection is noisy")
+        if config.holdout_fraction == 0:
+            _note(cb, notes, "--holdout-fraction 0: heads are selected on training accuracy")
 
-    recipe = resolve_recipe(
-        config.recipe, n_train=len(fit), batch_size=config.batch_size, epochs=config.epochs, lrs=config.lrs, wds=config.wds
-    )
-    for n in recipe.notes:
-        _note(cb, notes, n)
-    bank_info = {
-        "aggregators": aggregators,
-        "heads": len(aggregators) * len(recipe.grid),
-        "train_images": len(fit),
-        "holdout_images": len(hold),
-        "eval_images": len(ev),
-        "steps_per_epoch": recipe.steps_per_epoch(len(fit)),
-    }
-    if cb.on_recipe is not None:
-        cb.on_recipe(recipe, bank_info)
+        recipe = resolve_recipe(
+            config.recipe, n_train=len(fit), batch_size=config.batch_size, epochs=config.epochs, lrs=config.lrs, wds=config.wds
+        )
+        for n in recipe.notes:
+            _note(cb, notes, n)
+        bank_info = {
+            "aggregators": aggregators,
+            "heads": len(aggregators) * len(recipe.grid),
+            "train_images": len(fit),
+            "holdout_images": len(hold),
+            "eval_images": len(ev),
+            "steps_per_epoch": recipe.steps_per_epoch(len(fit)),
+        }
+        if data_parallel:
+            world = distributed.world_size()
+            # the batch (and the lrs the paper recipe scales with it) is global: the sum of the ranks' shares
+            bank_info["data_parallel"] = {
+                "ranks": world,
+                "images_per_rank_per_step": [recipe.batch_size // world, -(-recipe.batch_size // world)],
+            }
+        if cb.on_recipe is not None:
+            cb.on_recipe(recipe, bank_info)
 
     t2 = time.perf_counter()
     trained = train_bank(
@@ -370,11 +386,21 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
         seed=config.seed,
         device=device,
         progress=(lambda e, n, loss: cb.progress("train", e, n)) if cb.progress else None,
+        data_parallel=data_parallel,
     )
     timings["train"] = time.perf_counter() - t2
     if config.no_cache:
-        for name in splits:
-            failures[name] = dict(sources[name].failures)
+        own = {name: dict(sources[name].failures) for name in splits}
+        # data-parallel: each rank met the unreadable images of its own shares; rank 0 lists them all
+        for theirs in distributed.all_gather(own) if data_parallel else [own]:
+            for name in splits:
+                for pos, reason in sorted(theirs[name].items()):
+                    if main and cb.on_skip is not None and pos not in own[name] and pos not in failures.get(name, {}):
+                        cb.on_skip(splits[name].source.path(pos), reason)
+                    failures.setdefault(name, {})[pos] = reason
+        failures = {name: dict(sorted(f.items())) for name, f in failures.items()}
+    if not main:  # data-parallel: every rank holds the same bank; rank 0 alone reports and writes
+        return None
     results, summary = select_heads(trained.results)
 
     t3 = time.perf_counter()
@@ -401,7 +427,8 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
             "cache": cache_info or None,
             "recipe": recipe.as_dict(),
             "bank": {**bank_info, "steps": trained.steps, "epoch_losses": trained.losses},
-            "bn_stats": "recomputed over the training split after the last step",
+            "bn_stats": "recomputed over the training split after the last step"
+            + (" (statistics of each batch summed over the ranks)" if data_parallel else ""),
             "images_skipped": [
                 {"split": name, "item": splits[name].source.describe(p), "reason": r}
                 for name in splits
@@ -411,6 +438,7 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "device": str(device),
             "notes": notes,
+            **distributed.describe(),
         }
     )
     results.insert(0, "model", loaded.name)

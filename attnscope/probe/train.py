@@ -17,6 +17,7 @@ live in one stacked tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
+from attnscope import distributed
 from attnscope.errors import AttnscopeError
 from attnscope.probe.heads import HeadBank
 
@@ -357,13 +359,14 @@ def _param_groups(bank: HeadBank, grid: Sequence[tuple[float, float]]) -> list[d
     return groups
 
 
-def _bank_loss(logits: dict[str, Tensor], target: Tensor) -> Tensor:
-    """Sum over every head of its mean cross-entropy: heads share no parameters, so each
-    one's gradient is exactly what it would get trained alone."""
+def _bank_loss_sum(logits: dict[str, Tensor], target: Tensor) -> Tensor:
+    """Sum over every head and image of the cross-entropy: heads share no parameters, so
+    each one's gradient is exactly what it would get trained alone. Summed, not averaged,
+    so that a process holding no image of a batch adds zero instead of 0/0."""
     total = logits[next(iter(logits))].new_zeros(())
     for lg in logits.values():
         h, b, c = lg.shape
-        total = total + F.cross_entropy(lg.reshape(h * b, c), target.repeat(h), reduction="sum") / b
+        total = total + F.cross_entropy(lg.reshape(h * b, c), target.repeat(h), reduction="sum")
     return total
 
 
@@ -374,20 +377,182 @@ def _micro_chunks(n_items: int, micro: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(k)]
 
 
+# --------------------------------------------------------------------------- data parallel
+#
+# Under torchrun with `--no-cache` every rank streams its own images through the backbone
+# and the bank is trained data-parallel. Every batch of the single-process plan (the same
+# seeded order, the same micro-batches) is split over the ranks, positions
+# `rank, rank + world, ...` of it, so the ranks' shares are disjoint, unpadded, and add up
+# to the batch one process would take. Per micro-batch the ranks exchange how many images
+# they hold (and whether they failed), which keeps every rank on the same sequence of
+# collectives: each rank runs forward and backward for every micro-batch, even with no
+# image; a micro-batch of fewer than 2 images in total is skipped by all of them.
+#
+# Gradients are summed with one all-reduce of the whole bank per optimizer step, not with
+# DistributedDataParallel: (1) each rank's loss is its sum of per-image losses over the
+# *global* batch size, so the sum over ranks is exactly the single-process gradient, while
+# DDP averages per-rank means, which weighs images unequally when shares differ by one;
+# (2) gradient accumulation over micro-batches needs one exchange per step, which DDP
+# only gives with `no_sync()` bookkeeping; (3) DDP would broadcast the BatchNorm buffers
+# from rank 0 before every forward, which the synchronised statistics below make moot.
+# BankAdamW and LARS step on the summed `.grad`s unchanged. DDP's overlap of
+# communication with backward buys nothing for a head bank of a few MB whose step costs
+# far less than the backbone forwards that feed it.
+#
+# BatchNorm: in train mode the bank normalises with statistics of the whole distributed
+# micro-batch (`heads.synced_batch_norm`), so each step is the single-process step and
+# the running statistics stay identical on every rank.
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Sum over the ranks whose backward sums the incoming gradients over the ranks too."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        return distributed.all_reduce_sum(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return distributed.all_reduce_sum(grad)
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """Differentiable all-reduce (sum) of `tensor` over every rank."""
+    return _SumOverRanks.apply(tensor)
+
+
+@dataclass
+class _Ranks:
+    """Who this process is in data-parallel training (rank 0 of 1 otherwise)."""
+
+    parallel: bool = False
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls, data_parallel: bool) -> _Ranks:
+        if not data_parallel or not distributed.is_distributed():
+            return cls()
+        return cls(True, distributed.rank(), distributed.world_size())
+
+    @property
+    def sync(self) -> Callable[[Tensor], Tensor] | None:
+        return sum_over_ranks if self.parallel else None
+
+    def share(self, positions: np.ndarray) -> np.ndarray:
+        return positions[self.rank :: self.world]
+
+    def total(self, count: int, error: BaseException | None) -> int:
+        """How many images the ranks hold together; every rank raises if one failed."""
+        if self.parallel:
+            return distributed.sum_and_agree(count, error)
+        if error is not None:
+            raise error
+        return count
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        return distributed.all_reduce_sum(tensor) if self.parallel else tensor
+
+
+def _split(order: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    return np.split(order, np.cumsum(sizes)[:-1]) if len(sizes) else []
+
+
+def _planned(source: FeatureSource, chunks: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[Tensor | None, np.ndarray]]:
+    """For every planned chunk, in order: the tokens of those of its positions the source
+    could read (None and an empty array when none), whatever batches the source cuts.
+
+    A streaming source drops unreadable images and regroups the rest, so its batches need
+    not line up with the plan; positions are unique within a plan and come in plan order.
+    """
+    sizes = [len(c) for c in chunks]
+    order = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    chunk_of = np.repeat(np.arange(len(chunks)), sizes)
+    sorter = np.argsort(order, kind="stable")
+    buf_t: list[Tensor] = []
+    buf_p: list[np.ndarray] = []
+    k = 0
+
+    def flush() -> tuple[Tensor | None, np.ndarray]:
+        out = (torch.cat(buf_t) if buf_t else None), (np.concatenate(buf_p) if buf_p else np.zeros(0, dtype=np.int64))
+        buf_t.clear()
+        buf_p.clear()
+        return out
+
+    if len(order):
+        for tokens, pos in source.iterate(order, batch_size):
+            ids = chunk_of[sorter[np.searchsorted(order, pos, sorter=sorter)]]
+            if not buf_p and len(pos) == sizes[k] and ids[0] == k and ids[-1] == k:
+                yield tokens, pos  # the usual case: the source cut exactly the planned chunk
+                k += 1
+                continue
+            start = 0
+            while start < len(pos):
+                cid = int(ids[start])
+                while k < cid:  # chunk k is over: its other positions were unreadable
+                    yield flush()
+                    k += 1
+                end = start + int(np.searchsorted(ids[start:], cid, side="right"))
+                buf_t.append(tokens[start:end].clone())  # sources reuse their buffers
+                buf_p.append(pos[start:end])
+                start = end
+                if sum(len(b) for b in buf_p) == sizes[k]:
+                    yield flush()
+                    k += 1
+    while k < len(chunks):
+        yield flush()
+        k += 1
+
+
+def _agreed_batches(
+    source: FeatureSource, chunks: Sequence[np.ndarray], batch_size: int, ranks: _Ranks
+) -> Iterator[tuple[Tensor | None, np.ndarray, int]]:
+    """`(tokens, positions, images over all ranks)` for this rank's share of every chunk.
+
+    A failure while reading (an image loader, the backbone of a streaming source) is
+    agreed on before the next collective, so every rank raises at the same chunk.
+    """
+    stream = _planned(source, [ranks.share(c) for c in chunks], batch_size)
+    for _ in range(len(chunks)):
+        tokens, pos, error = None, np.zeros(0, dtype=np.int64), None
+        try:
+            tokens, pos = next(stream)
+        except Exception as exc:
+            error = exc
+        total = ranks.total(len(pos), error)
+        yield tokens, pos, total
+
+
+def _empty_tokens(bank: HeadBank, device: torch.device) -> Tensor:
+    """A batch of no image, for a rank whose share of a micro-batch is empty (it must still
+    take part in the BatchNorm and gradient collectives)."""
+    return torch.zeros((0, bank.num_prefix + 1, bank.dim), device=device)
+
+
 @torch.no_grad()
-def recompute_bn_stats(bank: HeadBank, source: FeatureSource, positions: Sequence[int], batch_size: int) -> None:
+def recompute_bn_stats(
+    bank: HeadBank, source: FeatureSource, positions: Sequence[int], batch_size: int, *, data_parallel: bool = False
+) -> None:
     """Exact BatchNorm statistics of the trained heads over `positions` (a cumulative
     average, instead of the momentum average of the last steps, which on a small dataset
-    mixes statistics of heads that were still changing)."""
+    mixes statistics of heads that were still changing).
+
+    `data_parallel`: each rank reads its share of every batch and the statistics of each
+    batch are taken over all ranks, so the result is the single-process one, on every rank.
+    """
+    ranks = _Ranks.current(data_parallel)
     bns = [m for m in bank.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
     bank.train()
-    for tokens, _ in source.iterate(positions, batch_size):
-        if len(tokens) > 1:
-            bank(tokens)
+    positions = np.asarray(positions, dtype=np.int64)
+    chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
+    device = next(bank.parameters()).device
+    for tokens, _, total in _agreed_batches(source, chunks, math.ceil(batch_size / ranks.world), ranks):
+        if total > 1:
+            bank(tokens if tokens is not None else _empty_tokens(bank, device), sync=ranks.sync)
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     bank.eval()
@@ -395,29 +560,48 @@ def recompute_bn_stats(bank: HeadBank, source: FeatureSource, positions: Sequenc
 
 @torch.no_grad()
 def evaluate_bank(
-    bank: HeadBank, source: FeatureSource, labels: np.ndarray, positions: Sequence[int], batch_size: int
-) -> dict[str, dict[str, np.ndarray]]:
-    """Per aggregator: top-1, top-5 (NaN with 5 classes or fewer) and mean loss, each (H,)."""
+    bank: HeadBank,
+    source: FeatureSource,
+    labels: np.ndarray,
+    positions: Sequence[int],
+    batch_size: int,
+    *,
+    data_parallel: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Per aggregator: top-1, top-5 (NaN with 5 classes or fewer), mean loss, each (H,),
+    and `images`, how many images were measured (unreadable ones of a streaming source
+    are not).
+
+    `data_parallel`: each rank measures its share of `positions` (disjoint, unpadded) and
+    the counts are summed over the ranks, so every image counts exactly once.
+    """
+    ranks = _Ranks.current(data_parallel)
     bank.eval()
     h = bank.num_heads
-    out = {n: {"top1": np.zeros(h), "top5": np.zeros(h), "loss": np.zeros(h)} for n in bank.names}
-    count = 0
     k = 5 if bank.num_classes > 5 else 0
-    for tokens, pos in source.iterate(positions, batch_size):
-        target = torch.from_numpy(labels[pos]).to(tokens.device)
-        for name, lg in bank(tokens).items():
-            acc = out[name]
-            acc["top1"] += (lg.argmax(-1) == target).sum(-1).cpu().numpy()
-            if k:
-                acc["top5"] += (lg.topk(k, dim=-1).indices == target[:, None]).any(-1).sum(-1).cpu().numpy()
-            loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.repeat(h), reduction="none")
-            acc["loss"] += loss.view(h, -1).sum(-1).cpu().numpy()
-        count += len(pos)
-    for acc in out.values():
-        for key in acc:
-            acc[key] = acc[key] / count if count else np.full(h, np.nan)
+    # rows per aggregator: top-1 hits, top-5 hits, summed loss; float64 so the sum over ranks is exact
+    sums = torch.zeros(len(bank.names), 3, h, dtype=torch.float64)
+    count = 0
+    share = ranks.share(np.asarray(positions, dtype=np.int64))
+    with distributed.step() if ranks.parallel else contextlib.nullcontext():
+        for tokens, pos in source.iterate(share, batch_size):
+            target = torch.from_numpy(labels[pos]).to(tokens.device)
+            for i, lg in enumerate(bank(tokens).values()):
+                sums[i, 0] += (lg.argmax(-1) == target).sum(-1).cpu().double()
+                if k:
+                    sums[i, 1] += (lg.topk(k, dim=-1).indices == target[:, None]).any(-1).sum(-1).cpu().double()
+                loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.repeat(h), reduction="none")
+                sums[i, 2] += loss.view(h, -1).sum(-1).cpu().double()
+            count += len(pos)
+    total = ranks.all_reduce(torch.cat([sums.reshape(-1), torch.tensor([float(count)], dtype=torch.float64)]))
+    sums, count = total[:-1].view_as(sums).numpy(), int(total[-1])
+    out = {}
+    for i, name in enumerate(bank.names):
+        acc = {key: sums[i, j] / count if count else np.full(h, np.nan) for j, key in enumerate(("top1", "top5", "loss"))}
         if not k:
             acc["top5"] = np.full(h, np.nan)
+        acc["images"] = count
+        out[name] = acc
     return out
 
 
@@ -440,15 +624,23 @@ def train_bank(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
+    data_parallel: bool = False,
 ) -> BankResult:
     """Train every (aggregator, lr, wd) head together and measure each one.
 
     Each training batch is read once and every head takes its step on it. Accuracies are
     measured after training on the training split (at most `BN_PASS_IMAGES` of it), the
     hold-out and the evaluation split.
+
+    `data_parallel` (under torchrun; every rank calls this with the same arguments): each
+    rank reads its share of every batch, gradients and BatchNorm statistics are summed
+    over the ranks, so every rank ends with the same bank, the one a single process would
+    train on the same features (up to float rounding); `recipe.batch_size` stays the
+    global batch. Accuracies count every image once over all ranks.
     """
     import pandas as pd
 
+    ranks = _Ranks.current(data_parallel)
     device = torch.device(device)
     train_positions = np.asarray(train_positions, dtype=np.int64)
     train_labels = np.asarray(train_labels, dtype=np.int64)
@@ -462,6 +654,7 @@ def train_bank(
     bank.reuse_buffers = True  # every forward below is backpropagated (or no-grad) before the next one
     groups = _param_groups(bank, grid)
     opt: Optimizer = LARS(groups) if recipe.optimizer == "lars" else BankAdamW(groups)
+    params = list(bank.parameters())
 
     n = len(train_positions)
     batch = min(recipe.batch_size, n)
@@ -470,34 +663,39 @@ def train_bank(
     warmup_steps = round(recipe.warmup_epochs * steps_per_epoch)
     chunks = _micro_chunks(batch, recipe.micro_batch)
     micro_sizes = chunks * steps_per_epoch
+    share_batch = math.ceil(recipe.micro_batch / ranks.world)  # images per forward on this rank
     n_heads = len(bank.names) * len(grid)
     step = 0
     losses: list[float] = []
     start = time.perf_counter()
     for epoch in range(recipe.epochs):
         bank.train()
+        # the same seeded order on every rank; each takes its share of every micro-batch
         order = train_positions[rng.permutation(n)][: steps_per_epoch * batch]
-        epoch_loss, seen, dirty = 0.0, 0, False
-        micro = _rebatch(train_source.iterate(order, recipe.micro_batch), micro_sizes)
-        for i, (tokens, pos) in enumerate(micro):
+        plan = _split(order, micro_sizes)
+        epoch_loss, seen, step_images = 0.0, 0, 0
+        for i, (tokens, pos, total) in enumerate(_agreed_batches(train_source, plan, share_batch, ranks)):
             if i % len(chunks) == 0:
                 for g in opt.param_groups:
                     g["lr"] = cosine_factor(step, total_steps, warmup_steps)
                 opt.zero_grad(set_to_none=True)
-            if len(pos) >= 2:  # BatchNorm cannot train on one image (a streaming left-over)
+                step_images = 0
+            if total >= 2:  # BatchNorm cannot train on one image (unreadable images shrink batches)
+                if tokens is None:
+                    tokens = _empty_tokens(bank, device)
                 target = torch.from_numpy(train_labels[pos]).to(device)
-                raw = _bank_loss(bank(tokens), target)
-                (raw * (len(pos) / batch)).backward()
-                epoch_loss += float(raw.detach()) * len(pos) / n_heads
+                loss = _bank_loss_sum(bank(tokens, sync=ranks.sync), target)
+                (loss / batch).backward()  # per image 1/batch: the mean over the planned (global) batch
+                epoch_loss += float(loss.detach()) / n_heads
                 seen += len(pos)
-                dirty = True
-            if (i + 1) % len(chunks) == 0 and dirty:
+                step_images += total
+            if (i + 1) % len(chunks) == 0 and step_images:  # the same decision on every rank
+                if ranks.parallel:
+                    _sum_gradients(params)
                 opt.step()
                 step += 1
-                dirty = False
-        if dirty:  # unreadable images shortened the epoch: finish the open accumulation
-            opt.step()
-            step += 1
+        if ranks.parallel:
+            epoch_loss, seen = ranks.all_reduce(torch.tensor([epoch_loss, float(seen)], dtype=torch.float64)).tolist()
         losses.append(epoch_loss / max(1, seen))
         if progress is not None:
             progress(epoch + 1, recipe.epochs, losses[-1])
@@ -507,28 +705,30 @@ def train_bank(
     bn_positions = train_positions
     if len(bn_positions) > BN_PASS_IMAGES:
         bn_positions = np.sort(rng.choice(train_positions, BN_PASS_IMAGES, replace=False))
-    recompute_bn_stats(bank, train_source, bn_positions, eval_batch)
-    on_train = evaluate_bank(bank, train_source, train_labels, bn_positions, eval_batch)
+    recompute_bn_stats(bank, train_source, bn_positions, eval_batch, data_parallel=ranks.parallel)
+    measure = {"batch_size": eval_batch, "data_parallel": ranks.parallel}
+    on_train = evaluate_bank(bank, train_source, train_labels, bn_positions, **measure)
     holdout_positions = np.asarray(holdout_positions, dtype=np.int64)
-    on_hold = evaluate_bank(bank, train_source, train_labels, holdout_positions, eval_batch) if len(holdout_positions) else None
-    on_eval = evaluate_bank(bank, eval_source, eval_labels, eval_positions, eval_batch)
+    on_hold = evaluate_bank(bank, train_source, train_labels, holdout_positions, **measure) if len(holdout_positions) else None
+    on_eval = evaluate_bank(bank, eval_source, eval_labels, eval_positions, **measure)
 
     rows = []
     for name in bank.names:
-        params = bank.params_per_head(name)
+        params_per_head = bank.params_per_head(name)
         for h, (lr, wd) in enumerate(grid):
             rows.append(
                 {
                     "aggregator": name,
                     "lr": lr,
                     "wd": wd,
-                    "params": params,
+                    "params": params_per_head,
                     "train_top1": on_train[name]["top1"][h],
                     "holdout_top1": on_hold[name]["top1"][h] if on_hold else np.nan,
                     "holdout_loss": on_hold[name]["loss"][h] if on_hold else np.nan,
                     "eval_top1": on_eval[name]["top1"][h],
                     "eval_top5": on_eval[name]["top5"][h],
                     "train_loss": on_train[name]["loss"][h],
+                    "eval_images": on_eval[name]["images"],
                     "head": h,
                 }
             )
@@ -536,28 +736,18 @@ def train_bank(
     return BankResult(results, bank, recipe, losses, step, seconds)
 
 
-def _rebatch(batches: Iterator[tuple[Tensor, np.ndarray]], sizes: Sequence[int]) -> Iterator[tuple[Tensor, np.ndarray]]:
-    """Regroup a stream of batches into the micro-batch sizes of the step plan."""
-    buf_t: list[Tensor] = []
-    buf_p: list[np.ndarray] = []
-    have = 0
-    k = 0
-    for tokens, pos in batches:
-        if not buf_p and k < len(sizes) and len(pos) == sizes[k]:
-            yield tokens, pos  # the usual case: the source already cut the planned size
-            k += 1
-            continue
-        buf_t.append(tokens.clone())  # held across the next request, and sources reuse buffers
-        buf_p.append(pos)
-        have += len(pos)
-        while k < len(sizes) and have >= sizes[k]:
-            t, p = torch.cat(buf_t), np.concatenate(buf_p)
-            yield t[: sizes[k]], p[: sizes[k]]
-            buf_t, buf_p = [t[sizes[k]:]], [p[sizes[k]:]]
-            have -= sizes[k]
-            k += 1
-    if have and k < len(sizes):
-        yield torch.cat(buf_t), np.concatenate(buf_p)
+def _sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """Replace every gradient by its sum over the ranks: one all-reduce for the whole bank.
+
+    Each rank's loss is its images' summed loss over the global batch size, so the sum is
+    the gradient of the mean over the global batch, exactly as one process computes it.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    total = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = total[offset : offset + g.numel()].view_as(p)
+        offset += g.numel()
 
 
 def select_heads(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -594,6 +784,7 @@ def select_heads(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "eval_top1": best["eval_top1"],
                 "eval_top5": best["eval_top5"],
                 "best_over_grid_eval_top1": group["eval_top1"].max(),
+                **({"eval_images": int(best["eval_images"])} if "eval_images" in best else {}),
                 "head": int(best["head"]),
             }
         )
