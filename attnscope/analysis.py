@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from attnscope.metrics import MetricAccumulator
+    from attnscope.metrics import MetricAccumulator, Workspace
     from attnscope.models import LoadedModel, TokenLayout
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -81,12 +81,17 @@ class _StreamingStats:
         self.residual = residual
         self.layout: TokenLayout | None = None
         self.accumulator: MetricAccumulator | None = None
+        self.workspace: Workspace | None = None
 
     def __call__(self, block) -> None:
-        from attnscope.metrics import MetricAccumulator, applicable_metrics, block_metrics
+        from attnscope.metrics import MetricAccumulator, Workspace, applicable_metrics, block_metrics
 
         assert self.layout is not None
-        per_head, per_block = block_metrics(block.attn, self.layout, block.x, block.y)
+        if self.workspace is None:
+            self.workspace = Workspace()
+        per_head, per_block = block_metrics(
+            block.attn, self.layout, block.x, block.y, workspace=self.workspace
+        )
         if self.accumulator is None:
             heads, blocks = applicable_metrics(self.layout, residual=self.residual)
             self.accumulator = MetricAccumulator(
@@ -145,7 +150,9 @@ def run_statistics(
                         model.forward_features(images)
                     except AssertionError as exc:  # timm's input-size checks
                         size = f"{images.shape[-2]}x{images.shape[-1]}"
-                        raise AttnscopeError(f"{loaded.name} cannot take {size} inputs ({exc}); use --img-size") from exc
+                        raise AttnscopeError(
+                            f"{loaded.name} cannot take {size} inputs ({exc}); use --img-size"
+                        ) from exc
                 recorder.check()
                 used.extend(batch.indices)
             done += len(batch.indices) + len(batch.failures)
@@ -233,7 +240,9 @@ def analyze(
     if accumulator is None or layout is None:
         raise AttnscopeError(f"none of the {len(paths)} images could be read")
     layers, heads = accumulator.tables()
-    info = build_info(loaded, layout, paths, used, failures, device=dev, dtype=dtype, seed=seed, batch_size=batch_size)
+    info = build_info(
+        loaded, layout, paths, used, failures, device=dev, dtype=dtype, seed=seed, batch_size=batch_size
+    )
     return AnalysisResult(layers, heads, info, accumulator)
 
 

@@ -102,6 +102,30 @@ def applicable_metrics(layout: TokenLayout, *, residual: bool = True) -> tuple[l
     return heads, blocks
 
 
+class Workspace:
+    """One scratch buffer for `block_metrics`, reused across blocks and batches.
+
+    The patch->patch metrics need one map-sized temporary (a ln a, then a D). A fresh
+    multi-MB tensor per block costs more than the arithmetic on CPUs: torch does not cache
+    CPU memory, so each one is mmap'd and faulted in page by page (kernel time that showed
+    up as ~1 s per batch of 16 for ViT-B/16). Hold one Workspace per stream of batches
+    (the consumer in `analysis` does); not for use from two threads at once.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of `shape`, `like`'s dtype and device, backed by the buffer."""
+        import torch
+
+        numel = math.prod(shape)
+        buf = self._buffer
+        if buf is None or buf.numel() < numel or buf.device != like.device or buf.dtype != like.dtype:
+            buf = self._buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+
 _DISTANCE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
@@ -128,7 +152,9 @@ def patch_distance_matrix(
     return cached
 
 
-def _mean_distance(patch_patch: torch.Tensor, inv_s: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+def _mean_distance(
+    patch_patch: torch.Tensor, inv_s: torch.Tensor, layout: TokenLayout, workspace: Workspace | None
+) -> torch.Tensor:
     """`attn_distance_px` per (image, head): mean_i (sum_j a_ij D_ij) / S_i.
 
     The values are ~100 px while the spread across images can be < 0.1 px, so rounding
@@ -141,7 +167,11 @@ def _mean_distance(patch_patch: torch.Tensor, inv_s: torch.Tensor, layout: Token
 
     wide = torch.float32 if patch_patch.device.type == "mps" else torch.float64
     dist = patch_distance_matrix(layout, patch_patch.device)
-    rows = torch.linalg.vecdot(patch_patch, dist).to(wide)
+    if workspace is None:
+        rows = torch.linalg.vecdot(patch_patch, dist)
+    else:
+        rows = torch.mul(patch_patch, dist, out=workspace.take(patch_patch.shape, patch_patch)).sum(-1)
+    rows = rows.to(wide)
     return (rows * inv_s.to(wide)).mean(-1)
 
 
@@ -152,7 +182,7 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(p).sum(dim=-1)
 
 
-def _sum_a_log_a(A: torch.Tensor, patches: slice) -> torch.Tensor:
+def _sum_a_log_a(A: torch.Tensor, patches: slice, workspace: Workspace | None) -> torch.Tensor:
     """sum over patch keys of a ln a, per patch query row, with 0 ln 0 = 0 exactly.
 
     Elementwise work runs on the whole contiguous map (on the strided patch view it costs
@@ -163,10 +193,11 @@ def _sum_a_log_a(A: torch.Tensor, patches: slice) -> torch.Tensor:
     """
     import torch
 
-    terms = torch.log(A).mul_(A)
+    scratch = None if workspace is None else workspace.take(A.shape, A)
+    terms = torch.log(A, out=scratch).mul_(A)
     sums = terms[:, :, patches, patches].sum(-1)
     if bool(torch.isnan(sums).any()):
-        terms = torch.log(A).clamp_min_(-1e4).mul_(A)
+        terms = torch.log(A, out=scratch).clamp_min_(-1e4).mul_(A)
         sums = terms[:, :, patches, patches].sum(-1)
     return sums
 
@@ -185,11 +216,14 @@ def block_metrics(
     layout: TokenLayout,
     x: torch.Tensor | None = None,
     y: torch.Tensor | None = None,
+    *,
+    workspace: Workspace | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-image metrics of one block.
 
     attn: (B, H, T, T) post-softmax attention. x, y: (B, T, C) block input and attention
-    branch. Returns (per_head {name: (B, H)}, per_block {name: (B,)}), float32 (float64 for
+    branch. `workspace`: scratch memory to reuse from call to call (see `Workspace`).
+    Returns (per_head {name: (B, H)}, per_block {name: (B,)}), float32 (float64 for
     attn_distance_px where the device has it), on attn's device, holding exactly the
     metrics `applicable_metrics` names.
     """
@@ -250,13 +284,13 @@ def block_metrics(
             "patch->patch attention: an attention row puts zero (or no finite) mass on the patches (corrupt attention map)"
         )
     inv_s = 1.0 / s
-    a_log_a = _sum_a_log_a(A, P)  # (B, H, N), sum_j a_ij ln a_ij (<= 0)
+    a_log_a = _sum_a_log_a(A, P, workspace)  # (B, H, N), sum_j a_ij ln a_ij (<= 0)
     h_rows = torch.log(s) - a_log_a * inv_s
     mean_h = h_rows.mean(-1)
     out["patch_patch_entropy"] = mean_h
     out["patch_patch_entropy_norm"] = mean_h / log_n
     out["patch_patch_eff_frac"] = torch.exp(h_rows).mean(-1) / n
-    out["attn_distance_px"] = _mean_distance(patch_patch, inv_s, layout)
+    out["attn_distance_px"] = _mean_distance(patch_patch, inv_s, layout, workspace)
     k = torch.matmul(inv_s.unsqueeze(-2), patch_patch).squeeze(-2) / n  # (B, H, N), sums to 1
     h_k = _entropy(k)
     # H_K = 0 means every query looks at one and the same key: I = 0 too, and the spec's

@@ -185,3 +185,21 @@ def test_sparse_maps_with_exact_zeros_match_the_reference(has_cls, registers):
     assert set(ours) == set(ref)
     for name, values in ours.items():
         np.testing.assert_allclose(values.double().numpy(), ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_workspace_reuse_across_shapes_gives_the_same_metrics():
+    """One Workspace serves blocks and batches of any shape (it grows, and smaller maps use
+    a prefix of it) without one call's scratch leaking into another's result."""
+    from attnscope.metrics import Workspace
+    from attnscope.models import TokenLayout
+
+    g = torch.Generator().manual_seed(5)
+    ws = Workspace()
+    for batch, heads, grid in ((2, 3, (3, 4)), (5, 2, (4, 4)), (1, 3, (2, 3))):
+        layout = TokenLayout(True, 1, 2, grid, (16, 16))
+        t = 2 + grid[0] * grid[1]
+        A = (torch.randn(batch, heads, t, t, generator=g) * 3).softmax(-1)
+        plain, _ = block_metrics(A, layout)
+        reused, _ = block_metrics(A, layout, workspace=ws)
+        for name in plain:
+            torch.testing.assert_close(reused[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
