@@ -136,12 +136,16 @@ def test_gated_chunked_autograd_equals_plain_autograd():
     torch.testing.assert_close(a, b)
     w = torch.randn_like(a)
     params = [x, *pool.parameters()]
-    for u, v in zip(torch.autograd.grad((a * w).sum(), params), torch.autograd.grad((b * w).sum(), params), strict=True):
+    for u, v in zip(
+        torch.autograd.grad((a * w).sum(), params), torch.autograd.grad((b * w).sum(), params), strict=True
+    ):
         torch.testing.assert_close(u, v)
 
 
 def test_heads_of_a_bank_are_independent():
-    bank = HeadBank(["cls", "abmilp", "abmilp_gated", "attentive"], 3, 64, 5, num_prefix=1, has_cls=True).eval()
+    bank = HeadBank(
+        ["cls", "abmilp", "abmilp_gated", "attentive"], 3, 64, 5, num_prefix=1, has_cls=True
+    ).eval()
     x = torch.randn(6, 10, 64)
     before = bank(x)
     with torch.no_grad():
@@ -159,7 +163,9 @@ def test_heads_of_a_bank_are_independent():
 
 
 def test_prefix_tokens_are_never_in_the_patch_bag():
-    bank = HeadBank(["cls", "mean", "abmilp", "abmilp_gated", "attentive"], 2, 64, 3, num_prefix=5, has_cls=True).eval()
+    bank = HeadBank(
+        ["cls", "mean", "abmilp", "abmilp_gated", "attentive"], 2, 64, 3, num_prefix=5, has_cls=True
+    ).eval()
     x = torch.randn(4, 21, 64)
     y = x.clone()
     y[:, 1:5] = 100 * torch.randn(4, 4, 64)  # registers
@@ -175,17 +181,31 @@ def test_prefix_tokens_are_never_in_the_patch_bag():
 
 def test_parameter_counts_per_head():
     d, c = 64, 10
-    bank = HeadBank(["cls", "mean", "cls_mean", "abmilp", "abmilp_gated", "attentive"], 5, d, c, num_prefix=1, has_cls=True)
+    bank = HeadBank(
+        ["cls", "mean", "cls_mean", "abmilp", "abmilp_gated", "attentive"],
+        5,
+        d,
+        c,
+        num_prefix=1,
+        has_cls=True,
+    )
     linear = d * c + c
     assert bank.params_per_head("cls") == linear
     assert bank.params_per_head("mean") == linear
     assert bank.params_per_head("cls_mean") == 2 * d * c + c
     assert bank.params_per_head("abmilp") == (d + 1) + linear  # one Linear(D, 1)
-    assert bank.params_per_head("abmilp_gated") == 2 * (GATED_HIDDEN * d + GATED_HIDDEN) + GATED_HIDDEN + 1 + linear
+    assert (
+        bank.params_per_head("abmilp_gated")
+        == 2 * (GATED_HIDDEN * d + GATED_HIDDEN) + GATED_HIDDEN + 1 + linear
+    )
     assert bank.params_per_head("attentive") == d + 2 * d * d + 2 * d + linear
     deep = HeadBank(["abmilp"], 2, d, c, num_prefix=1, has_cls=True, abmilp_depth=3)
     assert deep.params_per_head("abmilp") == 2 * (d * d + d) + (d + 1) + linear
-    assert all(isinstance(m, torch.nn.BatchNorm1d) and not m.affine for m in bank.modules() if "BatchNorm" in type(m).__name__)
+    assert all(
+        isinstance(m, torch.nn.BatchNorm1d) and not m.affine
+        for m in bank.modules()
+        if "BatchNorm" in type(m).__name__
+    )
 
 
 def test_abmilp_depth_adds_hidden_layers_and_runs():
@@ -217,14 +237,18 @@ def test_parse_aggregators():
 # ---------------------------------------------------------------- optimizers
 
 
-def mae_lars_step(p: torch.Tensor, grad: torch.Tensor, mu: torch.Tensor, lr: float, wd: float, momentum=0.9, tc=0.001):
+def mae_lars_step(
+    p: torch.Tensor, grad: torch.Tensor, mu: torch.Tensor, lr: float, wd: float, momentum=0.9, tc=0.001
+):
     """MAE util/lars.py, restated for one tensor."""
     dp = grad
     if p.ndim > 1:
         dp = dp.add(p, alpha=wd)
         param_norm, update_norm = torch.norm(p), torch.norm(dp)
         one = torch.ones_like(param_norm)
-        q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, tc * param_norm / update_norm, one), one)
+        q = torch.where(
+            param_norm > 0.0, torch.where(update_norm > 0, tc * param_norm / update_norm, one), one
+        )
         dp = dp.mul(q)
     mu.mul_(momentum).add_(dp)
     p.add_(mu, alpha=-lr)
@@ -266,7 +290,9 @@ def test_bank_adamw_equals_torch_adamw_per_head():
     lrs, wds = torch.tensor([1e-2, 3e-2]), torch.tensor([0.0, 0.5])
     opt = BankAdamW([{"params": [w], "head_lr": lrs, "head_wd": wds}], lr=0.5)
     copies = [torch.nn.Parameter(w[h].detach().clone()) for h in range(2)]
-    refs = [torch.optim.AdamW([copies[h]], lr=0.5 * float(lrs[h]), weight_decay=float(wds[h])) for h in range(2)]
+    refs = [
+        torch.optim.AdamW([copies[h]], lr=0.5 * float(lrs[h]), weight_decay=float(wds[h])) for h in range(2)
+    ]
     for _ in range(4):
         g = torch.randn_like(w)
         w.grad = g.clone()
@@ -287,7 +313,11 @@ def test_schedule_and_recipes():
     assert paper.batch_size == 16384 and paper.lrs == [pytest.approx(0.1 * 16384 / 256)]
     assert paper.accumulation == 16 and paper.micro_batch * paper.accumulation == 16384
     small = resolve_recipe("paper", n_train=1000, lrs=[0.05])
-    assert small.batch_size == 1000 and small.lrs == [pytest.approx(0.05 * 1000 / 256)] and small.base_lrs == [0.05]
+    assert (
+        small.batch_size == 1000
+        and small.lrs == [pytest.approx(0.05 * 1000 / 256)]
+        and small.base_lrs == [0.05]
+    )
     default = resolve_recipe("default", n_train=5000)
     assert default.optimizer == "adamw" and default.batch_size == 256 and default.epochs_auto
     assert default.epochs == math.ceil(1000 / (5000 // 256)) and len(default.grid) == 10
@@ -316,3 +346,32 @@ def test_selection_uses_holdout_not_eval():
     assert ab["delta_top1_vs_baseline"] == pytest.approx(0.1) and ab["baseline"] == "cls"
     assert results["selected"].tolist() == [True, False, True]
 
+
+def test_bank_shared_pooling_equals_each_aggregator_on_its_own():
+    """HeadBank.pool computes abmilp + attentive in one logits product and one weighted sum,
+    and the mean once: outputs and gradients must be those of each aggregator alone."""
+    torch.manual_seed(0)
+    names = ["cls", "mean", "cls_mean", "abmilp", "abmilp_gated", "attentive"]
+    bank = HeadBank(names, 3, 128, 4, num_prefix=2, has_cls=True).train()
+    tokens = torch.randn(6, 2 + 20, 128)
+    cls, patches = bank.split_tokens(tokens)
+    shared = bank.pool(cls, patches)
+    alone = {name: head.aggregator(cls, patches) for name, head in bank.heads.items()}
+    assert list(shared) == names
+    for name in names:
+        torch.testing.assert_close(shared[name], alone[name], rtol=1e-5, atol=1e-6, msg=name)
+    params = [p for p in bank.parameters() if p.requires_grad]
+    probe = {name: torch.randn_like(v) for name, v in alone.items()}
+    g_shared = torch.autograd.grad(
+        sum((shared[n] * probe[n]).sum() for n in names), params, allow_unused=True
+    )
+    g_alone = torch.autograd.grad(sum((alone[n] * probe[n]).sum() for n in names), params, allow_unused=True)
+    for a, b in zip(g_shared, g_alone, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the deep scorer is not linear in the patches: it keeps its own path
+    deep = HeadBank(["abmilp", "attentive"], 2, 64, 3, num_prefix=1, has_cls=True, abmilp_depth=2)
+    assert deep.heads["abmilp"].aggregator.linear_scores() is None
+    c2, p2 = deep.split_tokens(torch.randn(3, 9, 64))
+    torch.testing.assert_close(deep.pool(c2, p2)["abmilp"], deep.heads["abmilp"].aggregator(c2, p2))

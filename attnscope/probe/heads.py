@@ -88,10 +88,14 @@ def _trunc_normal(shape: Sequence[int], std: float, g: torch.Generator) -> Tenso
     return x * std
 
 
-def _linear_default(num_heads: int, out_f: int, in_f: int, g: torch.Generator) -> tuple[nn.Parameter, nn.Parameter]:
+def _linear_default(
+    num_heads: int, out_f: int, in_f: int, g: torch.Generator
+) -> tuple[nn.Parameter, nn.Parameter]:
     """Stacked weights initialised like `nn.Linear` (kaiming-uniform a=sqrt(5) -> U(±1/sqrt(in)))."""
     bound = 1.0 / math.sqrt(in_f)
-    return nn.Parameter(_uniform((num_heads, out_f, in_f), bound, g)), nn.Parameter(_uniform((num_heads, out_f), bound, g))
+    return nn.Parameter(_uniform((num_heads, out_f, in_f), bound, g)), nn.Parameter(
+        _uniform((num_heads, out_f), bound, g)
+    )
 
 
 # --------------------------------------------------------------------------- aggregators
@@ -126,6 +130,17 @@ class Aggregator(nn.Module):
     def patch_weights(self, patches: Tensor) -> Tensor | None:
         """`(H, B, N)` weights over the patches that sum to 1, for selective aggregators."""
         return None
+
+    def linear_scores(self) -> tuple[Tensor, Tensor | None] | None:
+        """`(W (K, D), bias (K,) or None)` when this aggregator is "softmax over the patches
+        of `patches @ W.T + bias`, column by column, then the weighted sums of the patches,
+        then `from_pooled`". `HeadBank` then computes the logits and the weighted sums of
+        every such aggregator in one matrix product each, over one read of the patches."""
+        return None
+
+    def from_pooled(self, pooled: Tensor) -> Tensor:
+        """`(B, K, D)` softmax-weighted sums of the patches -> this aggregator's `(B, H, F)`."""
+        return pooled
 
 
 class ClsPool(Aggregator):
@@ -184,7 +199,9 @@ class AbmilpPool(Aggregator):
         if self.depth == 1:
             s = torch.addmm(self.score_b[:, 0], x, self.score_w[:, 0].t())  # (BN, H)
         else:
-            h = F.relu(torch.matmul(x, self.hidden_w[0].transpose(1, 2)) + self.hidden_b[0][:, None])  # (H, BN, D)
+            h = F.relu(
+                torch.matmul(x, self.hidden_w[0].transpose(1, 2)) + self.hidden_b[0][:, None]
+            )  # (H, BN, D)
             for w, bias in zip(list(self.hidden_w)[1:], list(self.hidden_b)[1:], strict=True):
                 h = F.relu(torch.baddbmm(bias[:, None], h, w.transpose(1, 2)))
             s = torch.baddbmm(self.score_b[:, None], h, self.score_w.transpose(1, 2))[..., 0].t()
@@ -193,6 +210,9 @@ class AbmilpPool(Aggregator):
     def patch_weights(self, patches: Tensor) -> Tensor:
         return self.scores(patches).softmax(dim=-1).transpose(0, 1)
 
+    def linear_scores(self) -> tuple[Tensor, Tensor | None] | None:
+        return (self.score_w[:, 0], self.score_b[:, 0]) if self.depth == 1 else None
+
     def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
         return torch.bmm(self.scores(patches).softmax(dim=-1), patches)
 
@@ -200,7 +220,9 @@ class AbmilpPool(Aggregator):
 class GatedAbmilpPool(Aggregator):
     """Gated attention MIL pooling (Ilse, Tomczak & Welling 2018)."""
 
-    def __init__(self, num_heads: int, dim: int, hidden: int = GATED_HIDDEN, *, generator: torch.Generator) -> None:
+    def __init__(
+        self, num_heads: int, dim: int, hidden: int = GATED_HIDDEN, *, generator: torch.Generator
+    ) -> None:
         super().__init__(num_heads, dim)
         self.hidden = hidden
         v_w, v_b = _linear_default(num_heads, hidden, dim, generator)
@@ -212,14 +234,16 @@ class GatedAbmilpPool(Aggregator):
 
     def scores(self, patches: Tensor) -> Tensor:
         b, n, d = patches.shape
-        logits = _GatedScores.apply(patches.reshape(b * n, d), self.vu_w, self.vu_b, self.w[:, 0], self.w_b[:, 0], self.hidden)
+        logits = _GatedScores.apply(
+            patches.reshape(b * n, d), self.vu_w, self.vu_b, self.w[:, 0], self.w_b[:, 0], self.hidden
+        )
         return logits.view(b, n, self.num_heads).transpose(1, 2)
 
     def scores_reference(self, patches: Tensor) -> Tensor:
         """Plain autograd version of `scores` (for tests)."""
         b, n, d = patches.shape
         hid = torch.einsum("bnd,hed->bnhe", patches, self.vu_w) + self.vu_b
-        gated = torch.tanh(hid[..., : self.hidden]) * torch.sigmoid(hid[..., self.hidden:])
+        gated = torch.tanh(hid[..., : self.hidden]) * torch.sigmoid(hid[..., self.hidden :])
         return torch.einsum("bnhl,hl->bhn", gated, self.w[:, 0]) + self.w_b[:, 0, None]
 
     def patch_weights(self, patches: Tensor) -> Tensor:
@@ -319,26 +343,40 @@ class AttentivePool(Aggregator):
         b_v = self.kv_b[:, d:].view(h, g, k)
         return q, w_k, w_v, b_v
 
+    def _query_matrix(self) -> Tensor:
+        """`(H*G, D)`: W_k^T q / sqrt(head_dim) per query head, so logits = patches @ it.T."""
+        q, w_k, _, _ = self._split()
+        hg = self.num_heads * self.attn_heads
+        return torch.einsum("hgk,hgkd->hgd", q, w_k).reshape(hg, self.dim) / math.sqrt(self.head_dim)
+
     def _attention(self, patches: Tensor) -> Tensor:
         """`(B, H*G, N)` attention of every query head over the patches."""
-        q, w_k, _, _ = self._split()
         b, n, d = patches.shape
-        hg = self.num_heads * self.attn_heads
-        q_eff = torch.einsum("hgk,hgkd->hgd", q, w_k).reshape(hg, d) / math.sqrt(self.head_dim)
+        q_eff = self._query_matrix()
         logits = torch.mm(patches.reshape(b * n, d), q_eff.t())
-        return logits.reshape(b, n, hg).transpose(1, 2).softmax(dim=-1)
+        return logits.reshape(b, n, q_eff.shape[0]).transpose(1, 2).softmax(dim=-1)
+
+    def linear_scores(self) -> tuple[Tensor, Tensor | None] | None:
+        return self._query_matrix(), None
+
+    def from_pooled(self, pooled: Tensor) -> Tensor:
+        """`(B, H*G, D)` attention-weighted patches -> `(B, H, D)`: W_v per query head, + b_v."""
+        _, _, w_v, b_v = self._split()
+        h, g, k, d = self.num_heads, self.attn_heads, self.head_dim, self.dim
+        b = pooled.shape[0]
+        out = torch.baddbmm(
+            b_v.reshape(h * g, 1, k), pooled.transpose(0, 1), w_v.reshape(h * g, k, d).transpose(1, 2)
+        )
+        return out.view(h, g, b, k).permute(2, 0, 1, 3).reshape(b, h, d)
 
     def patch_weights(self, patches: Tensor) -> Tensor:
         b, n, _ = patches.shape
-        return self._attention(patches).view(b, self.num_heads, self.attn_heads, n).mean(dim=2).transpose(0, 1)
+        return (
+            self._attention(patches).view(b, self.num_heads, self.attn_heads, n).mean(dim=2).transpose(0, 1)
+        )
 
     def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
-        _, _, w_v, b_v = self._split()
-        h, g, k, d = self.num_heads, self.attn_heads, self.head_dim, self.dim
-        b = patches.shape[0]
-        pooled = torch.bmm(self._attention(patches), patches)  # (B, H*G, D)
-        out = torch.baddbmm(b_v.reshape(h * g, 1, k), pooled.transpose(0, 1), w_v.reshape(h * g, k, d).transpose(1, 2))
-        return out.view(h, g, b, k).permute(2, 0, 1, 3).reshape(b, h, d)
+        return self.from_pooled(torch.bmm(self._attention(patches), patches))
 
     def forward_sdpa(self, patches: Tensor) -> Tensor:
         """Reference: project keys and values, then `F.scaled_dot_product_attention`."""
@@ -378,7 +416,9 @@ def synced_batch_norm(bns: Sequence[nn.BatchNorm1d], inputs: Sequence[Tensor], s
     for bn, x in zip(bns, inputs, strict=True):
         c = x.shape[1]
         mean = total[offset : offset + c] / n
-        var = (total[offset + c : offset + 2 * c] / n - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises
+        var = (total[offset + c : offset + 2 * c] / n - mean * mean).clamp_min(
+            0.0
+        )  # biased, as BatchNorm normalises
         offset += 2 * c
         out.append((x - mean.to(x.dtype)) * torch.rsqrt(var + bn.eps).to(x.dtype))
         if update and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
@@ -391,7 +431,9 @@ def synced_batch_norm(bns: Sequence[nn.BatchNorm1d], inputs: Sequence[Tensor], s
     return out
 
 
-def build_aggregator(name: str, num_heads: int, dim: int, *, abmilp_depth: int = 1, generator: torch.Generator) -> Aggregator:
+def build_aggregator(
+    name: str, num_heads: int, dim: int, *, abmilp_depth: int = 1, generator: torch.Generator
+) -> Aggregator:
     if name == "cls":
         return ClsPool(num_heads, dim)
     if name == "mean":
@@ -430,9 +472,12 @@ class ProbeHeads(nn.Module):
     def params_per_head(self) -> int:
         return self.aggregator.params_per_head() + (self.weight.numel() + self.bias.numel()) // self.num_heads
 
-    def bn_input(self, cls: Tensor | None, patches: Tensor) -> Tensor:
-        """`(B, F)` (shared pooling) or `(B, H*F)`: what the BatchNorm normalises."""
-        pooled = self.aggregator(cls, patches)
+    def bn_input(self, cls: Tensor | None, patches: Tensor, pooled: Tensor | None = None) -> Tensor:
+        """`(B, F)` (shared pooling) or `(B, H*F)`: what the BatchNorm normalises.
+
+        `pooled`: the aggregator's output when the caller already has it (`HeadBank.pool`)."""
+        if pooled is None:
+            pooled = self.aggregator(cls, patches)
         b, h, f = pooled.shape
         return pooled[:, 0] if self.aggregator.shared else pooled.reshape(b, h * f)  # explicit: b may be 0
 
@@ -502,7 +547,7 @@ class HeadBank(nn.Module):
         trainer, which backpropagates every forward before the next, switches it on.
         """
         cls = tokens[:, 0].float() if self.has_cls else None
-        src = tokens[:, self.num_prefix:]
+        src = tokens[:, self.num_prefix :]
         if not self.reuse_buffers:
             return cls, (src.float() if src.dtype != torch.float32 else src.contiguous())
         numel = src.numel()
@@ -522,11 +567,65 @@ class HeadBank(nn.Module):
         call this the same number of times, also with an empty batch.
         """
         cls, patches = self.split_tokens(tokens)
-        if sync is None or not self.training:
-            return {name: head(cls, patches) for name, head in self.heads.items()}
+        pooled = self.pool(cls, patches)
         heads = list(self.heads.items())
-        normed = synced_batch_norm([h.bn for _, h in heads], [h.bn_input(cls, patches) for _, h in heads], sync)
+        inputs = [head.bn_input(cls, patches, pooled[name]) for name, head in heads]
+        if sync is None or not self.training:
+            normed = [head.bn(x) for (_, head), x in zip(heads, inputs, strict=True)]
+        else:
+            normed = synced_batch_norm([head.bn for _, head in heads], inputs, sync)
         return {name: head.classify(y) for (name, head), y in zip(heads, normed, strict=True)}
+
+    def pool(self, cls: Tensor | None, patches: Tensor) -> dict[str, Tensor]:
+        """`{aggregator: (B, H, F)}` pooled tokens of every aggregator.
+
+        The selective aggregators whose patch logits are linear (`abmilp` at depth 1 and
+        `attentive`: 5 + 30 columns for ViT-S with 5 learning rates) share one logits
+        product and one weighted-sum product, so the patches are read once for all of them
+        instead of once per aggregator; the mean is computed once for `mean` and
+        `cls_mean`. Every head's numbers are those of its own aggregator (the columns are
+        independent), up to float rounding.
+        """
+        out: dict[str, Tensor] = {}
+        linear: list[tuple[str, Aggregator, Tensor, Tensor | None]] = []
+        for name, head in self.heads.items():
+            agg = head.aggregator
+            scores = agg.linear_scores()
+            if scores is not None:
+                linear.append((name, agg, *scores))
+            elif isinstance(agg, (MeanPool, ClsMeanPool)):
+                continue
+            else:
+                out[name] = agg(cls, patches)
+        if any(isinstance(h.aggregator, (MeanPool, ClsMeanPool)) for h in self.heads.values()):
+            mean = patches.mean(dim=1)
+            for name, head in self.heads.items():
+                if isinstance(head.aggregator, ClsMeanPool):
+                    if cls is None:
+                        raise AttnscopeError("the `cls_mean` aggregator needs a model with a class token")
+                    out[name] = torch.cat([cls, mean], dim=-1).unsqueeze(1)
+                elif isinstance(head.aggregator, MeanPool):
+                    out[name] = mean.unsqueeze(1)
+        if linear:
+            b, _, d = patches.shape
+            w = torch.cat([item[2] for item in linear])  # (K, D)
+            bias = torch.cat(
+                [item[3] if item[3] is not None else w.new_zeros(len(item[2])) for item in linear]
+            )
+            k = w.shape[0]
+            # Batched (K, D) x (D, N) products give the logits in the (B, K, N) layout the
+            # softmax and the weighted sum want; one (B*N, D) x (D, K) product followed by a
+            # transposed softmax was ~20% slower forward + backward on CPUs.
+            logits = torch.baddbmm(
+                bias.view(1, k, 1).expand(b, k, 1), w.expand(b, k, d), patches.transpose(1, 2)
+            )
+            weights = logits.softmax(dim=-1)  # (B, K, N)
+            pooled = torch.bmm(weights, patches)  # (B, K, D)
+            start = 0
+            for name, agg, item_w, _ in linear:
+                out[name] = agg.from_pooled(pooled[:, start : start + len(item_w)])
+                start += len(item_w)
+        return {name: out[name] for name in self.names}
 
     def patch_weights(self, name: str, tokens: Tensor) -> Tensor | None:
         """`(H, B, N)` weights of a selective aggregator over the patch tokens."""
