@@ -375,3 +375,26 @@ def test_bank_shared_pooling_equals_each_aggregator_on_its_own():
     assert deep.heads["abmilp"].aggregator.linear_scores() is None
     c2, p2 = deep.split_tokens(torch.randn(3, 9, 64))
     torch.testing.assert_close(deep.pool(c2, p2)["abmilp"], deep.heads["abmilp"].aggregator(c2, p2))
+
+
+def test_training_accuracy_from_kept_bn_features_equals_a_fresh_pass():
+    """train_bank scores the training images from the features its BatchNorm pass kept
+    (float32 tokens: the class token is a view of the batch). It must equal reading and
+    pooling them again with the final statistics."""
+    from attnscope.probe.train import evaluate_bank
+
+    xt, yt, _ = mil_bags(300, seed=3)
+    recipe = resolve_recipe("default", n_train=300, batch_size=64, epochs=2, lrs=[1e-2, 1e-1], wds=[1e-4])
+    source = TensorSource(xt)
+    common = dict(train_labels=yt, train_positions=np.arange(300), holdout_positions=[], eval_labels=yt)
+    trained = train_bank(
+        train_source=source, eval_source=source, eval_positions=np.arange(0), **common,
+        aggregators=["cls", "mean", "cls_mean", "abmilp", "attentive"], num_classes=4, dim=32,
+        num_prefix=3, has_cls=True, recipe=recipe, seed=0,
+    )  # fmt: skip
+    fresh = evaluate_bank(trained.bank, source, yt, np.arange(300), batch_size=max(recipe.micro_batch, 2))
+    for name, rows in trained.results.groupby("aggregator", sort=False):
+        np.testing.assert_array_equal(rows["train_top1"].to_numpy(), fresh[name]["top1"], err_msg=name)
+        np.testing.assert_allclose(
+            rows["train_loss"].to_numpy(), fresh[name]["loss"], rtol=1e-6, err_msg=name
+        )

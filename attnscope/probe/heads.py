@@ -566,10 +566,27 @@ class HeadBank(nn.Module):
         batch instead of this process's share (see `synced_batch_norm`). Every process must
         call this the same number of times, also with an empty batch.
         """
+        return self.classify_inputs(self.bn_inputs(tokens), sync)
+
+    def bn_inputs(self, tokens: Tensor) -> list[Tensor]:
+        """What each aggregator's BatchNorm normalises, in `names` order: `(B, F)` or `(B, H*F)`.
+
+        These do not depend on the BatchNorm statistics, which is what lets the trainer
+        recompute the statistics and then score the same images without pooling twice."""
         cls, patches = self.split_tokens(tokens)
         pooled = self.pool(cls, patches)
+        return [head.bn_input(cls, patches, pooled[name]) for name, head in self.heads.items()]
+
+    def bn_input_bytes(self, images: int) -> int:
+        """Bytes `bn_inputs` takes for `images` images (float32)."""
+        widths = (
+            h.aggregator.out_dim * (1 if h.aggregator.shared else h.num_heads) for h in self.heads.values()
+        )
+        return 4 * images * sum(widths)
+
+    def classify_inputs(self, inputs: Sequence[Tensor], sync: SumFn | None = None) -> dict[str, Tensor]:
+        """BatchNorm (training or running statistics, as the mode says) + classifier of every head."""
         heads = list(self.heads.items())
-        inputs = [head.bn_input(cls, patches, pooled[name]) for name, head in heads]
         if sync is None or not self.training:
             normed = [head.bn(x) for (_, head), x in zip(heads, inputs, strict=True)]
         else:

@@ -64,6 +64,7 @@ PAPER_EPOCHS = 90
 PAPER_WARMUP = 10
 MAX_MICRO_BATCH = 1024  # larger optimizer batches are reached by gradient accumulation
 BN_PASS_IMAGES = 10000  # images used to recompute BatchNorm statistics after training
+BN_KEEP_BYTES = 512 * 2**20  # pooled features kept from that pass to score the same images
 ProgressFn = Callable[[int, int, float], None]  # (epochs done, epochs, mean loss of the epoch)
 
 
@@ -93,7 +94,14 @@ class BankAdamW(Optimizer):
     the schedule factor the trainer sets each step.
     """
 
-    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -131,8 +139,20 @@ class LARS(Optimizer):
     head, so each head is scaled exactly as if it were alone.
     """
 
-    def __init__(self, params: Any, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001) -> None:
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "trust_coefficient": trust_coefficient}
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "trust_coefficient": trust_coefficient,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -154,7 +174,9 @@ class LARS(Optimizer):
                     one = torch.ones_like(param_norm)
                     q = torch.where(
                         param_norm > 0.0,
-                        torch.where(update_norm > 0, group["trust_coefficient"] * param_norm / update_norm, one),
+                        torch.where(
+                            update_norm > 0, group["trust_coefficient"] * param_norm / update_norm, one
+                        ),
                         one,
                     )
                     dp = dp.mul(q)
@@ -285,7 +307,13 @@ class FeatureSource(Protocol):
     """
 
     def iterate(
-        self, positions: Sequence[int], batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None, drop_last: bool = False
+        self,
+        positions: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        drop_last: bool = False,
     ) -> Iterator[tuple[Tensor, np.ndarray]]: ...
 
 
@@ -293,16 +321,26 @@ class TensorSource:
     """Features held in memory (a loaded cache, or synthetic data in tests), any float dtype."""
 
     def __init__(self, tokens: Tensor | np.ndarray, device: str | torch.device = "cpu") -> None:
-        self.tokens = torch.from_numpy(np.ascontiguousarray(tokens)) if isinstance(tokens, np.ndarray) else tokens
+        self.tokens = (
+            torch.from_numpy(np.ascontiguousarray(tokens)) if isinstance(tokens, np.ndarray) else tokens
+        )
         self.device = torch.device(device)
 
-    def iterate(self, positions: Sequence[int], batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None, drop_last: bool = False) -> Iterator[tuple[Tensor, np.ndarray]]:
+    def iterate(
+        self,
+        positions: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, np.ndarray]]:
         pos = np.asarray(positions, dtype=np.int64)
         if shuffle:
             pos = pos[(rng or np.random.default_rng()).permutation(len(pos))]
         buf = torch.empty((min(batch_size, len(pos)), *self.tokens.shape[1:]), dtype=self.tokens.dtype)
         for start in range(0, len(pos), batch_size):
-            chunk = pos[start:start + batch_size]
+            chunk = pos[start : start + batch_size]
             if drop_last and len(chunk) < batch_size:
                 break
             out = buf[: len(chunk)]
@@ -317,13 +355,21 @@ class StoreSource:
         self.store = store
         self.device = torch.device(device)
 
-    def iterate(self, positions: Sequence[int], batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None, drop_last: bool = False) -> Iterator[tuple[Tensor, np.ndarray]]:
+    def iterate(
+        self,
+        positions: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, np.ndarray]]:
         pos = np.asarray(positions, dtype=np.int64)
         if shuffle:
             pos = pos[(rng or np.random.default_rng()).permutation(len(pos))]
         buf: np.ndarray | None = None
         for start in range(0, len(pos), batch_size):
-            chunk = pos[start:start + batch_size]
+            chunk = pos[start : start + batch_size]
             if drop_last and len(chunk) < batch_size:
                 break
             buf = self.store.gather(chunk, out=buf)
@@ -355,7 +401,15 @@ def _param_groups(bank: HeadBank, grid: Sequence[tuple[float, float]]) -> list[d
         (decay if p.ndim - 1 >= 2 else no_decay).append(p)
     groups = [{"params": decay, "head_lr": lrs, "head_wd": wds, "lr": 0.0, "weight_decay": 0.0}]
     if no_decay:
-        groups.append({"params": no_decay, "head_lr": lrs, "head_wd": torch.zeros_like(wds), "lr": 0.0, "weight_decay": 0.0})
+        groups.append(
+            {
+                "params": no_decay,
+                "head_lr": lrs,
+                "head_wd": torch.zeros_like(wds),
+                "lr": 0.0,
+                "weight_decay": 0.0,
+            }
+        )
     return groups
 
 
@@ -458,7 +512,9 @@ def _split(order: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
     return np.split(order, np.cumsum(sizes)[:-1]) if len(sizes) else []
 
 
-def _planned(source: FeatureSource, chunks: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[Tensor | None, np.ndarray]]:
+def _planned(
+    source: FeatureSource, chunks: Sequence[np.ndarray], batch_size: int
+) -> Iterator[tuple[Tensor | None, np.ndarray]]:
     """For every planned chunk, in order: the tokens of those of its positions the source
     could read (None and an empty array when none), whatever batches the source cuts.
 
@@ -474,7 +530,10 @@ def _planned(source: FeatureSource, chunks: Sequence[np.ndarray], batch_size: in
     k = 0
 
     def flush() -> tuple[Tensor | None, np.ndarray]:
-        out = (torch.cat(buf_t) if buf_t else None), (np.concatenate(buf_p) if buf_p else np.zeros(0, dtype=np.int64))
+        out = (
+            (torch.cat(buf_t) if buf_t else None),
+            (np.concatenate(buf_p) if buf_p else np.zeros(0, dtype=np.int64)),
+        )
         buf_t.clear()
         buf_p.clear()
         return out
@@ -531,14 +590,23 @@ def _empty_tokens(bank: HeadBank, device: torch.device) -> Tensor:
 
 @torch.no_grad()
 def recompute_bn_stats(
-    bank: HeadBank, source: FeatureSource, positions: Sequence[int], batch_size: int, *, data_parallel: bool = False
-) -> None:
+    bank: HeadBank,
+    source: FeatureSource,
+    positions: Sequence[int],
+    batch_size: int,
+    *,
+    data_parallel: bool = False,
+    keep_inputs: bool = False,
+) -> list[tuple[list[Tensor], np.ndarray]] | None:
     """Exact BatchNorm statistics of the trained heads over `positions` (a cumulative
     average, instead of the momentum average of the last steps, which on a small dataset
     mixes statistics of heads that were still changing).
 
     `data_parallel`: each rank reads its share of every batch and the statistics of each
     batch are taken over all ranks, so the result is the single-process one, on every rank.
+    `keep_inputs`: also return this rank's `(bank.bn_inputs, positions)` of every batch, so
+    `evaluate_bank(features=...)` can score the same images without reading and pooling
+    them again (the bank's pooling is most of a pass's cost).
     """
     ranks = _Ranks.current(data_parallel)
     bns = [m for m in bank.modules() if isinstance(m, torch.nn.BatchNorm1d)]
@@ -550,12 +618,21 @@ def recompute_bn_stats(
     positions = np.asarray(positions, dtype=np.int64)
     chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
     device = next(bank.parameters()).device
-    for tokens, _, total in _agreed_batches(source, chunks, math.ceil(batch_size / ranks.world), ranks):
+    kept: list[tuple[list[Tensor], np.ndarray]] | None = [] if keep_inputs else None
+    for tokens, pos, total in _agreed_batches(source, chunks, math.ceil(batch_size / ranks.world), ranks):
+        if total <= 1 and (kept is None or not len(pos)):
+            continue  # BatchNorm cannot train on one image; nothing to keep either
+        inputs = bank.bn_inputs(tokens if tokens is not None else _empty_tokens(bank, device))
         if total > 1:
-            bank(tokens if tokens is not None else _empty_tokens(bank, device), sync=ranks.sync)
+            bank.classify_inputs(inputs, sync=ranks.sync)  # train mode: updates the running statistics
+        if kept is not None and len(pos):
+            # cloned: some inputs are views of the batch (the class token), whose memory a
+            # source or the bank's patch buffer may reuse for the next batch
+            kept.append(([x.clone() for x in inputs], np.asarray(pos)))
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     bank.eval()
+    return kept
 
 
 @torch.no_grad()
@@ -567,10 +644,15 @@ def evaluate_bank(
     batch_size: int,
     *,
     data_parallel: bool = False,
+    features: Sequence[tuple[Sequence[Tensor], np.ndarray]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per aggregator: top-1, top-5 (NaN with 5 classes or fewer), mean loss, each (H,),
     and `images`, how many images were measured (unreadable ones of a streaming source
     are not).
+
+    `features`: `(bank.bn_inputs, positions)` batches kept by `recompute_bn_stats` for
+    exactly `positions` (this rank's share of them when data-parallel); then `source` is
+    not read.
 
     `data_parallel`: each rank measures its share of `positions` (disjoint, unpadded) and
     the counts are summed over the ranks, so every image counts exactly once.
@@ -582,14 +664,20 @@ def evaluate_bank(
     # rows per aggregator: top-1 hits, top-5 hits, summed loss; float64 so the sum over ranks is exact
     sums = torch.zeros(len(bank.names), 3, h, dtype=torch.float64)
     count = 0
-    share = ranks.share(np.asarray(positions, dtype=np.int64))
+    if features is None:
+        share = ranks.share(np.asarray(positions, dtype=np.int64))
+        batches = ((bank(tokens), pos) for tokens, pos in source.iterate(share, batch_size))
+    else:
+        batches = ((bank.classify_inputs(inputs), pos) for inputs, pos in features)
     with distributed.step() if ranks.parallel else contextlib.nullcontext():
-        for tokens, pos in source.iterate(share, batch_size):
-            target = torch.from_numpy(labels[pos]).to(tokens.device)
-            for i, lg in enumerate(bank(tokens).values()):
+        for logits, pos in batches:
+            target = torch.from_numpy(labels[pos]).to(next(iter(logits.values())).device)
+            for i, lg in enumerate(logits.values()):
                 sums[i, 0] += (lg.argmax(-1) == target).sum(-1).cpu().double()
                 if k:
-                    sums[i, 1] += (lg.topk(k, dim=-1).indices == target[:, None]).any(-1).sum(-1).cpu().double()
+                    sums[i, 1] += (
+                        (lg.topk(k, dim=-1).indices == target[:, None]).any(-1).sum(-1).cpu().double()
+                    )
                 loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.repeat(h), reduction="none")
                 sums[i, 2] += loss.view(h, -1).sum(-1).cpu().double()
             count += len(pos)
@@ -597,7 +685,10 @@ def evaluate_bank(
     sums, count = total[:-1].view_as(sums).numpy(), int(total[-1])
     out = {}
     for i, name in enumerate(bank.names):
-        acc = {key: sums[i, j] / count if count else np.full(h, np.nan) for j, key in enumerate(("top1", "top5", "loss"))}
+        acc = {
+            key: sums[i, j] / count if count else np.full(h, np.nan)
+            for j, key in enumerate(("top1", "top5", "loss"))
+        }
         if not k:
             acc["top5"] = np.full(h, np.nan)
         acc["images"] = count
@@ -650,7 +741,16 @@ def train_bank(
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 21])
     grid = recipe.grid
-    bank = HeadBank(aggregators, len(grid), dim, num_classes, num_prefix=num_prefix, has_cls=has_cls, abmilp_depth=abmilp_depth, seed=seed).to(device)
+    bank = HeadBank(
+        aggregators,
+        len(grid),
+        dim,
+        num_classes,
+        num_prefix=num_prefix,
+        has_cls=has_cls,
+        abmilp_depth=abmilp_depth,
+        seed=seed,
+    ).to(device)
     bank.reuse_buffers = True  # every forward below is backpropagated (or no-grad) before the next one
     groups = _param_groups(bank, grid)
     opt: Optimizer = LARS(groups) if recipe.optimizer == "lars" else BankAdamW(groups)
@@ -695,7 +795,9 @@ def train_bank(
                 opt.step()
                 step += 1
         if ranks.parallel:
-            epoch_loss, seen = ranks.all_reduce(torch.tensor([epoch_loss, float(seen)], dtype=torch.float64)).tolist()
+            epoch_loss, seen = ranks.all_reduce(
+                torch.tensor([epoch_loss, float(seen)], dtype=torch.float64)
+            ).tolist()
         losses.append(epoch_loss / max(1, seen))
         if progress is not None:
             progress(epoch + 1, recipe.epochs, losses[-1])
@@ -705,11 +807,22 @@ def train_bank(
     bn_positions = train_positions
     if len(bn_positions) > BN_PASS_IMAGES:
         bn_positions = np.sort(rng.choice(train_positions, BN_PASS_IMAGES, replace=False))
-    recompute_bn_stats(bank, train_source, bn_positions, eval_batch, data_parallel=ranks.parallel)
+    # Keep the pooled features of the BatchNorm pass (unless they are large) to score the
+    # training images from them: one pass over the training split instead of two. The
+    # decision depends only on sizes every rank knows, so all ranks take the same path.
+    keep = bank.bn_input_bytes(len(bn_positions)) <= BN_KEEP_BYTES
+    kept = recompute_bn_stats(
+        bank, train_source, bn_positions, eval_batch, data_parallel=ranks.parallel, keep_inputs=keep
+    )
     measure = {"batch_size": eval_batch, "data_parallel": ranks.parallel}
-    on_train = evaluate_bank(bank, train_source, train_labels, bn_positions, **measure)
+    on_train = evaluate_bank(bank, train_source, train_labels, bn_positions, features=kept, **measure)
+    del kept
     holdout_positions = np.asarray(holdout_positions, dtype=np.int64)
-    on_hold = evaluate_bank(bank, train_source, train_labels, holdout_positions, **measure) if len(holdout_positions) else None
+    on_hold = (
+        evaluate_bank(bank, train_source, train_labels, holdout_positions, **measure)
+        if len(holdout_positions)
+        else None
+    )
     on_eval = evaluate_bank(bank, eval_source, eval_labels, eval_positions, **measure)
 
     rows = []
@@ -769,7 +882,9 @@ def select_heads(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             key, loss, selected_on = "holdout_top1", "holdout_loss", "holdout"
         else:
             key, loss, selected_on = "train_top1", "train_loss", "train"
-        ranked = group.sort_values([key, loss, "lr", "wd"], ascending=[False, True, True, True], kind="stable")
+        ranked = group.sort_values(
+            [key, loss, "lr", "wd"], ascending=[False, True, True, True], kind="stable"
+        )
         best = ranked.iloc[0]
         results.loc[best.name, "selected"] = True
         rows.append(
