@@ -317,6 +317,20 @@ class FeatureSource(Protocol):
     ) -> Iterator[tuple[Tensor, np.ndarray]]: ...
 
 
+def _chunks(
+    positions: Sequence[int], batch_size: int, shuffle: bool, rng: np.random.Generator | None, drop_last: bool
+) -> Iterator[np.ndarray]:
+    """The batches of positions every FeatureSource yields: optionally shuffled, in order."""
+    pos = np.asarray(positions, dtype=np.int64)
+    if shuffle:
+        pos = pos[(rng or np.random.default_rng()).permutation(len(pos))]
+    for start in range(0, len(pos), batch_size):
+        chunk = pos[start : start + batch_size]
+        if drop_last and len(chunk) < batch_size:
+            return
+        yield chunk
+
+
 class TensorSource:
     """Features held in memory (a loaded cache, or synthetic data in tests), any float dtype."""
 
@@ -335,14 +349,8 @@ class TensorSource:
         rng: np.random.Generator | None = None,
         drop_last: bool = False,
     ) -> Iterator[tuple[Tensor, np.ndarray]]:
-        pos = np.asarray(positions, dtype=np.int64)
-        if shuffle:
-            pos = pos[(rng or np.random.default_rng()).permutation(len(pos))]
-        buf = torch.empty((min(batch_size, len(pos)), *self.tokens.shape[1:]), dtype=self.tokens.dtype)
-        for start in range(0, len(pos), batch_size):
-            chunk = pos[start : start + batch_size]
-            if drop_last and len(chunk) < batch_size:
-                break
+        buf = torch.empty((min(batch_size, len(positions)), *self.tokens.shape[1:]), dtype=self.tokens.dtype)
+        for chunk in _chunks(positions, batch_size, shuffle, rng, drop_last):
             out = buf[: len(chunk)]
             torch.index_select(self.tokens, 0, torch.from_numpy(chunk), out=out)
             yield out.to(self.device, non_blocking=True), chunk
@@ -364,14 +372,8 @@ class StoreSource:
         rng: np.random.Generator | None = None,
         drop_last: bool = False,
     ) -> Iterator[tuple[Tensor, np.ndarray]]:
-        pos = np.asarray(positions, dtype=np.int64)
-        if shuffle:
-            pos = pos[(rng or np.random.default_rng()).permutation(len(pos))]
         buf: np.ndarray | None = None
-        for start in range(0, len(pos), batch_size):
-            chunk = pos[start : start + batch_size]
-            if drop_last and len(chunk) < batch_size:
-                break
+        for chunk in _chunks(positions, batch_size, shuffle, rng, drop_last):
             buf = self.store.gather(chunk, out=buf)
             yield torch.from_numpy(buf[: len(chunk)]).to(self.device), chunk
 
