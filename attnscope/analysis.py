@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from attnscope.metrics import MetricAccumulator, Workspace
+    from attnscope.metrics import MetricAccumulator
     from attnscope.models import LoadedModel, TokenLayout
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -76,19 +76,19 @@ class _StreamingStats:
     """Consumer for AttentionRecorder: reduces each block as soon as it exists."""
 
     def __init__(self, name: str, num_blocks: int, residual: bool) -> None:
+        from attnscope.metrics import Workspace
+
         self.name = name
         self.num_blocks = num_blocks
         self.residual = residual
         self.layout: TokenLayout | None = None
         self.accumulator: MetricAccumulator | None = None
-        self.workspace: Workspace | None = None
+        self.workspace = Workspace()
 
     def __call__(self, block) -> None:
-        from attnscope.metrics import MetricAccumulator, Workspace, applicable_metrics, block_metrics
+        from attnscope.metrics import MetricAccumulator, applicable_metrics, block_metrics
 
         assert self.layout is not None
-        if self.workspace is None:
-            self.workspace = Workspace()
         per_head, per_block = block_metrics(
             block.attn, self.layout, block.x, block.y, workspace=self.workspace
         )

@@ -129,17 +129,12 @@ class Workspace:
 _DISTANCE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def patch_distance_matrix(
-    layout: TokenLayout, device: torch.device, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """(N, N) Euclidean distances between patch centres in input pixels, row-major grid.
-
-    Computed in float64 and rounded once to `dtype` (default float32).
-    """
+def patch_distance_matrix(layout: TokenLayout, device: torch.device) -> torch.Tensor:
+    """(N, N) float32 Euclidean distances between patch centres in input pixels, row-major
+    grid, computed in float64 and rounded once."""
     import torch
 
-    dtype = dtype or torch.float32
-    key = (layout.grid, layout.patch_size, str(device), dtype)
+    key = (layout.grid, layout.patch_size, str(device))
     cached = _DISTANCE_CACHE.get(key)
     if cached is None:
         gh, gw = layout.grid
@@ -147,7 +142,7 @@ def patch_distance_matrix(
         rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw) * ph
         cols = torch.arange(gw, dtype=torch.float64).repeat(gh) * pw
         coords = torch.stack([rows, cols], dim=1)
-        cached = torch.cdist(coords, coords).to(device=device, dtype=dtype)
+        cached = torch.cdist(coords, coords).to(device=device, dtype=torch.float32)
         _DISTANCE_CACHE[key] = cached
     return cached
 

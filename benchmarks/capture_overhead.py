@@ -379,8 +379,6 @@ class _LabelledStats(_StreamingStats):
         from torch.profiler import record_function
 
         with record_function("attnscope:block_metrics"):
-            if self.workspace is None:
-                self.workspace = Workspace()
             per_head, per_block = block_metrics(
                 block.attn, self.layout, block.x, block.y, workspace=self.workspace
             )

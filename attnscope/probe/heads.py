@@ -111,6 +111,7 @@ class Aggregator(nn.Module):
 
     shared: bool = False
     needs_cls: bool = False
+    uses_mean: bool = False  # pools from the patch mean (`from_mean`), which HeadBank computes once
 
     def __init__(self, num_heads: int, dim: int) -> None:
         super().__init__()
@@ -142,6 +143,10 @@ class Aggregator(nn.Module):
         """`(B, K, D)` softmax-weighted sums of the patches -> this aggregator's `(B, H, F)`."""
         return pooled
 
+    def from_mean(self, cls: Tensor | None, mean: Tensor) -> Tensor:
+        """`(B, D)` patch mean (and the class token) -> `(B, H, F)`, when `uses_mean`."""
+        raise NotImplementedError
+
 
 class ClsPool(Aggregator):
     shared = True
@@ -155,9 +160,13 @@ class ClsPool(Aggregator):
 
 class MeanPool(Aggregator):
     shared = True
+    uses_mean = True
+
+    def from_mean(self, cls: Tensor | None, mean: Tensor) -> Tensor:
+        return mean.unsqueeze(1)
 
     def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
-        return patches.mean(dim=1).unsqueeze(1)
+        return self.from_mean(cls, patches.mean(dim=1))
 
 
 class ClsMeanPool(Aggregator):
@@ -168,10 +177,15 @@ class ClsMeanPool(Aggregator):
     def out_dim(self) -> int:
         return 2 * self.dim
 
-    def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
+    uses_mean = True
+
+    def from_mean(self, cls: Tensor | None, mean: Tensor) -> Tensor:
         if cls is None:
             raise AttnscopeError("the `cls_mean` aggregator needs a model with a class token")
-        return torch.cat([cls, patches.mean(dim=1)], dim=-1).unsqueeze(1)
+        return torch.cat([cls, mean], dim=-1).unsqueeze(1)
+
+    def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
+        return self.from_mean(cls, patches.mean(dim=1))
 
 
 class AbmilpPool(Aggregator):
@@ -610,19 +624,13 @@ class HeadBank(nn.Module):
             scores = agg.linear_scores()
             if scores is not None:
                 linear.append((name, agg, *scores))
-            elif isinstance(agg, (MeanPool, ClsMeanPool)):
-                continue
-            else:
+            elif not agg.uses_mean:
                 out[name] = agg(cls, patches)
-        if any(isinstance(h.aggregator, (MeanPool, ClsMeanPool)) for h in self.heads.values()):
-            mean = patches.mean(dim=1)
-            for name, head in self.heads.items():
-                if isinstance(head.aggregator, ClsMeanPool):
-                    if cls is None:
-                        raise AttnscopeError("the `cls_mean` aggregator needs a model with a class token")
-                    out[name] = torch.cat([cls, mean], dim=-1).unsqueeze(1)
-                elif isinstance(head.aggregator, MeanPool):
-                    out[name] = mean.unsqueeze(1)
+        mean = None
+        for name, head in self.heads.items():
+            if head.aggregator.uses_mean:
+                mean = patches.mean(dim=1) if mean is None else mean
+                out[name] = head.aggregator.from_mean(cls, mean)
         if linear:
             b, _, d = patches.shape
             w = torch.cat([item[2] for item in linear])  # (K, D)
