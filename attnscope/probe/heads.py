@@ -323,6 +323,135 @@ class _GatedScores(torch.autograd.Function):
         return g_x, g_vu_w.view_as(vu_w), g_vu_b.view(heads, -1), g_w, grad.sum(0), None
 
 
+class Scratch:
+    """Named buffers reused from call to call, or fresh tensors when disabled.
+
+    A probe step makes a handful of map-sized temporaries (the patch bag, the weights over
+    the patches, the pooled tokens, their gradients), tens of MB each. Fresh CPU tensors of
+    that size are mmap'd and faulted in page by page at every step, which cost more than
+    the matrix products that fill them. Reusing them is only safe when every forward is
+    backpropagated (or run without grad) before the next one, so it is off unless a
+    trainer that guarantees that turns it on (`HeadBank.reuse_buffers`).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised `shape` tensor on `like`'s device, of `dtype` (default: `like`'s)."""
+        dtype = dtype or like.dtype
+        if not self.enabled:
+            return like.new_empty(shape, dtype=dtype)
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.device != like.device or buf.dtype != dtype:
+            buf = self._buffers[name] = like.new_empty(numel, dtype=dtype)
+        return buf[:numel].view(*shape)
+
+
+class _SoftmaxPool(torch.autograd.Function):
+    """`softmax(w x_b^T + bias) x_b` for every image b and every row of `w`, plus the
+    patch mean, with the backward written out.
+
+    Autograd's version of the same products allocates every intermediate afresh (the
+    logits, the pooled tokens, their gradients, and a zero-filled gradient for each slice
+    of the pooled tensor that an aggregator takes) and reaches the gradient of `w` through
+    an expand over the batch. Here the map-sized tensors live in `Scratch` buffers, each
+    group of rows is its own output (so no zero-filled slice gradients), and the mean is
+    one more row of the weighted sum (weights 1/N). Same function; tested against autograd.
+
+    Arguments after `scratch`: the number of rows of each group, then `w (K, D)` and
+    `bias (K,)` of all groups concatenated. Returns one `(B, K_i, D)` view per group and
+    the `(B, D)` mean (or None).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        patches: Tensor,
+        with_mean: bool,
+        scratch: Scratch,
+        sizes: tuple[int, ...],
+        w: Tensor,
+        bias: Tensor,
+    ):
+        b, n, d = patches.shape
+        k = w.shape[0]
+        probs = scratch.get("pool_probs", (b, k, n), patches)
+        if k:
+            # batched (K, D) x (D, N) products give the logits in the (B, K, N) layout the
+            # softmax and the weighted sum want (one (BN, D) x (D, K) product plus a
+            # transposed softmax was slower on CPUs)
+            logits = scratch.get("pool_logits", (b, k, n), patches)
+            torch.baddbmm(
+                bias.view(1, k, 1).expand(b, k, 1), w.expand(b, k, d), patches.transpose(1, 2), out=logits
+            )
+            torch.softmax(logits, dim=-1, out=probs)
+        weights = probs
+        if with_mean:
+            weights = scratch.get("pool_weights", (b, k + 1, n), patches)
+            weights[:, :k] = probs
+            weights[:, k].fill_(1.0 / n)
+        pooled = torch.bmm(weights, patches, out=scratch.get("pool_out", (b, weights.shape[1], d), patches))
+        ctx.save_for_backward(patches, w, bias)
+        ctx.weights, ctx.scratch, ctx.sizes = probs, scratch, list(sizes)
+        groups = pooled[:, :k].split(ctx.sizes, dim=1)
+        mean = pooled[:, k] if with_mean else None
+        if mean is not None:
+            ctx.mark_non_differentiable(mean)  # no parameter before it
+        return (*groups, mean)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        patches, w, bias = ctx.saved_tensors
+        a, scratch = ctx.weights, ctx.scratch
+        b, n, d = patches.shape
+        k = w.shape[0]
+        grad_groups = grads[:-1]
+        if not k or all(g is None for g in grad_groups):
+            return None, None, None, None, torch.zeros_like(w), torch.zeros_like(bias)
+        grad_pooled = scratch.get("pool_grad_out", (b, k, d), patches)
+        for g, part in zip(grad_groups, grad_pooled.split(ctx.sizes, dim=1), strict=True):
+            part.copy_(g) if g is not None else part.zero_()  # None: that output was not used
+        # d loss / d weights, then through the softmax: g_l = a * (g_a - sum_n a g_a), in place
+        g_l = torch.bmm(
+            grad_pooled, patches.transpose(1, 2), out=scratch.get("pool_grad_weights", (b, k, n), patches)
+        )
+        dot = torch.mul(a, g_l, out=scratch.get("pool_product", (b, k, n), patches)).sum(-1, keepdim=True)
+        g_l.sub_(dot).mul_(a)
+        g_w = torch.bmm(g_l, patches, out=scratch.get("pool_grad_w", (b, k, d), patches)).sum(0)
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_x = torch.bmm(a.transpose(1, 2), grad_pooled) + torch.matmul(g_l.transpose(1, 2), w)
+        # A bias shared by all the patches of a row cancels in the softmax: its gradient is
+        # exactly zero (autograd would return the rounding noise of g_l.sum).
+        return g_x, None, None, None, g_w, torch.zeros_like(bias)
+
+
+def softmax_pool(
+    patches: Tensor,
+    scorers: Sequence[tuple[Tensor, Tensor]],
+    *,
+    with_mean: bool,
+    scratch: Scratch | None = None,
+) -> tuple[list[Tensor], Tensor | None]:
+    """Softmax-over-the-patches pooling of several scorers at once, and the patch mean.
+
+    `scorers`: `(w (K_i, D), bias (K_i,))` each. Returns one `(B, K_i, D)` tensor per
+    scorer, row j being `softmax_n(w_j . x_n + bias_j)`-weighted sum of the patches, and the
+    `(B, D)` patch mean when `with_mean` (else None)."""
+    scratch = scratch or Scratch()
+    if not scorers:
+        return [], (patches.mean(dim=1) if with_mean else None)
+    w = torch.cat([s[0] for s in scorers])
+    bias = torch.cat([s[1] for s in scorers])
+    *groups, mean = _SoftmaxPool.apply(
+        patches, with_mean, scratch, tuple(len(s[0]) for s in scorers), w, bias
+    )
+    return groups, mean
+
+
 def attentive_num_heads(dim: int) -> int:
     """D/64 attention heads (at least 1, and a divisor of D)."""
     g = max(1, dim // ATTENTIVE_HEAD_DIM)
@@ -541,8 +670,7 @@ class HeadBank(nn.Module):
         self.has_cls = has_cls
         self.dim = dim
         self.num_classes = num_classes
-        self.reuse_buffers = False
-        self._patch_buffer: Tensor | None = None
+        self._scratch = Scratch()
         self.heads = nn.ModuleDict()
         for name in self.names:
             # One generator per aggregator: adding an aggregator leaves the others' init unchanged.
@@ -564,13 +692,18 @@ class HeadBank(nn.Module):
         src = tokens[:, self.num_prefix :]
         if not self.reuse_buffers:
             return cls, (src.float() if src.dtype != torch.float32 else src.contiguous())
-        numel = src.numel()
-        buf = self._patch_buffer
-        if buf is None or buf.numel() < numel or buf.device != src.device:
-            buf = self._patch_buffer = torch.empty(numel, dtype=torch.float32, device=src.device)
-        patches = buf[:numel].view(src.shape)
+        patches = self._scratch.get("patches", src.shape, src, torch.float32)
         patches.copy_(src)
         return cls, patches
+
+    @property
+    def reuse_buffers(self) -> bool:
+        """Reuse the map-sized temporaries from call to call (see `Scratch`)."""
+        return self._scratch.enabled
+
+    @reuse_buffers.setter
+    def reuse_buffers(self, value: bool) -> None:
+        self._scratch.enabled = bool(value)
 
     def forward(self, tokens: Tensor, sync: SumFn | None = None) -> dict[str, Tensor]:
         """`{aggregator: (H, B, C) logits}`.
@@ -626,30 +759,14 @@ class HeadBank(nn.Module):
                 linear.append((name, agg, *scores))
             elif not agg.uses_mean:
                 out[name] = agg(cls, patches)
-        mean = None
-        for name, head in self.heads.items():
-            if head.aggregator.uses_mean:
-                mean = patches.mean(dim=1) if mean is None else mean
-                out[name] = head.aggregator.from_mean(cls, mean)
-        if linear:
-            b, _, d = patches.shape
-            w = torch.cat([item[2] for item in linear])  # (K, D)
-            bias = torch.cat(
-                [item[3] if item[3] is not None else w.new_zeros(len(item[2])) for item in linear]
-            )
-            k = w.shape[0]
-            # Batched (K, D) x (D, N) products give the logits in the (B, K, N) layout the
-            # softmax and the weighted sum want; one (B*N, D) x (D, K) product followed by a
-            # transposed softmax was ~20% slower forward + backward on CPUs.
-            logits = torch.baddbmm(
-                bias.view(1, k, 1).expand(b, k, 1), w.expand(b, k, d), patches.transpose(1, 2)
-            )
-            weights = logits.softmax(dim=-1)  # (B, K, N)
-            pooled = torch.bmm(weights, patches)  # (B, K, D)
-            start = 0
-            for name, agg, item_w, _ in linear:
-                out[name] = agg.from_pooled(pooled[:, start : start + len(item_w)])
-                start += len(item_w)
+        mean_users = [(n, h.aggregator) for n, h in self.heads.items() if h.aggregator.uses_mean]
+        if linear or mean_users:
+            scorers = [(w, b if b is not None else w.new_zeros(len(w))) for _, _, w, b in linear]
+            groups, mean = softmax_pool(patches, scorers, with_mean=bool(mean_users), scratch=self._scratch)
+            for (name, agg, _, _), pooled in zip(linear, groups, strict=True):
+                out[name] = agg.from_pooled(pooled)
+            for name, agg in mean_users:
+                out[name] = agg.from_mean(cls, mean)
         return {name: out[name] for name in self.names}
 
     def patch_weights(self, name: str, tokens: Tensor) -> Tensor | None:

@@ -117,16 +117,23 @@ class BankAdamW(Optimizer):
                     state["step"] = 0
                     state["m"] = torch.zeros_like(p)
                     state["v"] = torch.zeros_like(p)
+                    # the update's scratch: fresh parameter-sized temporaries at every step
+                    # (mmap'd and faulted in on CPUs) cost more than the arithmetic
+                    state["buf"] = torch.empty_like(p)
                 state["step"] += 1
                 t = state["step"]
-                m, v = state["m"], state["v"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                m, v, buf = state["m"], state["v"], state["buf"]
+                # torch.optim.AdamW's arithmetic, with a per-head lr and weight decay
                 lr = _group_lr(group, p)
-                wd = _group_wd(group, p)
-                p.mul_(1 - lr * wd)
-                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
-                p.sub_(lr * (m / (1 - b1**t)) / denom)
+                p.mul_(1 - lr * _group_wd(group, p))
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                torch.sqrt(v, out=buf).div_(math.sqrt(1 - b2**t)).add_(group["eps"])
+                torch.div(m, buf, out=buf)
+                if isinstance(lr, Tensor):
+                    p.sub_(buf.mul_(lr / (1 - b1**t)))
+                else:
+                    p.add_(buf, alpha=-lr / (1 - b1**t))
         return loss
 
 
