@@ -481,9 +481,9 @@ class AttentivePool(Aggregator):
     def _split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         h, g, k, d = self.num_heads, self.attn_heads, self.head_dim, self.dim
         q = self.query.view(h, g, k)
-        w_k = self.kv_w[:, :d].view(h, g, k, d)
-        w_v = self.kv_w[:, d:].view(h, g, k, d)
-        b_v = self.kv_b[:, d:].view(h, g, k)
+        # split, not two slices: a slice's gradient is a zero-filled copy of the whole weight
+        w_k, w_v = (w.view(h, g, k, d) for w in self.kv_w.split(d, dim=1))
+        b_v = self.kv_b.split(d, dim=1)[1].view(h, g, k)
         return q, w_k, w_v, b_v
 
     def _query_matrix(self) -> Tensor:
@@ -733,12 +733,16 @@ class HeadBank(nn.Module):
 
     def classify_inputs(self, inputs: Sequence[Tensor], sync: SumFn | None = None) -> dict[str, Tensor]:
         """BatchNorm (training or running statistics, as the mode says) + classifier of every head."""
-        heads = list(self.heads.items())
+        normed = self.normalize(inputs, sync)
+        return {name: head.classify(y) for (name, head), y in zip(self.heads.items(), normed, strict=True)}
+
+    def normalize(self, inputs: Sequence[Tensor], sync: SumFn | None = None) -> list[Tensor]:
+        """Every head's BatchNorm of its `bn_inputs` (in train mode this also updates the
+        running statistics, with those of every process's batch when `sync` is given)."""
+        bns = [head.bn for head in self.heads.values()]
         if sync is None or not self.training:
-            normed = [head.bn(x) for (_, head), x in zip(heads, inputs, strict=True)]
-        else:
-            normed = synced_batch_norm([head.bn for _, head in heads], inputs, sync)
-        return {name: head.classify(y) for (name, head), y in zip(heads, normed, strict=True)}
+            return [bn(x) for bn, x in zip(bns, inputs, strict=True)]
+        return synced_batch_norm(bns, inputs, sync)
 
     def pool(self, cls: Tensor | None, patches: Tensor) -> dict[str, Tensor]:
         """`{aggregator: (B, H, F)}` pooled tokens of every aggregator.

@@ -633,7 +633,7 @@ def recompute_bn_stats(
             continue  # BatchNorm cannot train on one image; nothing to keep either
         inputs = bank.bn_inputs(tokens if tokens is not None else _empty_tokens(bank, device))
         if total > 1:
-            bank.classify_inputs(inputs, sync=ranks.sync)  # train mode: updates the running statistics
+            bank.normalize(inputs, sync=ranks.sync)  # train mode: updates the running statistics
         if kept is not None and len(pos):
             # cloned: some inputs are views of the batch (the class token), whose memory a
             # source or the bank's patch buffer may reuse for the next batch
