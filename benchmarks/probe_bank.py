@@ -10,6 +10,7 @@ Evidence for two requirements of `attnscope probe`:
      (1)  one `abmilp` head (the paper's head) at one learning rate,
      (25) cls, mean, cls_mean, abmilp, attentive x 5 learning rates,
      (25g) the same with abmilp_gated in place of cls_mean,
+     (30) what `attnscope probe` trains by default: cls, mean, abmilp x 5 lrs x 2 wds,
    and, per aggregator, 5 learning rates against 1. Runs are interleaved round-robin and the
    median of the repeats is reported, so load from other processes hits all alike; the
    headline ratio is the median of the rounds' own ratios (runs of one round met the same
@@ -44,11 +45,12 @@ import torch
 
 from attnscope.probe import datasets as ds
 from attnscope.probe import features as feat
-from attnscope.probe.train import StoreSource, TensorSource, resolve_recipe, train_bank
+from attnscope.probe.train import DEFAULT_WDS, StoreSource, TensorSource, resolve_recipe, train_bank
 
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 BANK = ["cls", "mean", "cls_mean", "abmilp", "attentive"]
 BANK_GATED = ["cls", "mean", "abmilp", "abmilp_gated", "attentive"]
+DEFAULT_BANK = ["cls", "mean", "abmilp"]
 
 
 class _RandomTokens:
@@ -86,10 +88,10 @@ def build_cache(root: Path, n: int, tokens: int, dim: int) -> feat.FeatureStore:
     return feat.FeatureStore(cache, feat.write_cache_index(cache))
 
 
-def time_bank(source, labels, n_classes: int, aggregators, lrs, *, epochs: int, batch: int, tokens: int, dim: int) -> tuple[float, float]:
+def time_bank(source, labels, n_classes: int, aggregators, lrs, wds=(1e-4,), *, epochs: int, batch: int, tokens: int, dim: int) -> tuple[float, float]:
     """(seconds of the whole `train_bank` call, seconds of its training loop alone)."""
     n = len(labels)
-    recipe = resolve_recipe("default", n_train=n, batch_size=batch, epochs=epochs, lrs=lrs, wds=[1e-4])
+    recipe = resolve_recipe("default", n_train=n, batch_size=batch, epochs=epochs, lrs=lrs, wds=list(wds))
     start = time.perf_counter()
     result = train_bank(
         train_source=source, train_labels=labels, train_positions=np.arange(n), holdout_positions=[],
@@ -115,6 +117,8 @@ def bank_benchmark(args) -> dict:
             "1 abmilp head": (["abmilp"], LRS[2:3]),
             "25 heads (cls, mean, cls_mean, abmilp, attentive)": (BANK, LRS),
             "25 heads (cls, mean, abmilp, abmilp_gated, attentive)": (BANK_GATED, LRS),
+            # what `attnscope probe` trains when given no options: 3 aggregators x 5 lrs x 2 wds
+            "30 heads: the probe default (cls, mean, abmilp x 5 lrs x 2 wds)": (DEFAULT_BANK, LRS, DEFAULT_WDS),
         }
         for agg in ("cls", "mean", "cls_mean", "abmilp", "attentive", "abmilp_gated"):
             if agg != "abmilp":  # abmilp x1 is the "1 abmilp head" above
@@ -128,8 +132,8 @@ def bank_benchmark(args) -> dict:
         loop: dict[str, list[float]] = {k: [] for k in configs}  # training loop alone
         mapped_times: dict[str, list[float]] = {k: [] for k in list(configs)[:2]}
         for _ in range(args.repeats):
-            for name, (aggs, lrs) in configs.items():
-                total, steps = time_bank(in_ram, labels, n_classes, aggs, lrs, epochs=epochs, batch=256, tokens=tokens, dim=dim)
+            for name, (aggs, lrs, *wds) in configs.items():
+                total, steps = time_bank(in_ram, labels, n_classes, aggs, lrs, *wds, epochs=epochs, batch=256, tokens=tokens, dim=dim)
                 times[name].append(total)
                 loop[name].append(steps)
             for name in mapped_times:
@@ -142,10 +146,10 @@ def bank_benchmark(args) -> dict:
         print(f"\n== head bank on cached features: {n} images x {tokens} tokens x {dim} (fp16 cache "
               f"{feat.format_bytes(n * tokens * dim * 2)}, written in {built:.1f}s), {n_classes} classes, "
               f"batch 256, {epochs} epoch(s); median of {args.repeats}")  # fmt: skip
-        print(f"{'configuration':58s} {'seconds':>8s} {'x one abmilp head':>18s}")
+        print(f"{'configuration':66s} {'seconds':>8s} {'x one abmilp head':>18s}")
         for name, t in med.items():
             if name != "abmilp x1":
-                print(f"{name:58s} {t:8.2f} {t / one:18.2f}")
+                print(f"{name:66s} {t:8.2f} {t / one:18.2f}")
         print("\nper aggregator, 5 learning rates vs 1 (the cost of the lr grid):")
         per_agg = {}
         for agg in ("cls", "mean", "cls_mean", "abmilp", "attentive", "abmilp_gated"):
@@ -154,7 +158,7 @@ def bank_benchmark(args) -> dict:
                 print(f"  {agg:14s} {per_agg[agg]:5.2f}x")
         print("\nread from the memory-mapped shards instead of RAM:")
         for name, t in med_mapped.items():
-            print(f"  {name:56s} {t:8.2f}s")
+            print(f"  {name:64s} {t:8.2f}s")
         bank_name, gated_name = list(configs)[1], list(configs)[2]
         # Rounds are interleaved, so the ratio within a round pairs runs that met the same load.
         paired = sorted(b / a for a, b in zip(times["1 abmilp head"], times[bank_name], strict=True))
