@@ -51,6 +51,7 @@ LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 BANK = ["cls", "mean", "cls_mean", "abmilp", "attentive"]
 BANK_GATED = ["cls", "mean", "abmilp", "abmilp_gated", "attentive"]
 DEFAULT_BANK = ["cls", "mean", "abmilp"]
+BANK_NAME = "25 heads (cls, mean, cls_mean, abmilp, attentive)"
 
 
 class _RandomTokens:
@@ -115,7 +116,7 @@ def bank_benchmark(args) -> dict:
         mapped = StoreSource(store)
         configs = {
             "1 abmilp head": (["abmilp"], LRS[2:3]),
-            "25 heads (cls, mean, cls_mean, abmilp, attentive)": (BANK, LRS),
+            BANK_NAME: (BANK, LRS),
             "25 heads (cls, mean, abmilp, abmilp_gated, attentive)": (BANK_GATED, LRS),
             # what `attnscope probe` trains when given no options: 3 aggregators x 5 lrs x 2 wds
             "30 heads: the probe default (cls, mean, abmilp x 5 lrs x 2 wds)": (DEFAULT_BANK, LRS, DEFAULT_WDS),
@@ -183,9 +184,74 @@ def bank_benchmark(args) -> dict:
             "bank_gated_ratio": ratio_g, "per_aggregator_5_vs_1": per_agg,
             "bank_vs_one_at_a_time": one_by_one, "seconds": med, "memmap_seconds": med_mapped,
             "training_loop_seconds": {k: statistics.median(v) for k, v in loop.items()},
+            "training_loop_steps": epochs * (n // 256),
         }  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def products_floor(args, one_step_s: float, bank_step_s: float) -> dict:
+    """The matrix products one training step of the 25-head bank cannot skip, timed alone.
+
+    Same shapes as the bank (B 256, N 196, D 384, 100 classes, 5 heads per aggregator,
+    attentive with D/64 = 6 query heads), written into preallocated outputs, plus reading
+    the batch (gather + fp16 -> fp32): a lower bound for any exact implementation of these
+    heads with this BLAS. Everything else a step does (softmaxes, BatchNorms, the optimizer,
+    copies) comes on top.
+    """
+    b, n, d, c, h, t = 256, 196, 384, 100, 5, 197
+    q = h + h * (d // 64)  # abmilp scorers + attentive query heads: columns of the patch products
+    rng = torch.Generator().manual_seed(0)
+    store = torch.randn(2048, t, d, generator=rng).half()
+    index = torch.randperm(2048, generator=rng)[:b]
+    gathered, x = torch.empty(b, t, d, dtype=torch.half), torch.empty(b, n, d)
+    w, weights, grad_pooled = torch.randn(q, d), torch.rand(b, q + 1, n), torch.randn(b, q, d)
+    logits, grad_w, pooled, grad_wb = torch.empty(b, q, n), torch.empty(b, q, n), torch.empty(b, q + 1, d), torch.empty(b, q, d)
+    att = h * (d // 64)
+    att_pooled, w_v, b_v, att_grad = torch.randn(b, att, d), torch.randn(att, 64, d), torch.zeros(att, 1, 64), torch.randn(att, b, 64)
+    x_h, w_c, g_c = torch.randn(h, b, d), torch.randn(h, d, c), torch.randn(h, b, c)
+    x_s, x_s2, w_s, w_s2, g_s = torch.randn(b, d), torch.randn(b, 2 * d), torch.randn(d, h * c), torch.randn(2 * d, h * c), torch.randn(b, h * c)
+
+    def read() -> None:
+        torch.index_select(store, 0, index, out=gathered)
+        x.copy_(gathered[:, 1:])
+
+    def patch_products() -> None:  # logits, weighted sum (+ the mean row), their two gradients
+        torch.bmm(w.expand(b, q, d), x.transpose(1, 2), out=logits)
+        torch.bmm(weights, x, out=pooled)
+        torch.bmm(grad_pooled, x.transpose(1, 2), out=grad_w)
+        torch.bmm(grad_w, x, out=grad_wb)
+
+    def attentive_values() -> None:  # W_v of every query head: forward, gradient of the input, of W_v
+        torch.baddbmm(b_v, att_pooled.transpose(0, 1), w_v.transpose(1, 2))
+        torch.bmm(att_grad, w_v)
+        torch.bmm(att_pooled.transpose(0, 1).transpose(1, 2), att_grad)
+
+    def classifiers() -> None:
+        for _ in range(2):  # abmilp, attentive: forward, gradient of W, of the input
+            torch.bmm(x_h, w_c), torch.bmm(x_h.transpose(1, 2), g_c), torch.bmm(g_c, w_c.transpose(1, 2))
+        for xs, ws in ((x_s, w_s), (x_s, w_s), (x_s2, w_s2)):  # cls, mean, cls_mean: forward, gradient of W
+            torch.mm(xs, ws), torch.mm(xs.t(), g_s)
+
+    def timed(fn) -> float:
+        fn(), fn()
+        runs = []
+        for _ in range(3 if args.quick else 15):
+            start = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - start)
+        return statistics.median(runs)
+
+    parts = {"read the batch": read, "patch products (35 + 36 columns)": patch_products,
+             "attentive value projections": attentive_values, "25 classifiers": classifiers}  # fmt: skip
+    secs = {name: timed(fn) for name, fn in parts.items()}
+    floor = sum(secs.values())
+    print("\n== what one step of the 25-head bank cannot skip (matrix products + reading the batch), ms")
+    for name, sec in secs.items():
+        print(f"  {name:40s} {sec * 1e3:6.1f}")
+    print(f"  {'sum':40s} {floor * 1e3:6.1f}   measured step: bank {bank_step_s * 1e3:.1f}, one abmilp head {one_step_s * 1e3:.1f}")
+    print(f"RATIO floor / one abmilp head's step = {floor / one_step_s:.2f}; the bank's other work adds {(bank_step_s - floor) * 1e3:.1f} ms")  # fmt: skip
+    return {"parts_ms": {k: v * 1e3 for k, v in secs.items()}, "floor_ms": floor * 1e3, "floor_ratio": floor / one_step_s}
 
 
 def second_run_benchmark(args) -> dict:
@@ -225,7 +291,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    out = {"bank": bank_benchmark(args), "second_run": second_run_benchmark(args)}
+    bank = bank_benchmark(args)
+    steps = bank["training_loop_steps"]
+    loop = bank["training_loop_seconds"]
+    bank["floor"] = products_floor(args, loop["1 abmilp head"] / steps, loop[BANK_NAME] / steps)
+    out = {"bank": bank, "second_run": second_run_benchmark(args)}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 

@@ -413,7 +413,10 @@ class _SoftmaxPool(torch.autograd.Function):
             return None, None, None, None, torch.zeros_like(w), torch.zeros_like(bias)
         grad_pooled = scratch.get("pool_grad_out", (b, k, d), patches)
         for g, part in zip(grad_groups, grad_pooled.split(ctx.sizes, dim=1), strict=True):
-            part.copy_(g) if g is not None else part.zero_()  # None: that output was not used
+            if g is None:  # that output was not used
+                part.zero_()
+            else:
+                part.copy_(g)
         # d loss / d weights, then through the softmax: g_l = a * (g_a - sum_n a g_a), in place
         g_l = torch.bmm(
             grad_pooled, patches.transpose(1, 2), out=scratch.get("pool_grad_weights", (b, k, n), patches)
@@ -475,15 +478,22 @@ class AttentivePool(Aggregator):
         self.attn_heads = attentive_num_heads(dim)
         self.head_dim = dim // self.attn_heads
         self.query = nn.Parameter(torch.randn(num_heads, dim, generator=generator) * 0.02)
-        self.kv_w = nn.Parameter(_trunc_normal((num_heads, 2 * dim, dim), 0.02, generator))
-        self.kv_b = nn.Parameter(torch.zeros(num_heads, 2 * dim))
+        # The key/value projection Linear(D, 2D), stored as its two halves: each half is then
+        # contiguous per query head, which the products below need (slices of one (2D, D)
+        # weight were copied at every step, forward and backward).
+        kv_w = _trunc_normal((num_heads, 2 * dim, dim), 0.02, generator)
+        self.k_w = nn.Parameter(kv_w[:, :dim].clone())
+        self.v_w = nn.Parameter(kv_w[:, dim:].clone())
+        self.k_b = nn.Parameter(
+            torch.zeros(num_heads, dim)
+        )  # cancels in the softmax; kept: Linear(D, 2D) has it
+        self.v_b = nn.Parameter(torch.zeros(num_heads, dim))
 
     def _split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         h, g, k, d = self.num_heads, self.attn_heads, self.head_dim, self.dim
         q = self.query.view(h, g, k)
-        # split, not two slices: a slice's gradient is a zero-filled copy of the whole weight
-        w_k, w_v = (w.view(h, g, k, d) for w in self.kv_w.split(d, dim=1))
-        b_v = self.kv_b.split(d, dim=1)[1].view(h, g, k)
+        w_k, w_v = self.k_w.view(h, g, k, d), self.v_w.view(h, g, k, d)
+        b_v = self.v_b.view(h, g, k)
         return q, w_k, w_v, b_v
 
     def _query_matrix(self) -> Tensor:
@@ -525,7 +535,8 @@ class AttentivePool(Aggregator):
         """Reference: project keys and values, then `F.scaled_dot_product_attention`."""
         h, g, k = self.num_heads, self.attn_heads, self.head_dim
         b, n, d = patches.shape
-        kv = torch.einsum("bnd,hed->hbne", patches, self.kv_w) + self.kv_b[:, None, None]
+        kv_w, kv_b = torch.cat([self.k_w, self.v_w], dim=1), torch.cat([self.k_b, self.v_b], dim=1)
+        kv = torch.einsum("bnd,hed->hbne", patches, kv_w) + kv_b[:, None, None]
         keys = kv[..., :d].reshape(h, b, n, g, k).transpose(2, 3)
         values = kv[..., d:].reshape(h, b, n, g, k).transpose(2, 3)
         query = self.query.view(h, 1, g, 1, k).expand(h, b, g, 1, k)
@@ -750,9 +761,9 @@ class HeadBank(nn.Module):
         The selective aggregators whose patch logits are linear (`abmilp` at depth 1 and
         `attentive`: 5 + 30 columns for ViT-S with 5 learning rates) share one logits
         product and one weighted-sum product, so the patches are read once for all of them
-        instead of once per aggregator; the mean is computed once for `mean` and
-        `cls_mean`. Every head's numbers are those of its own aggregator (the columns are
-        independent), up to float rounding.
+        instead of once per aggregator; the mean for `mean` and `cls_mean` is one more row
+        of that weighted sum (`softmax_pool`). Every head's numbers are those of its own
+        aggregator (the columns are independent), up to float rounding.
         """
         out: dict[str, Tensor] = {}
         linear: list[tuple[str, Aggregator, Tensor, Tensor | None]] = []

@@ -106,35 +106,57 @@ class BankAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        from torch.optim.adamw import adamw
+
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            head_lr, head_wd = group.get("head_lr"), group.get("head_wd")
+            heads = 1 if head_lr is None else len(head_lr)
+            for p in params:
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
                     state["m"] = torch.zeros_like(p)
                     state["v"] = torch.zeros_like(p)
-                    # the update's scratch: fresh parameter-sized temporaries at every step
-                    # (mmap'd and faulted in on CPUs) cost more than the arithmetic
-                    state["buf"] = torch.empty_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v, buf = state["m"], state["v"], state["buf"]
-                # torch.optim.AdamW's arithmetic, with a per-head lr and weight decay
-                lr = _group_lr(group, p)
-                p.mul_(1 - lr * _group_wd(group, p))
-                m.lerp_(p.grad, 1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                torch.sqrt(v, out=buf).div_(math.sqrt(1 - b2**t)).add_(group["eps"])
-                torch.div(m, buf, out=buf)
-                if isinstance(lr, Tensor):
-                    p.sub_(buf.mul_(lr / (1 - b1**t)))
-                else:
-                    p.add_(buf, alpha=-lr / (1 - b1**t))
+                    # one step count per head: each update call advances the counts it is given
+                    state["steps"] = [
+                        torch.zeros((), dtype=torch.float32, device=p.device) for _ in range(heads)
+                    ]
+            states = [self.state[p] for p in params]
+            b1, b2 = group["betas"]
+            for h in range(heads):
+                # torch's own AdamW update, fused into one pass over each tensor where the
+                # device has the kernel, once per head on that head's slices (the unfused
+                # form made several parameter-sized temporaries and passes per step)
+                part = (lambda t: t) if head_lr is None else (lambda t, h=h: t[h])  # noqa: E731
+                adamw(
+                    [part(p) for p in params],
+                    [part(p.grad) for p in params],
+                    [part(st["m"]) for st in states],
+                    [part(st["v"]) for st in states],
+                    [],
+                    [st["steps"][h] for st in states],
+                    fused=self._fused(params),
+                    amsgrad=False,
+                    beta1=b1,
+                    beta2=b2,
+                    lr=group["lr"] * (1.0 if head_lr is None else float(head_lr[h])),
+                    weight_decay=group["weight_decay"] if head_wd is None else float(head_wd[h]),
+                    eps=group["eps"],
+                    maximize=False,
+                )
         return loss
+
+    @staticmethod
+    def _fused(params: Sequence[Tensor]) -> bool | None:
+        """The fused kernel where torch has one for these tensors, else torch's default."""
+        ok = all(p.device.type in ("cpu", "cuda", "mps") and p.dtype in _FUSED_DTYPES for p in params)
+        return True if ok else None
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class LARS(Optimizer):
