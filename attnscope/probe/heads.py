@@ -484,9 +484,8 @@ class AttentivePool(Aggregator):
         kv_w = _trunc_normal((num_heads, 2 * dim, dim), 0.02, generator)
         self.k_w = nn.Parameter(kv_w[:, :dim].clone())
         self.v_w = nn.Parameter(kv_w[:, dim:].clone())
-        self.k_b = nn.Parameter(
-            torch.zeros(num_heads, dim)
-        )  # cancels in the softmax; kept: Linear(D, 2D) has it
+        # the key bias cancels in the softmax; kept because Linear(D, 2D) has it
+        self.k_b = nn.Parameter(torch.zeros(num_heads, dim))
         self.v_b = nn.Parameter(torch.zeros(num_heads, dim))
 
     def _split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

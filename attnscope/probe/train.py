@@ -126,6 +126,7 @@ class BankAdamW(Optimizer):
                     ]
             states = [self.state[p] for p in params]
             b1, b2 = group["betas"]
+            fused = self._fused(params)
             for h in range(heads):
                 # torch's own AdamW update, fused into one pass over each tensor where the
                 # device has the kernel, once per head on that head's slices (the unfused
@@ -138,7 +139,7 @@ class BankAdamW(Optimizer):
                     [part(st["v"]) for st in states],
                     [],
                     [st["steps"][h] for st in states],
-                    fused=self._fused(params),
+                    fused=fused,
                     amsgrad=False,
                     beta1=b1,
                     beta2=b2,
