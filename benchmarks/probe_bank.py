@@ -89,7 +89,19 @@ def build_cache(root: Path, n: int, tokens: int, dim: int) -> feat.FeatureStore:
     return feat.FeatureStore(cache, feat.write_cache_index(cache))
 
 
-def time_bank(source, labels, n_classes: int, aggregators, lrs, wds=(1e-4,), *, epochs: int, batch: int, tokens: int, dim: int) -> tuple[float, float]:
+def time_bank(
+    source,
+    labels,
+    n_classes: int,
+    aggregators,
+    lrs,
+    wds=(1e-4,),
+    *,
+    epochs: int,
+    batch: int,
+    tokens: int,
+    dim: int,
+) -> tuple[float, float]:
     """(seconds of the whole `train_bank` call, seconds of its training loop alone)."""
     n = len(labels)
     recipe = resolve_recipe("default", n_train=n, batch_size=batch, epochs=epochs, lrs=lrs, wds=list(wds))
@@ -119,27 +131,52 @@ def bank_benchmark(args) -> dict:
             BANK_NAME: (BANK, LRS),
             "25 heads (cls, mean, abmilp, abmilp_gated, attentive)": (BANK_GATED, LRS),
             # what `attnscope probe` trains when given no options: 3 aggregators x 5 lrs x 2 wds
-            "30 heads: the probe default (cls, mean, abmilp x 5 lrs x 2 wds)": (DEFAULT_BANK, LRS, DEFAULT_WDS),
+            "30 heads: the probe default (cls, mean, abmilp x 5 lrs x 2 wds)": (
+                DEFAULT_BANK,
+                LRS,
+                DEFAULT_WDS,
+            ),
         }
         for agg in ("cls", "mean", "cls_mean", "abmilp", "attentive", "abmilp_gated"):
             if agg != "abmilp":  # abmilp x1 is the "1 abmilp head" above
                 configs[f"{agg} x1"] = ([agg], LRS[2:3])
             configs[f"{agg} x5"] = ([agg], LRS)
         if args.quick:
-            configs = {k: v for k, v in configs.items() if not k.endswith(("x1", "x5")) or k.startswith(("abmilp x", "attentive x"))}
+            configs = {
+                k: v
+                for k, v in configs.items()
+                if not k.endswith(("x1", "x5")) or k.startswith(("abmilp x", "attentive x"))
+            }
         for aggs in (BANK_GATED, ["abmilp"]):  # warm-up: first-call costs are not the bank's
-            time_bank(in_ram, labels[:256], n_classes, aggs, LRS[:1], epochs=1, batch=256, tokens=tokens, dim=dim)
+            time_bank(
+                in_ram, labels[:256], n_classes, aggs, LRS[:1], epochs=1, batch=256, tokens=tokens, dim=dim
+            )
         times: dict[str, list[float]] = {k: [] for k in configs}
         loop: dict[str, list[float]] = {k: [] for k in configs}  # training loop alone
         mapped_times: dict[str, list[float]] = {k: [] for k in list(configs)[:2]}
         for _ in range(args.repeats):
             for name, (aggs, lrs, *wds) in configs.items():
-                total, steps = time_bank(in_ram, labels, n_classes, aggs, lrs, *wds, epochs=epochs, batch=256, tokens=tokens, dim=dim)
+                total, steps = time_bank(
+                    in_ram,
+                    labels,
+                    n_classes,
+                    aggs,
+                    lrs,
+                    *wds,
+                    epochs=epochs,
+                    batch=256,
+                    tokens=tokens,
+                    dim=dim,
+                )
                 times[name].append(total)
                 loop[name].append(steps)
             for name in mapped_times:
                 aggs, lrs = configs[name]
-                mapped_times[name].append(time_bank(mapped, labels, n_classes, aggs, lrs, epochs=epochs, batch=256, tokens=tokens, dim=dim)[0])
+                mapped_times[name].append(
+                    time_bank(
+                        mapped, labels, n_classes, aggs, lrs, epochs=epochs, batch=256, tokens=tokens, dim=dim
+                    )[0]
+                )
         med = {k: statistics.median(v) for k, v in times.items()}
         med_mapped = {k: statistics.median(v) for k, v in mapped_times.items()}
         med["abmilp x1"] = med["1 abmilp head"]
@@ -206,11 +243,27 @@ def products_floor(args, one_step_s: float, bank_step_s: float) -> dict:
     index = torch.randperm(2048, generator=rng)[:b]
     gathered, x = torch.empty(b, t, d, dtype=torch.half), torch.empty(b, n, d)
     w, weights, grad_pooled = torch.randn(q, d), torch.rand(b, q + 1, n), torch.randn(b, q, d)
-    logits, grad_w, pooled, grad_wb = torch.empty(b, q, n), torch.empty(b, q, n), torch.empty(b, q + 1, d), torch.empty(b, q, d)
+    logits, grad_w, pooled, grad_wb = (
+        torch.empty(b, q, n),
+        torch.empty(b, q, n),
+        torch.empty(b, q + 1, d),
+        torch.empty(b, q, d),
+    )
     att = h * (d // 64)
-    att_pooled, w_v, b_v, att_grad = torch.randn(b, att, d), torch.randn(att, 64, d), torch.zeros(att, 1, 64), torch.randn(att, b, 64)
+    att_pooled, w_v, b_v, att_grad = (
+        torch.randn(b, att, d),
+        torch.randn(att, 64, d),
+        torch.zeros(att, 1, 64),
+        torch.randn(att, b, 64),
+    )
     x_h, w_c, g_c = torch.randn(h, b, d), torch.randn(h, d, c), torch.randn(h, b, c)
-    x_s, x_s2, w_s, w_s2, g_s = torch.randn(b, d), torch.randn(b, 2 * d), torch.randn(d, h * c), torch.randn(2 * d, h * c), torch.randn(b, h * c)
+    x_s, x_s2, w_s, w_s2, g_s = (
+        torch.randn(b, d),
+        torch.randn(b, 2 * d),
+        torch.randn(d, h * c),
+        torch.randn(2 * d, h * c),
+        torch.randn(b, h * c),
+    )
 
     def read() -> None:
         torch.index_select(store, 0, index, out=gathered)
@@ -249,9 +302,15 @@ def products_floor(args, one_step_s: float, bank_step_s: float) -> dict:
     print("\n== what one step of the 25-head bank cannot skip (matrix products + reading the batch), ms")
     for name, sec in secs.items():
         print(f"  {name:40s} {sec * 1e3:6.1f}")
-    print(f"  {'sum':40s} {floor * 1e3:6.1f}   measured step: bank {bank_step_s * 1e3:.1f}, one abmilp head {one_step_s * 1e3:.1f}")
+    print(
+        f"  {'sum':40s} {floor * 1e3:6.1f}   measured step: bank {bank_step_s * 1e3:.1f}, one abmilp head {one_step_s * 1e3:.1f}"
+    )
     print(f"RATIO floor / one abmilp head's step = {floor / one_step_s:.2f}; the bank's other work adds {(bank_step_s - floor) * 1e3:.1f} ms")  # fmt: skip
-    return {"parts_ms": {k: v * 1e3 for k, v in secs.items()}, "floor_ms": floor * 1e3, "floor_ratio": floor / one_step_s}
+    return {
+        "parts_ms": {k: v * 1e3 for k, v in secs.items()},
+        "floor_ms": floor * 1e3,
+        "floor_ratio": floor / one_step_s,
+    }
 
 
 def second_run_benchmark(args) -> dict:
@@ -275,9 +334,17 @@ def second_run_benchmark(args) -> dict:
     print(f"\n== second probe run with a warm cache: vit_small_patch16_224 (random init) at 224 px, built-in digits, "
           f"{first.info['splits']['train'] + first.info['splits']['holdout']} train + {first.info['splits']['eval']} eval images, 5 epochs")  # fmt: skip
     print(f"first run  {a:7.1f}s  stages {first.info['timings_s']}")
-    print(f"second run {b:7.1f}s  stages {second.info['timings_s']}  (extracted {second.info['cache']['train']['extracted']} images)")
+    print(
+        f"second run {b:7.1f}s  stages {second.info['timings_s']}  (extracted {second.info['cache']['train']['extracted']} images)"
+    )
     print(f"RATIO second / first = {b / a:.3f}  (target <= 0.2)")
-    return {"first_s": a, "second_s": b, "ratio": b / a, "first_stages": first.info["timings_s"], "second_stages": second.info["timings_s"]}
+    return {
+        "first_s": a,
+        "second_s": b,
+        "ratio": b / a,
+        "first_stages": first.info["timings_s"],
+        "second_stages": second.info["timings_s"],
+    }
 
 
 def main() -> None:
