@@ -20,12 +20,14 @@ Evidence for two requirements of `attnscope probe`:
    The gated head is the exception and the table shows why: its hidden layer (2 x 128 units
    per token) makes ONE gated head cost more than a whole bank of the others, so five of
    them cost ~5x one of them however they are batched (it is arithmetic, not overhead).
+   The bank is timed again at ViT-B width (D 768): attentive has D/64 query heads, so the
+   bank's patch scorers, and its cost against one head, grow with the model.
 
 2. A second `run_probe` with the same configuration costs <= 0.2x the first when feature
    extraction dominates: ViT-S/16 (random init) at 224 px on the built-in digits, a cold
    cache folder, then the same call again.
 
-    .venv/bin/python benchmarks/probe_bank.py              # ~8 min on 2 busy cores
+    .venv/bin/python benchmarks/probe_bank.py              # ~10 min on 2 cores
     .venv/bin/python benchmarks/probe_bank.py --quick      # smoke run
     .venv/bin/python benchmarks/probe_bank.py --threads 1  # pin torch to one thread
 """
@@ -313,6 +315,55 @@ def products_floor(args, one_step_s: float, bank_step_s: float) -> dict:
     }
 
 
+def width_benchmark(args) -> dict:
+    """The bank against one head at ViT-S and ViT-B width (D 384 and 768).
+
+    The attentive aggregator has D/64 query heads, each its own softmax over the patches:
+    its 5 heads are 5 * D/64 patch scorers (30 at ViT-S, 60 at ViT-B), and each scorer
+    costs four exact products over every patch per step. One abmilp head has one. So the
+    bank's arithmetic grows with D twice (longer products, more of them) while one head's
+    step, bound by reading the features, grows once. Tokens in RAM, 197 per image.
+    """
+    tokens, n = 197, 256 if args.quick else 1024
+    rounds = 1 if args.quick else 3
+    labels = np.random.default_rng(0).integers(0, 100, n)
+    configs = {
+        "1 abmilp head": (["abmilp"], LRS[2:3]),
+        "1 attentive head": (["attentive"], LRS[2:3]),
+        BANK_NAME: (BANK, LRS),
+    }
+    out: dict[str, dict] = {}
+    print(f"\n== the same bank at two widths: {n} images x {tokens} tokens in RAM, 100 classes, batch 256, 2 epochs; median of {rounds}")  # fmt: skip
+    print(
+        f"{'width':28s} {'patch scorers':>13s} {'bank s':>7s} {'x one abmilp':>13s} {'x one attentive':>16s}"
+    )
+    for dim in (384, 768):
+        source = TensorSource(
+            torch.randn(n, tokens, dim, generator=torch.Generator().manual_seed(dim)).half()
+        )
+        time_bank(
+            source, labels[:256], 100, BANK, LRS[:1], epochs=1, batch=256, tokens=tokens, dim=dim
+        )  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        for _ in range(rounds):
+            for name, (aggs, lrs) in configs.items():
+                times[name].append(
+                    time_bank(source, labels, 100, aggs, lrs, epochs=2, batch=256, tokens=tokens, dim=dim)[0]
+                )
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {
+            "seconds": med, "patch_scorers": len(LRS) * (1 + dim // 64),
+            "bank_vs_one_abmilp": med[BANK_NAME] / med["1 abmilp head"],
+            "bank_vs_one_attentive": med[BANK_NAME] / med["1 attentive head"],
+        }  # fmt: skip
+        out[str(dim)] = row
+        label = f"D {dim} ({'ViT-S' if dim == 384 else 'ViT-B'}, {dim // 64} query heads)"
+        print(
+            f"{label:28s} {row['patch_scorers']:13d} {med[BANK_NAME]:7.2f} {row['bank_vs_one_abmilp']:13.2f} {row['bank_vs_one_attentive']:16.2f}"
+        )
+    return out
+
+
 def second_run_benchmark(args) -> dict:
     from attnscope.probe.run import ProbeConfig, run_probe
 
@@ -362,7 +413,7 @@ def main() -> None:
     steps = bank["training_loop_steps"]
     loop = bank["training_loop_seconds"]
     bank["floor"] = products_floor(args, loop["1 abmilp head"] / steps, loop[BANK_NAME] / steps)
-    out = {"bank": bank, "second_run": second_run_benchmark(args)}
+    out = {"bank": bank, "widths": width_benchmark(args), "second_run": second_run_benchmark(args)}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
