@@ -168,7 +168,8 @@ def test_probe_features_sharded_over_ranks_equal_one_process(tmp_path):
     torch.set_num_threads(1)
     try:
         result = CliRunner().invoke(
-            app, ["probe", *TINY, *args, "--cache-dir", str(tmp_path / "cache1"), "--out", str(tmp_path / "one")]
+            app,
+            ["probe", *TINY, *args, "--cache-dir", str(tmp_path / "cache1"), "--out", str(tmp_path / "one")],
         )
     finally:
         torch.set_num_threads(threads)
