@@ -22,6 +22,19 @@ TINY = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test, restored after it: tiny tensors gain nothing from
+    threads, a busy shared CPU makes them thrash, and torchrun's ranks (OMP_NUM_THREADS=1)
+    then do the same arithmetic as an in-process reference."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_tiny(kind: str, seed: int = 0, sharpen: float = 1.0):
     """A small random model in eval mode; `sharpen` scales q/k weights so attention is
     peaked like a trained model's instead of near-uniform."""

@@ -156,23 +156,15 @@ def _cache_content(cache_dir: Path) -> dict[str, tuple[np.ndarray, dict]]:
     return out
 
 
-def test_probe_features_sharded_over_ranks_equal_one_process(tmp_path):
-    """41 train and 41 eval digits (odd): each rank writes its own shards, rank 0 the index and the heads."""
-    import torch
+def test_probe_features_sharded_over_ranks_equal_one_process(tmp_path, one_thread):
+    """41 train and 41 eval digits (odd): each rank writes its own shards, rank 0 the index and the heads.
 
+    The reference runs on one thread like torchrun's ranks (`one_thread`): a BLAS may split
+    its sums differently with two, and results.csv is compared exactly below."""
     args = ["--img-size", "64", "--max-images", "41", "--epochs", "2", "--maps", "0"]
-    # torchrun's ranks run with one thread (OMP_NUM_THREADS=1), and a BLAS may split its sums
-    # differently with two: the reference runs with one too, so the equality below is exact
-    # arithmetic rather than luck with a borderline image.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(
-            app,
-            ["probe", *TINY, *args, "--cache-dir", str(tmp_path / "cache1"), "--out", str(tmp_path / "one")],
-        )
-    finally:
-        torch.set_num_threads(threads)
+    result = CliRunner().invoke(
+        app, ["probe", *TINY, *args, "--cache-dir", str(tmp_path / "cache1"), "--out", str(tmp_path / "one")]
+    )
     assert result.exit_code == 0, result.output
     proc = torchrun(
         tmp_path, "-m", "attnscope", "probe", *TINY, *args, "--cache-dir", "cache2", "--out", "two"
@@ -398,7 +390,7 @@ BANK = textwrap.dedent(
 )
 
 
-def test_data_parallel_bank_is_identical_on_every_rank_and_equals_one_process(tmp_path, monkeypatch):
+def test_data_parallel_bank_is_identical_on_every_rank_and_equals_one_process(tmp_path, monkeypatch, one_thread):
     """Gradient sums and BatchNorm statistics over the ranks are real: both ranks end with
     bitwise the same bank, and it computes what one process trains on the same data.
 
@@ -422,7 +414,6 @@ def test_data_parallel_bank_is_identical_on_every_rank_and_equals_one_process(tm
     monkeypatch.chdir(tmp_path)
     import bank
 
-    torch.set_num_threads(1)
     for name, lrs in bank.RECIPES.items():
         r0, r1 = (torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=False) for r in (0, 1))
         assert r0["state"].keys() == r1["state"].keys()

@@ -16,13 +16,7 @@ from attnscope.errors import AttnscopeError
 from attnscope.probe import datasets as ds
 from attnscope.probe import features as feat
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def write_image(path: Path, seed: int, size: int = 24) -> Path:

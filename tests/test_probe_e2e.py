@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -20,12 +19,7 @@ runner = CliRunner()
 TINY = ["--model", "test_vit", "--random-init", "--img-size", "48"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def invoke(*args: str):

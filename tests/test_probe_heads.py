@@ -28,14 +28,7 @@ from attnscope.probe.train import (
     train_bank,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads, and a busy shared CPU makes them thrash.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ---------------------------------------------------------------- known answer
