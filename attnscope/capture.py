@@ -86,7 +86,9 @@ class AttentionRecorder:
             self._handles.append(attn.attn_drop.register_forward_hook(self._attn_hook(index)))
             drop_path = getattr(block, "drop_path1", None)
             if self.residual and drop_path is not None:
-                self._handles.append(block.register_forward_pre_hook(self._input_hook(index), with_kwargs=True))
+                self._handles.append(
+                    block.register_forward_pre_hook(self._input_hook(index), with_kwargs=True)
+                )
                 self._handles.append(drop_path.register_forward_hook(self._branch_hook(index)))
             self._handles.append(block.register_forward_hook(self._done_hook(index)))
         return self

@@ -63,7 +63,9 @@ def handle_errors(func: F) -> F:
                 raise typer.Exit(2) from None
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
-            raise fail("interrupted; files already written are complete, nothing was half-written", 130) from None
+            raise fail(
+                "interrupted; files already written are complete, nothing was half-written", 130
+            ) from None
         except MemoryError:
             raise fail("out of memory; lower --batch-size (or --img-size)") from None
         except RuntimeError as exc:
@@ -80,7 +82,10 @@ def handle_errors(func: F) -> F:
 # ---------------------------------------------------------------- shared options
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Alias (see `attnscope models`) or any timm ViT name.", show_default=False)
+    str,
+    typer.Option(
+        "--model", "-m", help="Alias (see `attnscope models`) or any timm ViT name.", show_default=False
+    ),
 ]
 CheckpointOpt = Annotated[
     Path | None,
@@ -93,29 +98,38 @@ RandomInitOpt = Annotated[
     bool, typer.Option("--random-init", help="Random weights (seeded) - for testing pipelines only.")
 ]
 FamilyOpt = Annotated[
-    str | None, typer.Option(help="Override the family: MIM, 'MIM (fine-tuned)', JEA, supervised, language-supervised.")
+    str | None,
+    typer.Option(help="Override the family: MIM, 'MIM (fine-tuned)', JEA, supervised, language-supervised."),
 ]
 ImagesOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--images", "-i", help="Folder (recursive), image file or glob; repeatable. Default: bundled sample photos."
+        "--images",
+        "-i",
+        help="Folder (recursive), image file or glob; repeatable. Default: bundled sample photos.",
     ),
 ]
-MaxImagesOpt = Annotated[int | None, typer.Option(help="Use at most this many images (after sorting).", min=1)]
+MaxImagesOpt = Annotated[
+    int | None, typer.Option(help="Use at most this many images (after sorting).", min=1)
+]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per forward pass.", min=1)]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for decoding images.", min=0)]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[str, typer.Option(help="Forward precision: float32, bfloat16 or float16 (metrics stay float32).")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="Forward precision: float32, bfloat16 or float16 (metrics stay float32).")
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed for random init and anything random.")]
 ImgSizeOpt = Annotated[
     str | None, typer.Option(help="Run at another input size: H or HxW (e.g. 224 for DINOv2, 320x256).")
 ]
 OutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Output folder. Default: a new folder under attnscope-runs/.")
+    Path | None,
+    typer.Option("--out", "-o", help="Output folder. Default: a new folder under attnscope-runs/."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option(help="Allow writing into a non-empty --out folder.")]
 FormatOpt = Annotated[
-    list[str] | None, typer.Option("--format", help="Figure formats: png, svg, pdf (repeatable). Default: png.")
+    list[str] | None,
+    typer.Option("--format", help="Figure formats: png, svg, pdf (repeatable). Default: png."),
 ]
 
 
@@ -160,7 +174,9 @@ def make_progress(label: str):
     class RateColumn(ProgressColumn):
         def render(self, task) -> Text:
             # rich needs two samples for a speed; one big batch gives one, so fall back
-            speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
+            speed = (
+                task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
+            )
             return Text(f"{speed:6.1f} img/s" if speed else "  ... img/s", style="cyan")
 
     return Progress(
@@ -190,7 +206,10 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Look inside Vision Transformers."""
@@ -230,7 +249,13 @@ def models_cmd() -> None:
     if show_notes:
         table.add_column("notes", min_width=12)
     for spec in list_model_specs():
-        row = [spec.alias, ", ".join(aliases_of(spec)), spec.family, spec.timm_name, input_size(spec.timm_name)]
+        row = [
+            spec.alias,
+            ", ".join(aliases_of(spec)),
+            spec.family,
+            spec.timm_name,
+            input_size(spec.timm_name),
+        ]
         table.add_row(*row, *([spec.notes] if show_notes else []))
     console.print(table)
 

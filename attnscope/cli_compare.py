@@ -32,7 +32,9 @@ from attnscope.errors import AttnscopeError
 
 ModelsArg = Annotated[
     list[str],
-    typer.Argument(help="Two or more models: aliases (see `attnscope models`) or timm ViT names.", show_default=False),
+    typer.Argument(
+        help="Two or more models: aliases (see `attnscope models`) or timm ViT names.", show_default=False
+    ),
 ]
 CheckpointsOpt = Annotated[
     list[str] | None,
@@ -54,7 +56,8 @@ FamiliesOpt = Annotated[
 CompareOutOpt = Annotated[
     Path | None,
     typer.Option(
-        "--out", "-o",
+        "--out",
+        "-o",
         help="Report folder. An existing compare folder is refreshed (its runs reused). "
         "Default: a new folder under attnscope-runs/.",
     ),
@@ -66,10 +69,13 @@ ReuseOpt = Annotated[
         help="Re-read a model's run in OUT/runs/ when its configuration hash matches instead of recomputing.",
     ),
 ]
-GalleryOpt = Annotated[int, typer.Option("--gallery", help="Images in the attention gallery (0: none).", min=0)]
+GalleryOpt = Annotated[
+    int, typer.Option("--gallery", help="Images in the attention gallery (0: none).", min=0)
+]
 
 MapsOutOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Output folder. Default: a new folder under attnscope-runs/.")
+    Path | None,
+    typer.Option("--out", "-o", help="Output folder. Default: a new folder under attnscope-runs/."),
 ]
 QueryOpt = Annotated[
     str,
@@ -85,7 +91,8 @@ RolloutOpt = Annotated[
     bool, typer.Option("--rollout", help="Attention rollout through blocks 0..--layer instead of one block.")
 ]
 DiscardOpt = Annotated[
-    float, typer.Option(help="With --rollout: zero this fraction of the smallest attention weights per block.")
+    float,
+    typer.Option(help="With --rollout: zero this fraction of the smallest attention weights per block."),
 ]
 UpsampleOpt = Annotated[str, typer.Option(help="Map to image: nearest (patch blocks) or bilinear.")]
 ContourOpt = Annotated[
@@ -164,7 +171,9 @@ def compare_cmd(
 
     reused = [r.name for r in result.runs if r.status.startswith("reused")]
     if reused:
-        ui.print(escape(f"reused from {result.out_dir / 'runs'} (same configuration hash): {', '.join(reused)}"))
+        ui.print(
+            escape(f"reused from {result.out_dir / 'runs'} (same configuration hash): {', '.join(reused)}")
+        )
     ui.print(_summary_table(result))
     for sentence in result.findings:
         ui.print(escape(f"• {sentence}"))
@@ -193,7 +202,9 @@ def _summary_table(result):
         for col, _ in columns:
             v = row[col]
             cells.append("—" if v != v else (f"{v:.1f}" if col.startswith("attn_distance") else f"{v:.3f}"))
-        name = f"{escape(str(row['model']))}\n[dim]{escape(str(row['family']))}, {row['num_blocks']} blocks[/]"
+        name = (
+            f"{escape(str(row['model']))}\n[dim]{escape(str(row['family']))}, {row['num_blocks']} blocks[/]"
+        )
         table.add_row(name, *cells)
     return table
 

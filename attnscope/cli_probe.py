@@ -38,11 +38,21 @@ DataOpt = Annotated[
         show_default=False,
     ),
 ]
-TrainDirOpt = Annotated[Path | None, typer.Option("--train", help="Training class folders (with --val, or a split).", show_default=False)]
-ValDirOpt = Annotated[Path | None, typer.Option("--val", help="Evaluation class folders (needs --train).", show_default=False)]
+TrainDirOpt = Annotated[
+    Path | None,
+    typer.Option("--train", help="Training class folders (with --val, or a split).", show_default=False),
+]
+ValDirOpt = Annotated[
+    Path | None, typer.Option("--val", help="Evaluation class folders (needs --train).", show_default=False)
+]
 CsvOpt = Annotated[
     Path | None,
-    typer.Option("--csv", help="CSV of path,label[,split] rows (split: train, val or test); paths relative to the file.", dir_okay=False, show_default=False),
+    typer.Option(
+        "--csv",
+        help="CSV of path,label[,split] rows (split: train, val or test); paths relative to the file.",
+        dir_okay=False,
+        show_default=False,
+    ),
 ]
 DatasetOpt = Annotated[
     str | None,
@@ -54,30 +64,110 @@ DatasetOpt = Annotated[
     ),
 ]
 DataRootOpt = Annotated[
-    Path | None, typer.Option("--data-root", help="Folder holding (or receiving) --dataset. Default: ~/.local/share/attnscope/datasets.", show_default=False)
+    Path | None,
+    typer.Option(
+        "--data-root",
+        help="Folder holding (or receiving) --dataset. Default: ~/.local/share/attnscope/datasets.",
+        show_default=False,
+    ),
 ]
-ValFractionOpt = Annotated[float, typer.Option(help="Evaluation share when the data has no evaluation split.", min=0.0, max=0.9)]
-HoldoutOpt = Annotated[float, typer.Option(help="Share of the training split held out (stratified, seeded) to select lr / wd. 0: select on training accuracy.", min=0.0, max=0.9)]
-ShotsOpt = Annotated[int | None, typer.Option(help="Keep K training images per class (seeded): few-shot probing.", min=1, show_default=False)]
-MaxImgOpt = Annotated[int | None, typer.Option(help="At most N images per split (stratified, seeded).", min=2, show_default=False)]
+ValFractionOpt = Annotated[
+    float, typer.Option(help="Evaluation share when the data has no evaluation split.", min=0.0, max=0.9)
+]
+HoldoutOpt = Annotated[
+    float,
+    typer.Option(
+        help="Share of the training split held out (stratified, seeded) to select lr / wd. 0: select on training accuracy.",
+        min=0.0,
+        max=0.9,
+    ),
+]
+ShotsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Keep K training images per class (seeded): few-shot probing.", min=1, show_default=False
+    ),
+]
+MaxImgOpt = Annotated[
+    int | None,
+    typer.Option(help="At most N images per split (stratified, seeded).", min=2, show_default=False),
+]
 AggregatorOpt = Annotated[
     str,
-    typer.Option("--aggregator", "-a", help="Comma list of: cls, mean, cls_mean, abmilp, abmilp_gated, attentive."),
+    typer.Option(
+        "--aggregator", "-a", help="Comma list of: cls, mean, cls_mean, abmilp, abmilp_gated, attentive."
+    ),
 ]
-DepthOpt = Annotated[int, typer.Option(help="AbMILP scorer depth: 1 = one Linear(D,1) (the paper); k adds k-1 Linear(D,D)+ReLU.", min=1)]
+DepthOpt = Annotated[
+    int,
+    typer.Option(
+        help="AbMILP scorer depth: 1 = one Linear(D,1) (the paper); k adds k-1 Linear(D,D)+ReLU.", min=1
+    ),
+]
 RecipeOpt = Annotated[
     str,
-    typer.Option(help="default: AdamW + lr/wd grid + cosine with warm-up. paper: LARS, base lr 0.1 x batch/256, 90 epochs, 10 warm-up, no wd."),
+    typer.Option(
+        help="default: AdamW + lr/wd grid + cosine with warm-up. paper: LARS, base lr 0.1 x batch/256, 90 epochs, 10 warm-up, no wd."
+    ),
 ]
-EpochsOpt = Annotated[int | None, typer.Option(help="Epochs. Default: about 1,000 steps (10-100 epochs); paper: 90.", min=1, show_default=False)]
-TrainBatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images per optimizer step. Default 256; paper 16384 (capped at the training set).", min=2, show_default=False)]
-LrsOpt = Annotated[str | None, typer.Option("--lrs", help="Comma list of learning rates (paper recipe: base lrs, scaled by batch/256). Default: 1e-3,3e-3,1e-2,3e-2,1e-1.", show_default=False)]
-WdsOpt = Annotated[str | None, typer.Option("--wds", help="Comma list of weight decays. Default: 1e-4,5e-2 (paper: 0).", show_default=False)]
-PrenormOpt = Annotated[bool, typer.Option("--prenorm", help="Tokens before the model's final norm (the paper's code) instead of after it.")]
-CacheDirOpt = Annotated[Path | None, typer.Option(help="Feature cache folder. Default: ~/.cache/attnscope/probe ($ATTNSCOPE_CACHE/probe).", show_default=False)]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not cache features: stream the backbone every epoch (for data larger than the disk).")]
-ExtractBatchOpt = Annotated[int, typer.Option(help="Images per backbone forward (feature extraction, or streaming with --no-cache).", min=1)]
-MapsOpt = Annotated[int, typer.Option("--maps", help="Evaluation images in the AbMILP-vs-[cls] figure (0: none).", min=0)]
+EpochsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Epochs. Default: about 1,000 steps (10-100 epochs); paper: 90.", min=1, show_default=False
+    ),
+]
+TrainBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Images per optimizer step. Default 256; paper 16384 (capped at the training set).",
+        min=2,
+        show_default=False,
+    ),
+]
+LrsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lrs",
+        help="Comma list of learning rates (paper recipe: base lrs, scaled by batch/256). Default: 1e-3,3e-3,1e-2,3e-2,1e-1.",
+        show_default=False,
+    ),
+]
+WdsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--wds", help="Comma list of weight decays. Default: 1e-4,5e-2 (paper: 0).", show_default=False
+    ),
+]
+PrenormOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prenorm", help="Tokens before the model's final norm (the paper's code) instead of after it."
+    ),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Feature cache folder. Default: ~/.cache/attnscope/probe ($ATTNSCOPE_CACHE/probe).",
+        show_default=False,
+    ),
+]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        help="Do not cache features: stream the backbone every epoch (for data larger than the disk).",
+    ),
+]
+ExtractBatchOpt = Annotated[
+    int,
+    typer.Option(
+        help="Images per backbone forward (feature extraction, or streaming with --no-cache).", min=1
+    ),
+]
+MapsOpt = Annotated[
+    int, typer.Option("--maps", help="Evaluation images in the AbMILP-vs-[cls] figure (0: none).", min=0)
+]
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -142,7 +232,14 @@ def _show_plan(ui: CliUI, plan: dict[str, Any]) -> None:
     from attnscope.probe.features import format_bytes
 
     d = plan["data"]
-    src = d.get("dataset") or d.get("data") or d.get("csv") or d.get("train_dir") or d.get("what") or d["source"]
+    src = (
+        d.get("dataset")
+        or d.get("data")
+        or d.get("csv")
+        or d.get("train_dir")
+        or d.get("what")
+        or d["source"]
+    )
     ui.err.print(
         f"data: {src} — {d['num_classes']} classes, {d['train_images']} training images "
         f"({plan['holdout_images']} held out for selection), {d['eval_images']} evaluation images ({d['eval_split']})",
@@ -178,7 +275,11 @@ def _show_recipe(ui: CliUI, recipe: Any, info: dict[str, Any]) -> None:
         f"in one pass per epoch; recipe {recipe.name}: {opt}, cosine, {recipe.warmup_epochs:g} warm-up epochs",
         highlight=False,
     )
-    auto = f" (auto: {recipe.epochs * info['steps_per_epoch']} steps, aiming at 1,000 within 10-100 epochs)" if recipe.epochs_auto else ""
+    auto = (
+        f" (auto: {recipe.epochs * info['steps_per_epoch']} steps, aiming at 1,000 within 10-100 epochs)"
+        if recipe.epochs_auto
+        else ""
+    )
     dp = info.get("data_parallel")
     if dp:  # torchrun --no-cache: the batch is global, each rank takes a share of it
         lo, hi = dp["images_per_rank_per_step"]
@@ -312,9 +413,13 @@ def probe_cmd(
     )
     if recipe not in ("default", "paper"):
         raise AttnscopeError(f"--recipe takes default or paper, got {recipe!r}")
-    writer = RunWriter(out or default_run_dir(f"probe-{model}"), overwrite=overwrite)  # refuse before any work
+    writer = RunWriter(
+        out or default_run_dir(f"probe-{model}"), overwrite=overwrite
+    )  # refuse before any work
     if random_init:
-        ui.banner(f"{model}: RANDOM WEIGHTS (seed {seed}) - these accuracies say nothing about a pretrained model")
+        ui.banner(
+            f"{model}: RANDOM WEIGHTS (seed {seed}) - these accuracies say nothing about a pretrained model"
+        )
     skipped: list[tuple[Path, str]] = []
 
     def on_skip(path: Path, reason: str) -> None:
@@ -335,12 +440,18 @@ def probe_cmd(
         stages.close()
     if result is None:  # torchrun: a rank other than 0; rank 0 trains, writes and reports
         return
-    meta = run_metadata(command_line(), {"command": "probe", **config.as_dict(), "formats": fmts}, {model: result.info}, seed)
+    meta = run_metadata(
+        command_line(), {"command": "probe", **config.as_dict(), "formats": fmts}, {model: result.info}, seed
+    )
     write_probe_run(writer, result, meta, fmts)
 
     name = f"{model} (RANDOM WEIGHTS)" if random_init else model
     # images actually measured: a streamed (--no-cache) split learns of unreadable files only while reading
-    n_eval = int(result.summary["eval_images"].iloc[0]) if "eval_images" in result.summary else result.info["splits"]["eval"]
+    n_eval = (
+        int(result.summary["eval_images"].iloc[0])
+        if "eval_images" in result.summary
+        else result.info["splits"]["eval"]
+    )
     ui.print(_summary_table(result.summary, f"{name}: probe accuracy on {n_eval} evaluation images"))
     if result.maps:
         rhos = [m.spearman for m in result.maps if not math.isnan(m.spearman)]

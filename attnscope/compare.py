@@ -121,7 +121,9 @@ def plan_models(
     names = list(models)
     if len(names) < 2:
         got = f"only {names[0]!r}" if names else "none"
-        raise AttnscopeError(f"compare needs two or more models, got {got}; for one model use `attnscope entropy`")
+        raise AttnscopeError(
+            f"compare needs two or more models, got {got}; for one model use `attnscope entropy`"
+        )
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise AttnscopeError(f"model {dupes[0]!r} is listed twice; give each model once")
@@ -249,7 +251,9 @@ def _gallery_bytes(gallery: Gallery, chash: str) -> bytes:
     return buf.getvalue()
 
 
-def _reusable_run(run_dir: Path, chash: str, name: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
+def _reusable_run(
+    run_dir: Path, chash: str, name: str
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
     from attnscope.results import read_run
 
     meta_path = run_dir / "run.json"
@@ -284,7 +288,9 @@ class ModelRun:
         return self.plan.name
 
 
-def _gallery_maps(loaded: LoadedModel, info: dict[str, Any], k: int, settings: CompareSettings) -> Gallery | None:
+def _gallery_maps(
+    loaded: LoadedModel, info: dict[str, Any], k: int, settings: CompareSettings
+) -> Gallery | None:
     from attnscope.maps import Query, collect_maps
 
     paths = [Path(p) for p in info["images_used"][:k]]
@@ -374,7 +380,9 @@ def run_or_reuse(
         layers, heads, meta = found
         info = dict(meta["models"][plan.name])
         info["family"] = plan.family  # family never changes a number, so an override needs no rerun
-        k = min(settings.gallery, len(info["images_used"]))  # asking for 4 of 2 images must still hit the cache
+        k = min(
+            settings.gallery, len(info["images_used"])
+        )  # asking for 4 of 2 images must still hit the cache
         gallery = _read_gallery(run_dir / GALLERY_FILE, chash, k) if k else None
         status = "reused"
         if k and gallery is None:
@@ -391,7 +399,9 @@ def run_or_reuse(
     with distributed.step(), ui.status(f"loading {plan.name}"):
         loaded = _load(plan, settings)
     if loaded.random_init:
-        ui.banner(f"{plan.name}: RANDOM WEIGHTS (seed {settings.seed}) - these numbers say nothing about a pretrained model")
+        ui.banner(
+            f"{plan.name}: RANDOM WEIGHTS (seed {settings.seed}) - these numbers say nothing about a pretrained model"
+        )
     label = random_init_label(plan.name) if loaded.random_init else plan.name
     with ui.progress(label) as prog:
         task = prog.add_task(label, total=distributed.share_size(len(paths)))  # torchrun: rank 0's share
@@ -410,8 +420,15 @@ def run_or_reuse(
             raise AttnscopeError(f"none of the {len(paths)} images could be read")
     layers, heads = accumulator.tables()
     info = build_info(
-        loaded, layout, paths, used, failures,
-        device=dev, dtype=settings.dtype, seed=settings.seed, batch_size=settings.batch_size,
+        loaded,
+        layout,
+        paths,
+        used,
+        failures,
+        device=dev,
+        dtype=settings.dtype,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
     )
     info.update(distributed.describe())
     if not main:  # torchrun: rank 0 draws the gallery and writes the run folder
@@ -426,8 +443,13 @@ def run_or_reuse(
     writer.write_csv("heads.csv", heads)
     if gallery is not None:
         writer.write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
-    config = {"command": "compare", "model": plan.name, "checkpoint": str(plan.checkpoint) if plan.checkpoint else None,
-              "model_kwargs": dict(plan.model_kwargs), **settings.as_dict()}
+    config = {
+        "command": "compare",
+        "model": plan.name,
+        "checkpoint": str(plan.checkpoint) if plan.checkpoint else None,
+        "model_kwargs": dict(plan.model_kwargs),
+        **settings.as_dict(),
+    }
     meta = run_metadata(command, config, {plan.name: info}, settings.seed)
     meta["config_hash"] = chash
     meta["config_inputs"] = inputs
@@ -495,7 +517,9 @@ def summary_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
         }
         for metric in HEADLINE_METRICS:
             d = layers[layers["metric"] == metric]
-            row[f"{metric}_last"] = float(d.loc[d["layer"] == last, "mean"].iloc[0]) if not d.empty else math.nan
+            row[f"{metric}_last"] = (
+                float(d.loc[d["layer"] == last, "mean"].iloc[0]) if not d.empty else math.nan
+            )
             row[f"{metric}_mean"] = float(d["mean"].mean()) if not d.empty else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
@@ -561,7 +585,9 @@ _SENTENCES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def findings(summary: pd.DataFrame, infos: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[list[str], list[str]]:
+def findings(
+    summary: pd.DataFrame, infos: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[list[str], list[str]]:
     """Sentences generated from summary.csv, and notes on what could not be compared and why.
 
     Each sentence names the model with the larger and the smaller value (others listed in
@@ -590,7 +616,9 @@ def findings(summary: pd.DataFrame, infos: Mapping[str, Mapping[str, Any]] | Non
                 noted.add(key)
                 notes.append(f"{m} is left out of the comparisons of metrics it does not have ({why}).")
         if len(present) < 2:
-            notes.append(f"No sentence on {metric} in the {column.rsplit('_', 1)[1]} block(s): fewer than two models have it.")
+            notes.append(
+                f"No sentence on {metric} in the {column.rsplit('_', 1)[1]} block(s): fewer than two models have it."
+            )
             continue
         ranked = sorted(present, key=lambda mv: mv[1], reverse=True)
         (hi, a), (lo, b) = ranked[0], ranked[-1]
@@ -603,7 +631,8 @@ def findings(summary: pd.DataFrame, infos: Mapping[str, Mapping[str, Any]] | Non
     sizes = {str(m): s for m, s in zip(summary["model"], summary["input_size"], strict=True)}
     if len(set(sizes.values())) > 1:
         notes.append(
-            "Input sizes differ (" + ", ".join(f"{m} {s}" for m, s in sizes.items())
+            "Input sizes differ ("
+            + ", ".join(f"{m} {s}" for m, s in sizes.items())
             + "): attention distances are in each model's own input pixels."
         )
     return sentences, notes
@@ -697,9 +726,7 @@ def compare_run(
     bad = [f for f in formats if f not in ("png", "svg", "pdf")]
     if bad:
         raise AttnscopeError(f"--format takes png, svg or pdf, got {', '.join(bad)}")
-    plans = plan_models(
-        models, checkpoints=checkpoints, families=families, model_kwargs=model_kwargs
-    )
+    plans = plan_models(models, checkpoints=checkpoints, families=families, model_kwargs=model_kwargs)
     _validate(settings)
     # torchrun: join the process group; rank 0 checks --out, lists the images and shows progress
     distributed.setup(settings.device)
@@ -710,10 +737,14 @@ def compare_run(
         if main:
             check_out_dir(out, overwrite)
             owned = not out.exists() or not any(out.iterdir()) or is_compare_dir(out)
-            paths = collect_image_paths(list(settings.images) if settings.images else None, max_images=settings.max_images)
+            paths = collect_image_paths(
+                list(settings.images) if settings.images else None, max_images=settings.max_images
+            )
     paths = distributed.broadcast_object(paths)
 
-    runs = [run_or_reuse(p, settings, paths, out / "runs", reuse=reuse, command=command, ui=ui) for p in plans]
+    runs = [
+        run_or_reuse(p, settings, paths, out / "runs", reuse=reuse, command=command, ui=ui) for p in plans
+    ]
     if not main:
         return None
     layers, heads = stack_tables(runs)
@@ -745,7 +776,10 @@ def compare_run(
         **settings.as_dict(),
     }
     meta = run_metadata(command, config, infos, settings.seed)
-    meta["runs"] = {r.name: {"folder": f"runs/{r.plan.slug}", "config_hash": r.config_hash, "status": r.status} for r in runs}
+    meta["runs"] = {
+        r.name: {"folder": f"runs/{r.plan.slug}", "config_hash": r.config_hash, "status": r.status}
+        for r in runs
+    }
     meta["findings"] = sentences
     meta["notes"] = notes
     writer.write_json("run.json", meta)

@@ -51,7 +51,9 @@ class Query:
         return f"patch ({self.row}, {self.col})→patch"
 
     def slug(self) -> str:
-        return "cls" if self.kind == "cls" else "mean" if self.kind == "mean" else f"patch{self.row}-{self.col}"
+        return (
+            "cls" if self.kind == "cls" else "mean" if self.kind == "mean" else f"patch{self.row}-{self.col}"
+        )
 
 
 def parse_query(text: str) -> Query:
@@ -60,11 +62,13 @@ def parse_query(text: str) -> Query:
     if value in ("cls", "mean"):
         return Query(value)  # type: ignore[arg-type]
     if value.startswith("patch:"):
-        parts = value[len("patch:"):].replace("x", ",").split(",")
+        parts = value[len("patch:") :].replace("x", ",").split(",")
         try:
             row, col = (int(p) for p in parts)
         except ValueError:
-            raise AttnscopeError(f"--query patch takes patch:ROW,COL with two integers, got {text!r}") from None
+            raise AttnscopeError(
+                f"--query patch takes patch:ROW,COL with two integers, got {text!r}"
+            ) from None
         if row < 0 or col < 0:
             raise AttnscopeError(f"--query patch:ROW,COL takes non-negative grid coordinates, got {text!r}")
         return Query("patch", row, col)
@@ -113,7 +117,9 @@ def _renormalise_rows(rows: torch.Tensor) -> torch.Tensor:
     import torch
 
     total = rows.sum(-1, keepdim=True)
-    return torch.where(total > 0, rows / total.clamp_min(torch.finfo(rows.dtype).tiny), torch.zeros_like(rows))
+    return torch.where(
+        total > 0, rows / total.clamp_min(torch.finfo(rows.dtype).tiny), torch.zeros_like(rows)
+    )
 
 
 def query_rows(matrix: torch.Tensor, layout: TokenLayout, query: Query) -> torch.Tensor:
@@ -123,7 +129,9 @@ def query_rows(matrix: torch.Tensor, layout: TokenLayout, query: Query) -> torch
     class-token and register mass never shows up as a patch. Returns (..., N) float32.
     """
     if matrix.shape[-1] != layout.num_tokens or matrix.shape[-2] != layout.num_tokens:
-        raise AttnscopeError(f"matrix of shape {tuple(matrix.shape)} does not match {layout.num_tokens} tokens")
+        raise AttnscopeError(
+            f"matrix of shape {tuple(matrix.shape)} does not match {layout.num_tokens} tokens"
+        )
     m = matrix.float()
     P = layout.patch_slice
     index = query_index(layout, query)
@@ -132,7 +140,9 @@ def query_rows(matrix: torch.Tensor, layout: TokenLayout, query: Query) -> torch
     return _renormalise_rows(m[..., index, P])
 
 
-def select_heads(rows: torch.Tensor, heads: Literal["mean", "all"] | Sequence[int]) -> tuple[torch.Tensor, list[str]]:
+def select_heads(
+    rows: torch.Tensor, heads: Literal["mean", "all"] | Sequence[int]
+) -> tuple[torch.Tensor, list[str]]:
     """(B, H, N) per-head rows -> (B, K, N) and a label per map."""
     n_heads = rows.shape[1]
     if heads == "mean":
@@ -141,11 +151,15 @@ def select_heads(rows: torch.Tensor, heads: Literal["mean", "all"] | Sequence[in
         return rows, [f"head {h}" for h in range(n_heads)]
     bad = [h for h in heads if h >= n_heads]
     if bad:
-        raise AttnscopeError(f"--heads {','.join(map(str, bad))}: the model has {n_heads} heads (0-{n_heads - 1})")
+        raise AttnscopeError(
+            f"--heads {','.join(map(str, bad))}: the model has {n_heads} heads (0-{n_heads - 1})"
+        )
     return rows[:, list(heads)], [f"head {h}" for h in heads]
 
 
-def rollout_step(running: torch.Tensor | None, attn: torch.Tensor, discard_ratio: float = 0.0) -> torch.Tensor:
+def rollout_step(
+    running: torch.Tensor | None, attn: torch.Tensor, discard_ratio: float = 0.0
+) -> torch.Tensor:
     """One block of attention rollout (Abnar & Zuidema 2020): returns M_l @ running.
 
     attn: (B, H, T, T). Heads are averaged; with `discard_ratio` the smallest fraction of
@@ -324,7 +338,9 @@ def resolve_layer(layer: int | None, num_blocks: int) -> int:
         return num_blocks - 1
     index = layer + num_blocks if layer < 0 else layer
     if not 0 <= index < num_blocks:
-        raise AttnscopeError(f"--layer {layer} is out of range: the model has {num_blocks} blocks (0-{num_blocks - 1})")
+        raise AttnscopeError(
+            f"--layer {layer} is out of range: the model has {num_blocks} blocks (0-{num_blocks - 1})"
+        )
     return index
 
 
@@ -383,7 +399,9 @@ def collect_maps(
                         model.forward_features(images)
                     except AssertionError as exc:
                         size = f"{images.shape[-2]}x{images.shape[-1]}"
-                        raise AttnscopeError(f"{loaded.name} cannot take {size} inputs ({exc}); use --img-size") from exc
+                        raise AttnscopeError(
+                            f"{loaded.name} cannot take {size} inputs ({exc}); use --img-size"
+                        ) from exc
                 recorder.check()
                 assert consumer.rows is not None
                 maps.append(to_grid(consumer.rows, layout))
@@ -471,14 +489,24 @@ def maps_run(
     paths = collect_image_paths(images, max_images=max_images)
     torch.manual_seed(seed)
     with ui.status(f"loading {model}"):
-        loaded = load_model(model, checkpoint=checkpoint, random_init=random_init, seed=seed, img_size=img_size)
+        loaded = load_model(
+            model, checkpoint=checkpoint, random_init=random_init, seed=seed, img_size=img_size
+        )
     if random_init:
         ui.banner(f"{model}: RANDOM WEIGHTS (seed {seed}) - these maps say nothing about a pretrained model")
     with ui.progress(model) as prog:
         task = prog.add_task(model, total=len(paths))
         result = collect_maps(
-            loaded, paths, query=q, layer=layer, heads=heads, rollout=rollout, discard_ratio=discard_ratio,
-            batch_size=batch_size, device=device, dtype=dtype,
+            loaded,
+            paths,
+            query=q,
+            layer=layer,
+            heads=heads,
+            rollout=rollout,
+            discard_ratio=discard_ratio,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
             progress=lambda done, total: prog.update(task, completed=done),
         )
     for path, reason in result.skipped:
@@ -489,8 +517,14 @@ def maps_run(
     stems = _figure_stems(result.paths)
     for i, (path, stem) in enumerate(zip(result.paths, stems, strict=True)):
         fig = overlay_figure(
-            result.views[i], result.maps[i], result.labels, result.layout.patch_size,
-            title=f"{label}: {result.describe()} — {path.name}", mode=upsample, threshold=contour, query_cell=cell,
+            result.views[i],
+            result.maps[i],
+            result.labels,
+            result.layout.patch_size,
+            title=f"{label}: {result.describe()} — {path.name}",
+            mode=upsample,
+            threshold=contour,
+            query_cell=cell,
         )
         writer.write_figure(stem, fig, list(dict.fromkeys(["png", *formats])))  # PNG always, for viewing
     buf = io.BytesIO()
@@ -505,13 +539,15 @@ def maps_run(
     )
     writer.write_bytes("maps.npz", buf.getvalue())
     info = loaded.provenance()
-    info.update({
-        "token_layout": result.layout.as_dict(),
-        "num_blocks": result.num_blocks,
-        "images_used": [str(p) for p in result.paths],
-        "images_skipped": [{"path": str(p), "reason": r} for p, r in result.skipped],
-        "maps": result.describe(),
-    })
+    info.update(
+        {
+            "token_layout": result.layout.as_dict(),
+            "num_blocks": result.num_blocks,
+            "images_used": [str(p) for p in result.paths],
+            "images_skipped": [{"path": str(p), "reason": r} for p, r in result.skipped],
+            "maps": result.describe(),
+        }
+    )
     config = {
         "command": "maps",
         "model": model,

@@ -43,7 +43,9 @@ _SPECS = [
     ModelSpec("mae_vit_large", "vit_large_patch16_224.mae", "MIM", "MAE pre-training"),
     ModelSpec("mae_vit_huge", "vit_huge_patch14_224.mae", "MIM", "MAE pre-training"),
     ModelSpec("ijepa_vit_huge", "vit_huge_patch14_gap_224.in1k_ijepa", "MIM", "I-JEPA; no class token"),
-    ModelSpec("eva02_mim_vit_base", "eva02_base_patch14_224.mim_in22k", "MIM", "EVA-02 MIM; rotary positions"),
+    ModelSpec(
+        "eva02_mim_vit_base", "eva02_base_patch14_224.mim_in22k", "MIM", "EVA-02 MIM; rotary positions"
+    ),
     ModelSpec(
         "beitv2_vit_base",
         "beitv2_base_patch16_224.in1k_ft_in22k_in1k",
@@ -57,12 +59,20 @@ _SPECS = [
     ModelSpec("dinov2_vit_small", "vit_small_patch14_dinov2.lvd142m", "JEA", "DINOv2; LayerScale; 518 px"),
     ModelSpec("dinov2_vit_base", "vit_base_patch14_dinov2.lvd142m", "JEA", "DINOv2; LayerScale; 518 px"),
     ModelSpec("dinov2_vit_large", "vit_large_patch14_dinov2.lvd142m", "JEA", "DINOv2; LayerScale; 518 px"),
-    ModelSpec("dinov2_reg_vit_small", "vit_small_patch14_reg4_dinov2.lvd142m", "JEA", "DINOv2 + 4 registers; 518 px"),
-    ModelSpec("dinov2_reg_vit_base", "vit_base_patch14_reg4_dinov2.lvd142m", "JEA", "DINOv2 + 4 registers; 518 px"),
-    ModelSpec("dinov2_reg_vit_large", "vit_large_patch14_reg4_dinov2.lvd142m", "JEA", "DINOv2 + 4 registers; 518 px"),
+    ModelSpec(
+        "dinov2_reg_vit_small", "vit_small_patch14_reg4_dinov2.lvd142m", "JEA", "DINOv2 + 4 registers; 518 px"
+    ),
+    ModelSpec(
+        "dinov2_reg_vit_base", "vit_base_patch14_reg4_dinov2.lvd142m", "JEA", "DINOv2 + 4 registers; 518 px"
+    ),
+    ModelSpec(
+        "dinov2_reg_vit_large", "vit_large_patch14_reg4_dinov2.lvd142m", "JEA", "DINOv2 + 4 registers; 518 px"
+    ),
     ModelSpec("dinov3_vit_small", "vit_small_patch16_dinov3.lvd1689m", "JEA", "DINOv3; 4 registers; rotary"),
     ModelSpec("dinov3_vit_base", "vit_base_patch16_dinov3.lvd1689m", "JEA", "DINOv3; 4 registers; rotary"),
-    ModelSpec("clip_vit_base", "vit_base_patch16_clip_224.openai", "language-supervised", "OpenAI CLIP image tower"),
+    ModelSpec(
+        "clip_vit_base", "vit_base_patch16_clip_224.openai", "language-supervised", "OpenAI CLIP image tower"
+    ),
     ModelSpec(
         "supervised_vit_base",
         "vit_base_patch16_224.augreg2_in21k_ft_in1k",
@@ -194,7 +204,9 @@ def token_layout(model: nn.Module, input_hw: tuple[int, int]) -> TokenLayout:
     num_prefix = int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0))
     num_registers = num_prefix - (1 if has_cls else 0)
     if num_registers < 0:
-        raise AttnscopeError(f"{type(model).__name__}: inconsistent prefix tokens ({num_prefix}) and class token")
+        raise AttnscopeError(
+            f"{type(model).__name__}: inconsistent prefix tokens ({num_prefix}) and class token"
+        )
     return TokenLayout(has_cls, num_registers, num_prefix, grid, patch)
 
 
@@ -287,7 +299,9 @@ def _create_pretrained(timm_name: str, kwargs: dict[str, Any]) -> tuple[nn.Modul
     if cached is not None:
         # Loading through the file override keeps timm's own filter/resampling but makes no
         # network request at all, so a cached model works offline.
-        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+        model = timm.create_model(
+            timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs
+        )
         return model, f"{source} (local cache: {cached})"
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if offline or not _hub_endpoint_reachable():
@@ -296,7 +310,9 @@ def _create_pretrained(timm_name: str, kwargs: dict[str, Any]) -> tuple[nn.Modul
     try:
         model = timm.create_model(timm_name, pretrained=True, **kwargs)
     except OSError as exc:  # network dropped mid-download, gated repo, ...
-        raise AttnscopeError(f"could not download weights for {timm_name}: {str(exc).splitlines()[0]}; {_HUB_HINT}") from exc
+        raise AttnscopeError(
+            f"could not download weights for {timm_name}: {str(exc).splitlines()[0]}; {_HUB_HINT}"
+        ) from exc
     return model, source
 
 
@@ -358,9 +374,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             if any(k.startswith(prefix) for k in state):
                 stripped: dict[str, torch.Tensor] = {}
                 for k, v in state.items():
-                    new_key = k[len(prefix):] if k.startswith(prefix) else k
+                    new_key = k[len(prefix) :] if k.startswith(prefix) else k
                     if new_key in stripped:
-                        raise AttnscopeError(f"checkpoint {path}: key {new_key!r} appears with and without {prefix!r}")
+                        raise AttnscopeError(
+                            f"checkpoint {path}: key {new_key!r} appears with and without {prefix!r}"
+                        )
                     stripped[new_key] = v
                 state = stripped
                 changed = True
@@ -396,7 +414,9 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... (+{len(missing) - 8} more)" if len(missing) > 8 else "")
         raise AttnscopeError(f"checkpoint {path} lacks {len(missing)} weights of the model: {shown}")
-    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if state[k].shape != own[k].shape]
+    bad = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if state[k].shape != own[k].shape
+    ]
     if bad:
         raise AttnscopeError(f"checkpoint {path} has wrong shapes: {'; '.join(bad[:4])}")
     with torch.no_grad():
@@ -447,7 +467,9 @@ def load_model(
             raise AttnscopeError(f"{spec.timm_name} does not accept --img-size") from exc
         raise
     except (RuntimeError, ValueError, AssertionError) as exc:
-        raise AttnscopeError(f"cannot build {spec.timm_name}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        raise AttnscopeError(
+            f"cannot build {spec.timm_name}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        ) from exc
     report: dict[str, Any] = {}
     if checkpoint is not None:
         report = load_checkpoint_into(model, checkpoint)
@@ -501,9 +523,13 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AttnscopeError("--device cuda requested but CUDA is not available here; use --device auto or cpu")
+        raise AttnscopeError(
+            "--device cuda requested but CUDA is not available here; use --device auto or cpu"
+        )
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise AttnscopeError("--device mps requested but Apple MPS is not available here; use --device auto or cpu")
+        raise AttnscopeError(
+            "--device mps requested but Apple MPS is not available here; use --device auto or cpu"
+        )
     try:
         return torch.device(device)
     except RuntimeError as exc:

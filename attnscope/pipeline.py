@@ -97,13 +97,20 @@ def analyse_with_ui(
     with distributed.step():  # a failure on any rank stops every rank here, not in a collective
         with ui.status(f"loading {model}"):
             loaded = load_model(
-                model, checkpoint=checkpoint, random_init=random_init, seed=seed, img_size=img_size, family=family
+                model,
+                checkpoint=checkpoint,
+                random_init=random_init,
+                seed=seed,
+                img_size=img_size,
+                family=family,
             )
         if paths is None and distributed.is_main():
             paths = collect_image_paths(images, max_images=max_images)
     paths = distributed.broadcast_object(paths)
     if random_init:
-        ui.banner(f"{model}: RANDOM WEIGHTS (seed {seed}) - these numbers say nothing about a pretrained model")
+        ui.banner(
+            f"{model}: RANDOM WEIGHTS (seed {seed}) - these numbers say nothing about a pretrained model"
+        )
     shown = distributed.share_size(len(paths))  # the bar follows rank 0's share
     label = model
     if distributed.is_distributed():
@@ -124,7 +131,9 @@ def analyse_with_ui(
         if accumulator is None or layout is None:
             raise AttnscopeError(f"none of the {len(paths)} images could be read")
     layers, heads = accumulator.tables()
-    info = build_info(loaded, layout, paths, used, failures, device=dev, dtype=dtype, seed=seed, batch_size=batch_size)
+    info = build_info(
+        loaded, layout, paths, used, failures, device=dev, dtype=dtype, seed=seed, batch_size=batch_size
+    )
     info.update(distributed.describe())
     return AnalysisResult(layers, heads, info, accumulator)
 

@@ -13,10 +13,21 @@ if TYPE_CHECKING:
 
 HEATMAP_METRICS = ("cls_self_attn", "cls_patch_entropy_norm", "attn_distance_px")
 UNIT_INTERVAL = {
-    "cls_self_attn", "cls_patch_mass", "cls_register_mass", "patch_cls_attn", "patch_self_attn",
-    "patch_register_mass", "cls_patch_entropy_norm", "cls_patch_eff_frac", "cls_patch_k60_frac",
-    "cls_patch_k90_frac", "cls_patch_gini", "cls_patch_max", "patch_patch_entropy_norm",
-    "patch_patch_eff_frac", "attn_nmi",
+    "cls_self_attn",
+    "cls_patch_mass",
+    "cls_register_mass",
+    "patch_cls_attn",
+    "patch_self_attn",
+    "patch_register_mass",
+    "cls_patch_entropy_norm",
+    "cls_patch_eff_frac",
+    "cls_patch_k60_frac",
+    "cls_patch_k90_frac",
+    "cls_patch_gini",
+    "cls_patch_max",
+    "patch_patch_entropy_norm",
+    "patch_patch_eff_frac",
+    "attn_nmi",
 }
 
 
@@ -114,7 +125,9 @@ def head_heatmap(heads: pd.DataFrame, metric: str, *, model: str | None = None, 
     return fig
 
 
-def entropy_figures(layers: pd.DataFrame, heads: pd.DataFrame, *, label: str | None = None) -> Iterator[tuple[str, Figure]]:
+def entropy_figures(
+    layers: pd.DataFrame, heads: pd.DataFrame, *, label: str | None = None
+) -> Iterator[tuple[str, Figure]]:
     """Every figure of a single-model run, one at a time (the caller saves and closes each).
 
     One line plot per metric, plus layer x head heatmaps for the key metrics.

@@ -58,12 +58,17 @@ def _set_ylim(ax: Axes, metric: str, data: pd.DataFrame | None = None) -> None:
         ax.set_ylim(0, top * 1.08 if top > 0 else None)
 
 
-def _legend_handles(models: Sequence[str], palette: Mapping[str, Any], linestyles: Mapping[str, Any],
-                    families: Mapping[str, str]) -> tuple[list, list[str]]:
+def _legend_handles(
+    models: Sequence[str],
+    palette: Mapping[str, Any],
+    linestyles: Mapping[str, Any],
+    families: Mapping[str, str],
+) -> tuple[list, list[str]]:
     from matplotlib.lines import Line2D
 
     handles = [
-        Line2D([], [], color=palette[m], ls=linestyles.get(m, "-"), lw=2.0, marker="o", ms=3.5) for m in models
+        Line2D([], [], color=palette[m], ls=linestyles.get(m, "-"), lw=2.0, marker="o", ms=3.5)
+        for m in models
     ]
     labels = [f"{m} ({families[m]})" if families.get(m) else m for m in models]
     return handles, labels
@@ -128,15 +133,27 @@ def depth_panels(
     fig, axes = plt.subplots(rows, ncols, figsize=(3.4 * ncols, 2.8 * rows), squeeze=False)
     flat = list(axes.flat)
     for ax, metric in zip(flat, metrics, strict=False):
-        _draw_metric(ax, layers, metric, models=models, depths=depths, palette=palette, linestyles=linestyles,
-                     relative_depth=relative_depth, absent=(missing_reasons or {}).get(metric, {}))
+        _draw_metric(
+            ax,
+            layers,
+            metric,
+            models=models,
+            depths=depths,
+            palette=palette,
+            linestyles=linestyles,
+            relative_depth=relative_depth,
+            absent=(missing_reasons or {}).get(metric, {}),
+        )
         ax.set_title(metric_label(metric), fontsize=9)
     for ax in flat[n:]:
         ax.axis("off")
     handles, labels = _legend_handles(models, palette, linestyles, families)
-    flat[n].legend(handles, labels, loc="center", frameon=False, fontsize=8, title="model (family)",
-                   title_fontsize=8)
-    fig.suptitle(_with_note("Attention metrics against depth (line: mean over images, band: ± std)", note), fontsize=11)
+    flat[n].legend(
+        handles, labels, loc="center", frameon=False, fontsize=8, title="model (family)", title_fontsize=8
+    )
+    fig.suptitle(
+        _with_note("Attention metrics against depth (line: mean over images, band: ± std)", note), fontsize=11
+    )
     fig.tight_layout()
     return fig
 
@@ -155,8 +172,18 @@ def metric_figure(
     plt, _ = _setup()
     models = [m for m in palette if m in set(layers["model"])]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    _draw_metric(ax, layers, metric, models=models, depths=_depths(layers), palette=palette,
-                 linestyles=linestyles, relative_depth=relative_depth, absent=absent or {}, fontsize=9)
+    _draw_metric(
+        ax,
+        layers,
+        metric,
+        models=models,
+        depths=_depths(layers),
+        palette=palette,
+        linestyles=linestyles,
+        relative_depth=relative_depth,
+        absent=absent or {},
+        fontsize=9,
+    )
     ax.set_title(f"{metric_label(metric)} (mean ± std over images)", fontsize=10)
     handles, labels = _legend_handles(models, palette, linestyles, families)
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
@@ -199,8 +226,9 @@ def head_scatter(
     plt, _ = _setup()
     data = heads[heads["metric"] == metric]
     models = [m for m in palette if m in set(data["model"])]
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(0.4 + 3.2 * max(len(models), 1), 3.4),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(models), 1), figsize=(0.4 + 3.2 * max(len(models), 1), 3.4), sharey=True, squeeze=False
+    )
     for ax, model in zip(axes.flat, models, strict=False):
         d = data[data["model"] == model]
         n_heads = int(d["head"].max()) + 1
@@ -214,7 +242,9 @@ def head_scatter(
     axes.flat[0].set_ylabel(metric_label(metric))
     top = float(data["mean"].max()) if not data.empty else 0.0
     axes.flat[0].set_ylim(0, top * 1.08 if top > 0 else None)
-    fig.suptitle(_with_note(f"{metric_label(metric)} per head (dots: heads, line: mean over heads)", note), fontsize=11)
+    fig.suptitle(
+        _with_note(f"{metric_label(metric)} per head (dots: heads, line: mean over heads)", note), fontsize=11
+    )
     fig.tight_layout()
     return fig
 
@@ -237,7 +267,9 @@ def heatmaps_side_by_side(
     for model in models:
         d = data[data["model"] == model]
         if not d.empty:
-            grids[model] = d.pivot_table(index="layer", columns="head", values="mean", aggfunc="first").sort_index()
+            grids[model] = d.pivot_table(
+                index="layer", columns="head", values="mean", aggfunc="first"
+            ).sort_index()
     if metric in UNIT_INTERVAL:
         norm = Normalize(0, 1)
     else:
@@ -246,16 +278,28 @@ def heatmaps_side_by_side(
     widths = [max(grids[m].shape[1], 3) if m in grids else 3 for m in models]
     max_blocks = max([g.shape[0] for g in grids.values()] + [4])
     fig, axes = plt.subplots(
-        1, len(models), figsize=(1.6 + 0.45 * sum(widths) + 0.9 * len(models), 1.6 + 0.28 * max_blocks),
-        gridspec_kw={"width_ratios": widths}, squeeze=False, layout="constrained",
+        1,
+        len(models),
+        figsize=(1.6 + 0.45 * sum(widths) + 0.9 * len(models), 1.6 + 0.28 * max_blocks),
+        gridspec_kw={"width_ratios": widths},
+        squeeze=False,
+        layout="constrained",
     )
     image = None
     for ax, model in zip(axes.flat, models, strict=True):
         ax.set_title(model, color=palette[model], fontsize=10, fontweight="bold")
         if model not in grids:
             why = (missing_reasons or {}).get(model, "not measured")
-            ax.text(0.5, 0.5, f"not defined:\n{why}", ha="center", va="center", transform=ax.transAxes,
-                    fontsize=8, color="0.35")
+            ax.text(
+                0.5,
+                0.5,
+                f"not defined:\n{why}",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=8,
+                color="0.35",
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             ax.grid(False)
@@ -272,11 +316,20 @@ def heatmaps_side_by_side(
             fmt = "{:.0f}" if metric.endswith("_px") else "{:.2f}"
             for (r, c), v in np.ndenumerate(g.to_numpy()):
                 shade = norm(v)
-                ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=6.5,
-                        color="black" if shade > 0.6 else "white")
+                ax.text(
+                    c,
+                    r,
+                    fmt.format(v),
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="black" if shade > 0.6 else "white",
+                )
     if image is not None:
         fig.colorbar(image, ax=list(axes.flat), label=metric_label(metric), fraction=0.05, pad=0.02)
-    fig.suptitle(_with_note(f"{metric_label(metric)} per block and head (mean over images)", note), fontsize=11)
+    fig.suptitle(
+        _with_note(f"{metric_label(metric)} per block and head (mean over images)", note), fontsize=11
+    )
     return fig
 
 
@@ -349,8 +402,12 @@ def attention_gallery(
         for c, col in enumerate(columns, start=1):
             draw_overlay(axes[r, c], col.views[r], col.maps[r], col.patch_size, threshold=threshold)
             if r == 0:
-                axes[r, c].set_title(f"{col.model}\n{col.what}", fontsize=8, color=palette.get(col.model, "black"),
-                                     fontweight="bold")
+                axes[r, c].set_title(
+                    f"{col.model}\n{col.what}",
+                    fontsize=8,
+                    color=palette.get(col.model, "black"),
+                    fontweight="bold",
+                )
     note = (
         f"Last block, mean over heads. Colour: attention relative to each map's maximum (inferno). "
         f"Cyan line: smallest set of patches holding {threshold:.0%} of the mass."
@@ -384,8 +441,9 @@ def overlay_figure(
     n = len(maps) + 1
     cols = min(n, ncols + 1 if len(maps) == 1 else ncols)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols + 0.8, 2.7 * rows + 0.9), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.7 * cols + 0.8, 2.7 * rows + 0.9), squeeze=False, layout="constrained"
+    )
     flat = list(axes.flat)
     flat[0].imshow(view)
     flat[0].set_title("input (as the model sees it)", fontsize=8)
@@ -402,14 +460,18 @@ def overlay_figure(
             r, c = query_cell
             ph, pw = patch_size
             ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="#39ff14", lw=1.6))
-    for ax in flat[len(maps) + 1:]:
+    for ax in flat[len(maps) + 1 :]:
         ax.axis("off")
     if image is not None:
         from matplotlib.cm import ScalarMappable
 
         # A fresh mappable: the overlay's alpha would wash out the colour bar.
-        fig.colorbar(ScalarMappable(norm=image.norm, cmap=image.cmap), ax=flat,
-                     label="attention (fraction of patch mass)", shrink=0.85)
+        fig.colorbar(
+            ScalarMappable(norm=image.norm, cmap=image.cmap),
+            ax=flat,
+            label="attention (fraction of patch mass)",
+            shrink=0.85,
+        )
     notes = []
     if threshold:
         notes.append(f"cyan line: smallest set of patches holding {threshold:.0%} of the mass")

@@ -79,8 +79,10 @@ def build_figures(
     fmts = list(dict.fromkeys(["png", *formats]))
     x_note = (
         "x is relative depth (block / last block) because the models have different depths ("
-        + ", ".join(f"{m} {d}" for m, d in depths.items()) + " blocks)."
-        if relative else "x is the block index (0 = first)."
+        + ", ".join(f"{m} {d}" for m, d in depths.items())
+        + " blocks)."
+        if relative
+        else "x is the block index (0 = first)."
     )
     random = [r.name for r in runs if r.info.get("random_init")]
     random_note = f" {', '.join(random)}: RANDOM weights." if random else ""
@@ -95,8 +97,16 @@ def build_figures(
 
     emit(
         "depth_panels",
-        depth_panels(layers, HEADLINE_METRICS, palette=palette, linestyles=styles, families=families,
-                     relative_depth=relative, missing_reasons=reasons, note=warn),
+        depth_panels(
+            layers,
+            HEADLINE_METRICS,
+            palette=palette,
+            linestyles=styles,
+            families=families,
+            relative_depth=relative,
+            missing_reasons=reasons,
+            note=warn,
+        ),
         "Headline metrics against depth",
         "One panel per metric; a line per model (colour: model, line style: family), band: ± std over images. "
         + x_note,
@@ -113,21 +123,36 @@ def build_figures(
         if metric in set(heads["metric"]):
             emit(
                 f"heatmaps_{metric}",
-                heatmaps_side_by_side(heads, metric, models=models, palette=palette,
-                                      missing_reasons=reasons.get(metric, {}), note=warn),
+                heatmaps_side_by_side(
+                    heads,
+                    metric,
+                    models=models,
+                    palette=palette,
+                    missing_reasons=reasons.get(metric, {}),
+                    note=warn,
+                ),
                 f"{metric_label(metric)}: block × head",
                 "Mean over images per block (rows) and head (columns); one colour scale for all models.",
             )
     if runs and all(r.gallery is not None for r in runs):
         columns = [
-            GalleryColumn(r.name, r.gallery.views, r.gallery.maps, r.gallery.patch_size, r.gallery.what(),
-                          r.gallery.names)
-            for r in runs if r.gallery is not None
+            GalleryColumn(
+                r.name,
+                r.gallery.views,
+                r.gallery.maps,
+                r.gallery.patch_size,
+                r.gallery.what(),
+                r.gallery.names,
+            )
+            for r in runs
+            if r.gallery is not None
         ]
         no_cls = [r.name for r in runs if r.gallery is not None and r.gallery.query != "cls"]
         caption = (
             f"{', '.join(no_cls)} {'has' if len(no_cls) == 1 else 'have'} no class token: shown is the mean "
-            "over patch queries of their patch→patch attention." if no_cls else ""
+            "over patch queries of their patch→patch attention."
+            if no_cls
+            else ""
         )
         emit(
             "gallery",
@@ -139,8 +164,17 @@ def build_figures(
     present = [m for m in ALL_METRICS if m in set(layers["metric"])]
     emit(
         "depth_panels_all",
-        depth_panels(layers, present, palette=palette, linestyles=styles, families=families,
-                     relative_depth=relative, missing_reasons=reasons, ncols=4, note=warn),
+        depth_panels(
+            layers,
+            present,
+            palette=palette,
+            linestyles=styles,
+            families=families,
+            relative_depth=relative,
+            missing_reasons=reasons,
+            ncols=4,
+            note=warn,
+        ),
         "Every metric against depth",
         "All metrics of the specification that at least one model has, same encoding as above. " + x_note,
         group="metric",
@@ -177,23 +211,35 @@ def models_rows(runs: Sequence[ModelRun]) -> list[list[str]]:
         size = "×".join(str(v) for v in info.get("input_size", []))
         patch = "×".join(str(v) for v in layout.get("patch_size", []))
         n_heads = int(r.heads["head"].max()) + 1 if not r.heads.empty else "?"
-        rows.append([
-            r.name,
-            r.plan.family,
-            str(info.get("timm_name", "")),
-            str(info.get("weights", "")),
-            _params(info.get("num_params")),
-            f"{size} (patch {patch})",
-            _tokens(layout),
-            f"{info.get('num_blocks', '?')} × {n_heads}",
-            str(len(info.get("images_used", []))),
-            r.status,
-        ])
+        rows.append(
+            [
+                r.name,
+                r.plan.family,
+                str(info.get("timm_name", "")),
+                str(info.get("weights", "")),
+                _params(info.get("num_params")),
+                f"{size} (patch {patch})",
+                _tokens(layout),
+                f"{info.get('num_blocks', '?')} × {n_heads}",
+                str(len(info.get("images_used", []))),
+                r.status,
+            ]
+        )
     return rows
 
 
-MODEL_HEADER = ["model", "family", "timm name", "weights", "parameters", "input px", "tokens",
-                "blocks × heads", "images", "this run"]
+MODEL_HEADER = [
+    "model",
+    "family",
+    "timm name",
+    "weights",
+    "parameters",
+    "input px",
+    "tokens",
+    "blocks × heads",
+    "images",
+    "this run",
+]
 
 
 def _num(v: float, metric: str) -> str:
@@ -229,13 +275,22 @@ def summary_rows(summary: pd.DataFrame, runs: Sequence[ModelRun]) -> tuple[list[
 FILES = [
     ("report.html", "this report, one self-contained file (figures embedded)"),
     ("report.md", "the same report in Markdown, linking figures/*.png"),
-    ("summary.csv", "one row per model: provenance and each headline metric in the last block (`_last`) "
-                    "and averaged over blocks (`_mean`); empty = metric not defined for that model"),
+    (
+        "summary.csv",
+        "one row per model: provenance and each headline metric in the last block (`_last`) "
+        "and averaged over blocks (`_mean`); empty = metric not defined for that model",
+    ),
     ("layers.csv", "every model's per-block table stacked: model, family, layer, metric, mean, std, count"),
-    ("heads.csv", "every model's per-head table stacked: model, family, layer, head, metric, mean, std, count"),
+    (
+        "heads.csv",
+        "every model's per-head table stacked: model, family, layer, head, metric, mean, std, count",
+    ),
     ("run.json", "configuration, versions, each model's provenance, findings"),
-    ("runs/<model>/", "each model's own run (layers.csv, heads.csv, run.json with config_hash, gallery.npz), "
-                      "reused by the next compare with the same configuration"),
+    (
+        "runs/<model>/",
+        "each model's own run (layers.csv, heads.csv, run.json with config_hash, gallery.npz), "
+        "reused by the next compare with the same configuration",
+    ),
     ("figures/", "every figure as PNG (and SVG/PDF with --format)"),
 ]
 
@@ -275,7 +330,9 @@ def _hex(colour: Sequence[float]) -> str:
     return "#" + "".join(f"{round(c * 255):02x}" for c in colour[:3])
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], swatches: Mapping[str, str] | None = None) -> str:
+def _html_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], swatches: Mapping[str, str] | None = None
+) -> str:
     out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in header), "</tr></thead><tbody>"]
     for row in rows:
         out.append("<tr>")
@@ -304,7 +361,9 @@ def _is_number(text: str) -> bool:
 
 def _figure_html(fig: ReportFigure) -> str:
     data = base64.b64encode(fig.png).decode("ascii")
-    others = [f'<a href="{_e(path)}">{_e(fmt.upper())}</a>' for fmt, path in fig.files.items() if fmt != "png"]
+    others = [
+        f'<a href="{_e(path)}">{_e(fmt.upper())}</a>' for fmt, path in fig.files.items() if fmt != "png"
+    ]
     extra = f" Also as {', '.join(others)} beside this report." if others else ""
     return (
         f'<figure id="{_e(fig.stem)}"><img alt="{_e(fig.title)}" src="data:image/png;base64,{data}">'
@@ -336,7 +395,8 @@ def render_html(
         f"<title>{_e(_title(runs))}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(_title(runs))}</h1>",
         f'<p class="meta">{_image_count(runs)} images · attnscope {_e(__version__)} · {_e(created)}'
-        + (f"<br>command: <code>{_e(command)}</code>" if command else "") + "</p>",
+        + (f"<br>command: <code>{_e(command)}</code>" if command else "")
+        + "</p>",
     ]
     if random:
         parts.append(
@@ -409,8 +469,11 @@ def render_markdown(
     if command:
         lines += ["", f"Command: `{command}`"]
     if random:
-        lines += ["", f"> **RANDOM WEIGHTS: {', '.join(random)}.** These numbers describe untrained networks "
-                      "and say nothing about pretrained models."]
+        lines += [
+            "",
+            f"> **RANDOM WEIGHTS: {', '.join(random)}.** These numbers describe untrained networks "
+            "and say nothing about pretrained models.",
+        ]
     lines += ["", "## Models", "", _md_table(MODEL_HEADER, models_rows(runs)), "", "## Findings", ""]
     lines += [f"- {s}" for s in sentences]
     if notes:
@@ -419,14 +482,35 @@ def render_markdown(
     for fig in figures:
         if fig.group != "main":
             continue
-        lines += [f"### {_md_text(fig.title)}", "", f"![{_md_text(fig.title)}]({fig.files['png']})", "", fig.caption, ""]
+        lines += [
+            f"### {_md_text(fig.title)}",
+            "",
+            f"![{_md_text(fig.title)}]({fig.files['png']})",
+            "",
+            fig.caption,
+            "",
+        ]
     per_metric = [f for f in figures if f.group == "metric"]
     if per_metric:
         for fig in per_metric:
-            lines += [f"### {_md_text(fig.title)}", "", f"![{_md_text(fig.title)}]({fig.files['png']})", "",
-                      fig.caption, ""]
+            lines += [
+                f"### {_md_text(fig.title)}",
+                "",
+                f"![{_md_text(fig.title)}]({fig.files['png']})",
+                "",
+                fig.caption,
+                "",
+            ]
     header, rows = summary_rows(summary, runs)
-    lines += ["## Summary", "", "Last block and mean over blocks; — marks a metric the model does not have.", "",
-              _md_table(header, rows), "", "## Files", ""]
+    lines += [
+        "## Summary",
+        "",
+        "Last block and mean over blocks; — marks a metric the model does not have.",
+        "",
+        _md_table(header, rows),
+        "",
+        "## Files",
+        "",
+    ]
     lines += [f"- `{name}`: {what}" for name, what in FILES]
     return "\n".join(lines) + "\n"

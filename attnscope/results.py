@@ -27,7 +27,17 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 RUNS_ROOT = Path("attnscope-runs")
-_VERSIONED = ("attnscope", "torch", "torchvision", "timm", "numpy", "pandas", "matplotlib", "seaborn", "pillow")
+_VERSIONED = (
+    "attnscope",
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "pandas",
+    "matplotlib",
+    "seaborn",
+    "pillow",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -107,7 +117,9 @@ class RunWriter:
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise AttnscopeError(f"--out {self.out_dir} exists and is not a folder")
         if self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not overwrite:
-            raise AttnscopeError(f"--out {self.out_dir} is not empty; choose another folder or pass --overwrite")
+            raise AttnscopeError(
+                f"--out {self.out_dir} is not empty; choose another folder or pass --overwrite"
+            )
         self.written: list[Path] = []
 
     def prepare(self) -> Path:
@@ -148,7 +160,9 @@ class RunWriter:
             tmp.write_bytes(data)
         return self._record(target)
 
-    def write_figure(self, relative_stem: str, fig: Figure, formats: Sequence[str] = ("png",), dpi: int = 150) -> list[Path]:
+    def write_figure(
+        self, relative_stem: str, fig: Figure, formats: Sequence[str] = ("png",), dpi: int = 150
+    ) -> list[Path]:
         """Save `fig` once per format (png, svg, pdf) and close it."""
         import matplotlib.pyplot as plt
 

@@ -23,7 +23,9 @@ def attnscope(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
 
 
 def weights_unavailable(proc: subprocess.CompletedProcess) -> bool:
-    return proc.returncode == 2 and ("cannot be reached" in proc.stderr or "not in the local cache" in proc.stderr)
+    return proc.returncode == 2 and (
+        "cannot be reached" in proc.stderr or "not in the local cache" in proc.stderr
+    )
 
 
 def run(command: list[str], out: Path) -> None:
@@ -43,9 +45,12 @@ def run(command: list[str], out: Path) -> None:
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    has_compare = "compare" in subprocess.run(
-        [sys.executable, "-m", "attnscope", "--help"], capture_output=True, text=True
-    ).stdout
+    has_compare = (
+        "compare"
+        in subprocess.run(
+            [sys.executable, "-m", "attnscope", "--help"], capture_output=True, text=True
+        ).stdout
+    )
     if has_compare:
         run(["compare", "mae", "dino"], OUT / "mae-vs-dino")
     else:

@@ -76,7 +76,10 @@ def test_residual_branch_is_what_the_block_adds():
             b.ls1.gamma.fill_(0.37)  # non-trivial LayerScale
     x = _input(model)
     got = {}
-    with torch.no_grad(), AttentionRecorder(model, lambda b: got.__setitem__(b.index, (b.x.clone(), b.y.clone()))):
+    with (
+        torch.no_grad(),
+        AttentionRecorder(model, lambda b: got.__setitem__(b.index, (b.x.clone(), b.y.clone()))),
+    ):
         model.forward_features(x)
     block = model.blocks[1]
     bx, by = got[1]
@@ -102,7 +105,11 @@ def test_block_that_bypasses_softmax_is_named():
         return x
 
     model.blocks[2].attn.forward = fused_only.__get__(model.blocks[2].attn)
-    with pytest.raises(AttnscopeError, match=r"blocks\.2"), torch.no_grad(), AttentionRecorder(model, lambda b: None):
+    with (
+        pytest.raises(AttnscopeError, match=r"blocks\.2"),
+        torch.no_grad(),
+        AttentionRecorder(model, lambda b: None),
+    ):
         model.forward_features(_input(model))
 
 

@@ -49,7 +49,12 @@ def test_entropy_writes_spec_files(tmp_path):
     assert info["token_layout"]["grid"] == [10, 10] and info["token_layout"]["has_cls"] is True
     assert len(info["images_used"]) == 2 and meta["seed"] == 0
     assert meta["versions"]["torch"] and meta["versions"]["timm"]
-    for name in ("layers_cls_self_attn", "heads_cls_self_attn", "heads_cls_patch_entropy_norm", "heads_attn_distance_px"):
+    for name in (
+        "layers_cls_self_attn",
+        "heads_cls_self_attn",
+        "heads_cls_patch_entropy_norm",
+        "heads_attn_distance_px",
+    ):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
         assert (out / "figures" / f"{name}.svg").exists()
     assert "cls_self_attn" in result.output and str(out) in result.output.replace("\n", "")
@@ -59,7 +64,12 @@ def test_entropy_writes_spec_files(tmp_path):
 
 def test_no_cls_model_has_no_cls_rows_and_register_rows(tmp_path):
     out = tmp_path / "run"
-    assert invoke("entropy", "--model", "test_vit2", "--random-init", "--max-images", "1", "--out", str(out)).exit_code == 0
+    assert (
+        invoke(
+            "entropy", "--model", "test_vit2", "--random-init", "--max-images", "1", "--out", str(out)
+        ).exit_code
+        == 0
+    )
     metrics = set(pd.read_csv(out / "layers.csv")["metric"])
     assert not any(m.startswith("cls_") or m == "patch_cls_attn" for m in metrics)
     assert "patch_register_mass" in metrics and "patch_residual_ratio" in metrics
@@ -113,7 +123,9 @@ def test_all_images_corrupt_is_an_error_and_each_is_warned(tmp_path):
     bad.mkdir()
     for i in range(3):
         (bad / f"b{i}.jpg").write_bytes(b"not a jpeg")
-    result = invoke("entropy", "--model", "test_vit", "--random-init", "--images", str(bad), "--out", str(tmp_path / "o"))
+    result = invoke(
+        "entropy", "--model", "test_vit", "--random-init", "--images", str(bad), "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(result, "none of the 3 images")
     assert result.output.count("skipped") == 3
 
@@ -124,7 +136,9 @@ def test_some_images_corrupt_are_listed_in_run_json(tmp_path):
     Image.new("RGB", (50, 40), (200, 10, 10)).save(imgs / "good.png")
     (imgs / "bad.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "o"
-    result = invoke("entropy", "--model", "test_vit", "--random-init", "--images", str(imgs), "--out", str(out))
+    result = invoke(
+        "entropy", "--model", "test_vit", "--random-init", "--images", str(imgs), "--out", str(out)
+    )
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "run.json").read_text())["models"]["test_vit"]
     assert [p.endswith("good.png") for p in meta["images_used"]] == [True]
@@ -134,7 +148,13 @@ def test_some_images_corrupt_are_listed_in_run_json(tmp_path):
 def test_models_lists_aliases():
     result = invoke("models")
     assert result.exit_code == 0
-    for alias in ("mae_vit_base", "dino_vit_base", "dinov2_reg_vit_base", "ijepa_vit_huge", "beitv2_vit_base"):
+    for alias in (
+        "mae_vit_base",
+        "dino_vit_base",
+        "dinov2_reg_vit_base",
+        "ijepa_vit_huge",
+        "beitv2_vit_base",
+    ):
         assert alias in result.output
     assert "fine-tuned" in result.output and "language-" in result.output
 
@@ -148,5 +168,7 @@ def test_help_is_instant_and_python_m_works():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    proc = subprocess.run([sys.executable, "-m", "attnscope", "--version"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnscope", "--version"], capture_output=True, text=True, check=True
+    )
     assert proc.stdout.startswith("attnscope ")

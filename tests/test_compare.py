@@ -36,8 +36,15 @@ def test_compare_writes_every_file(report):
     for name in ("layers.csv", "heads.csv", "summary.csv", "run.json", "report.html", "report.md"):
         assert (out / name).stat().st_size > 100, name
     figures = {p.name for p in (out / "figures").iterdir()}
-    for stem in ("depth_panels", "depth_panels_all", "heads_attn_distance", "heatmaps_cls_self_attn",
-                 "heatmaps_cls_patch_entropy_norm", "heatmaps_attn_distance_px", "gallery"):
+    for stem in (
+        "depth_panels",
+        "depth_panels_all",
+        "heads_attn_distance",
+        "heatmaps_cls_self_attn",
+        "heatmaps_cls_patch_entropy_norm",
+        "heatmaps_attn_distance_px",
+        "gallery",
+    ):
         assert f"{stem}.png" in figures and f"{stem}.svg" in figures, stem
     for slug in MODELS:
         for name in ("layers.csv", "heads.csv", "run.json", "gallery.npz"):
@@ -59,7 +66,12 @@ def test_stacked_tables_equal_the_single_model_runs(report, tmp_path):
     assert list(dict.fromkeys(layers["model"])) == MODELS
     # the same model through `attnscope entropy` gives the very same numbers
     single = tmp_path / "single"
-    assert invoke("entropy", "--model", "test_vit", "--random-init", "--max-images", "2", "--out", str(single)).exit_code == 0
+    assert (
+        invoke(
+            "entropy", "--model", "test_vit", "--random-init", "--max-images", "2", "--out", str(single)
+        ).exit_code
+        == 0
+    )
     for name, table in (("layers.csv", layers), ("heads.csv", heads)):
         mine = table[table["model"] == "test_vit"].drop(columns="family").reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, pd.read_csv(single / name))
@@ -71,14 +83,23 @@ def test_summary_marks_missing_metrics_as_missing_not_zero(report):
     out, _ = report
     summary = pd.read_csv(out / "summary.csv").set_index("model")
     assert list(summary.index) == MODELS
-    for metric in ("cls_self_attn", "cls_patch_entropy_norm", "cls_patch_eff_frac", "cls_patch_k90_frac",
-                   "patch_patch_entropy_norm", "attn_distance_px", "cls_residual_ratio"):
+    for metric in (
+        "cls_self_attn",
+        "cls_patch_entropy_norm",
+        "cls_patch_eff_frac",
+        "cls_patch_k90_frac",
+        "patch_patch_entropy_norm",
+        "attn_distance_px",
+        "cls_residual_ratio",
+    ):
         for which in ("last", "mean"):
             assert math.isfinite(summary.loc["test_vit", f"{metric}_{which}"])
     assert summary.loc["test_vit2", ["cls_self_attn_last", "cls_residual_ratio_mean"]].isna().all()
     assert summary.loc["test_vit2", "num_blocks"] == 8 and summary.loc["test_vit", "num_blocks"] == 6
     layers = pd.read_csv(out / "layers.csv")
-    last = layers[(layers["model"] == "test_vit") & (layers["layer"] == 5) & (layers["metric"] == "cls_self_attn")]
+    last = layers[
+        (layers["model"] == "test_vit") & (layers["layer"] == 5) & (layers["metric"] == "cls_self_attn")
+    ]
     assert summary.loc["test_vit", "cls_self_attn_last"] == pytest.approx(float(last["mean"].iloc[0]))
     text = (out / "summary.csv").read_text().splitlines()[2]
     assert ",," in text and ",0.0," not in text
@@ -121,7 +142,9 @@ def test_second_compare_reuses_runs_and_no_reuse_recomputes(report):
     assert not list((out / "figures").glob("*.svg"))  # this run asked for PNG only: no stale SVGs
 
     # a different image set changes the configuration hash: recomputed, not reused
-    result = invoke("compare", *MODELS, "--random-init", "--max-images", "1", "--gallery", "1", "--out", str(out))
+    result = invoke(
+        "compare", *MODELS, "--random-init", "--max-images", "1", "--gallery", "1", "--out", str(out)
+    )
     assert result.exit_code == 0 and "reused" not in result.output
     assert (out / "runs" / "test_vit" / "layers.csv").stat().st_mtime_ns != stamp
     assert set(pd.read_csv(out / "layers.csv")["count"]) == {1}
@@ -134,8 +157,14 @@ def test_relative_depth_aligns_models_of_different_depths(report):
     out, _ = report
     layers = pd.read_csv(out / "layers.csv")
     fams = dict.fromkeys(MODELS, "unknown")
-    fig = depth_panels(layers, ["patch_patch_entropy_norm"], palette=model_palette(MODELS),
-                       linestyles=family_linestyles(fams), families=fams, relative_depth=True)
+    fig = depth_panels(
+        layers,
+        ["patch_patch_entropy_norm"],
+        palette=model_palette(MODELS),
+        linestyles=family_linestyles(fams),
+        families=fams,
+        relative_depth=True,
+    )
     lines = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) > 1]
     assert len(lines) == 2
     for line in lines:
@@ -143,9 +172,15 @@ def test_relative_depth_aligns_models_of_different_depths(report):
         assert x[0] == 0.0 and x[-1] == 1.0
     assert sorted(len(ln.get_xdata()) for ln in lines) == [6, 8]
     assert "relative depth" in fig.axes[0].get_xlabel()
-    fig = depth_panels(layers, ["cls_self_attn"], palette=model_palette(MODELS),
-                       linestyles=family_linestyles(fams), families=fams, relative_depth=False,
-                       missing_reasons={"cls_self_attn": {"test_vit2": "no class token"}})
+    fig = depth_panels(
+        layers,
+        ["cls_self_attn"],
+        palette=model_palette(MODELS),
+        linestyles=family_linestyles(fams),
+        families=fams,
+        relative_depth=False,
+        missing_reasons={"cls_self_attn": {"test_vit2": "no class token"}},
+    )
     assert [len(ln.get_xdata()) for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) > 1] == [6]
     assert "no line for test_vit2 (no class token)" in fig.axes[0].get_xlabel()
 
@@ -154,24 +189,35 @@ def test_findings_sentences_from_numbers():
     from attnscope.compare import findings
 
     nan = float("nan")
-    summary = pd.DataFrame({
-        "model": ["mae", "dino", "ijepa"],
-        "random_init": [False, False, False],
-        "input_size": ["224x224", "224x224", "224x224"],
-        "cls_self_attn_last": [0.42, 0.08, nan],
-        "cls_patch_entropy_norm_last": [0.97, 0.81, nan],
-        "cls_patch_k90_frac_last": [0.8, 0.3, nan],
-        "patch_patch_entropy_norm_mean": [0.7, 0.7, 0.6],
-        "attn_distance_px_mean": [40.0, 80.0, 60.0],
-        "cls_residual_ratio_last": [0.5, 0.5, nan],
-    })
+    summary = pd.DataFrame(
+        {
+            "model": ["mae", "dino", "ijepa"],
+            "random_init": [False, False, False],
+            "input_size": ["224x224", "224x224", "224x224"],
+            "cls_self_attn_last": [0.42, 0.08, nan],
+            "cls_patch_entropy_norm_last": [0.97, 0.81, nan],
+            "cls_patch_k90_frac_last": [0.8, 0.3, nan],
+            "patch_patch_entropy_norm_mean": [0.7, 0.7, 0.6],
+            "attn_distance_px_mean": [40.0, 80.0, 60.0],
+            "cls_residual_ratio_last": [0.5, 0.5, nan],
+        }
+    )
     infos = {"ijepa": {"token_layout": {"has_cls": False, "num_registers": 0}}}
     sentences, notes = findings(summary, infos)
     text = " ".join(sentences)
-    assert "In the last block, mae's [cls] keeps 0.42 of its attention on itself vs 0.080 for dino (5.2x)." in text
-    assert "mae's [cls]→patch attention is closer to uniform in the last block (normalised entropy 0.97 vs 0.81 for dino)." in text
+    assert (
+        "In the last block, mae's [cls] keeps 0.42 of its attention on itself vs 0.080 for dino (5.2x)."
+        in text
+    )
+    assert (
+        "mae's [cls]→patch attention is closer to uniform in the last block (normalised entropy 0.97 vs 0.81 for dino)."
+        in text
+    )
     assert "dino's [cls] is the more selective" in text
-    assert "dino's patches look farther: mean attention distance 80 px vs 40 px for mae (2.0x) (others: ijepa 60 px)." in text
+    assert (
+        "dino's patches look farther: mean attention distance 80 px vs 40 px for mae (2.0x) (others: ijepa 60 px)."
+        in text
+    )
     assert "about equally" in text  # 0.5 vs 0.5 residual ratio: no winner is invented
     assert "ijepa" not in sentences[0]
     assert any("ijepa" in n and "no class token" in n for n in notes)
@@ -186,7 +232,10 @@ def test_findings_sentences_from_numbers():
         (["test_vit", "test_vit2", "--checkpoint", "test_vit"], "NAME=VALUE"),
         (["test_vit", "test_vit2", "--checkpoint", "dino=/x.pth"], "not one of the compared models"),
         (["test_vit", "test_vit2", "--checkpoint", "test_vit=/no/such.pth"], "checkpoint not found"),
-        (["test_vit", "test_vit2", "--checkpoint", "test_vit=a", "--checkpoint", "test_vit=b"], "given twice"),
+        (
+            ["test_vit", "test_vit2", "--checkpoint", "test_vit=a", "--checkpoint", "test_vit=b"],
+            "given twice",
+        ),
         (["test_vit", "test_vit2", "--family", "test_vit=alien"], "unknown family"),
         (["test_vit", "test_vit2", "--format", "gif"], "--format"),
         (["test_vit", "test_vit2", "--dtype", "float8"], "--dtype"),
@@ -233,14 +282,23 @@ def test_per_model_checkpoints_and_families(tmp_path, tiny):
     assert layers.groupby("model")["family"].first().to_dict() == {"test_vit": "MIM", "test_vit2": "JEA"}
     assert not (tmp_path / "out" / "figures" / "gallery.png").exists()
     # a new family needs no recompute (it changes no number); new weights do
-    again = compare_run(MODELS, out=tmp_path / "out", settings=CompareSettings(max_images=1, gallery=0),
-                        checkpoints=paths, families={"test_vit": "supervised"})
+    again = compare_run(
+        MODELS,
+        out=tmp_path / "out",
+        settings=CompareSettings(max_images=1, gallery=0),
+        checkpoints=paths,
+        families={"test_vit": "supervised"},
+    )
     assert [r.status for r in again.runs] == ["reused", "reused"]
     assert again.runs[0].plan.family == "supervised"
     # new weights for one model, a random-init baseline for the other: both recomputed
     torch.save(tiny("vit", seed=3).state_dict(), paths["test_vit"])
-    third = compare_run(MODELS, out=tmp_path / "out", settings=CompareSettings(max_images=1, gallery=0, random_init=True),
-                        checkpoints={"test_vit": paths["test_vit"]})
+    third = compare_run(
+        MODELS,
+        out=tmp_path / "out",
+        settings=CompareSettings(max_images=1, gallery=0, random_init=True),
+        checkpoints={"test_vit": paths["test_vit"]},
+    )
     assert [r.status for r in third.runs] == ["computed", "computed"]
     assert [r.info["random_init"] for r in third.runs] == [False, True]
 
@@ -274,7 +332,18 @@ def test_file_deleted_after_listing_is_skipped_not_a_crash(tmp_path, monkeypatch
     out = tmp_path / "cmp"
     result = CliRunner().invoke(
         app,
-        ["compare", "test_vit", "test_vit2", "--random-init", "--images", str(imgs), "--gallery", "0", "--out", str(out)],
+        [
+            "compare",
+            "test_vit",
+            "test_vit2",
+            "--random-init",
+            "--images",
+            str(imgs),
+            "--gallery",
+            "0",
+            "--out",
+            str(out),
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

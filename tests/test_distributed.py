@@ -284,7 +284,19 @@ def test_step_agreement_reduction_and_timeout(tmp_path):
 
 # ---------------------------------------------------------------- probe --no-cache: data-parallel heads
 
-STREAM_ARGS = ["--img-size", "64", "--max-images", "41", "--epochs", "2", "--batch-size", "8", "--maps", "0", "--no-cache"]
+STREAM_ARGS = [
+    "--img-size",
+    "64",
+    "--max-images",
+    "41",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--maps",
+    "0",
+    "--no-cache",
+]
 
 
 def test_probe_no_cache_trains_data_parallel_and_only_rank_0_writes(tmp_path, monkeypatch):
@@ -302,20 +314,27 @@ def test_probe_no_cache_trains_data_parallel_and_only_rank_0_writes(tmp_path, mo
     assert sorted(p.name for p in two.rglob("*")) == sorted(p.name for p in one.rglob("*"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no feature cache, no stray files
     # rank 0 alone prints, and says the batch of 8 is the sum of the ranks' shares
-    assert proc.stdout.count("results: two") == 1 and proc.stdout.count("probe accuracy on 41 evaluation images") == 1
+    assert (
+        proc.stdout.count("results: two") == 1
+        and proc.stdout.count("probe accuracy on 41 evaluation images") == 1
+    )
     assert proc.stderr.count("effective batch size 8, summed over 2 ranks x 4 images") == 1, proc.stderr
     assert proc.stderr.count("torchrun: each of the 2 ranks streams its share") == 1
 
     for name in ("results.csv", "summary.csv"):
         a, b = pd.read_csv(one / name), pd.read_csv(two / name)
         assert list(b.columns) == list(a.columns) and "eval_images" in b.columns, name
-        pd.testing.assert_frame_equal(b[["aggregator", "lr", "wd", "params"]], a[["aggregator", "lr", "wd", "params"]])
+        pd.testing.assert_frame_equal(
+            b[["aggregator", "lr", "wd", "params"]], a[["aggregator", "lr", "wd", "params"]]
+        )
         assert (b["eval_images"] == 41).all(), b["eval_images"]  # not 42 (padding), not 21 (one rank's share)
         # The ranks forward other batch compositions through the backbone, so tokens differ
         # from one process's in the last float32 bits; a prediction at a near-tie may flip:
         # at most one image of 41 (or of the 4 held out).
         for col in ("eval_top1", "eval_top5", "holdout_top1"):
-            np.testing.assert_allclose(b[col], a[col], atol=1.01 / 4 if col == "holdout_top1" else 1.01 / 41, err_msg=col)
+            np.testing.assert_allclose(
+                b[col], a[col], atol=1.01 / 4 if col == "holdout_top1" else 1.01 / 41, err_msg=col
+            )
     summary = pd.read_csv(two / "summary.csv")
     assert ((summary["eval_top5"] >= summary["eval_top1"]) & summary["eval_top1"].between(0, 1)).all()
     info = json.loads((two / "run.json").read_text())["models"]["test_vit"]
@@ -390,7 +409,9 @@ BANK = textwrap.dedent(
 )
 
 
-def test_data_parallel_bank_is_identical_on_every_rank_and_equals_one_process(tmp_path, monkeypatch, one_thread):
+def test_data_parallel_bank_is_identical_on_every_rank_and_equals_one_process(
+    tmp_path, monkeypatch, one_thread
+):
     """Gradient sums and BatchNorm statistics over the ranks are real: both ranks end with
     bitwise the same bank, and it computes what one process trains on the same data.
 
@@ -429,10 +450,19 @@ def test_data_parallel_bank_is_identical_on_every_rank_and_equals_one_process(tm
         pd.testing.assert_frame_equal(r0["results"][exact], single.results[exact])
         n_eval = 19 - sum(p < 19 for p in bank.UNREADABLE)
         assert (r0["results"]["eval_images"] == n_eval).all()  # the readable ones, each once
-        for col, n in (("eval_top1", n_eval), ("eval_top5", n_eval), ("holdout_top1", 4), ("train_top1", 27 - 8)):
-            np.testing.assert_allclose(r0["results"][col], single.results[col], atol=1.01 / n, err_msg=f"{name}: {col}")
+        for col, n in (
+            ("eval_top1", n_eval),
+            ("eval_top5", n_eval),
+            ("holdout_top1", 4),
+            ("train_top1", 27 - 8),
+        ):
+            np.testing.assert_allclose(
+                r0["results"][col], single.results[col], atol=1.01 / n, err_msg=f"{name}: {col}"
+            )
         for col in ("train_loss", "holdout_loss"):
-            np.testing.assert_allclose(r0["results"][col], single.results[col], rtol=1e-4, err_msg=f"{name}: {col}")
+            np.testing.assert_allclose(
+                r0["results"][col], single.results[col], rtol=1e-4, err_msg=f"{name}: {col}"
+            )
 
 
 FLAKY = textwrap.dedent(

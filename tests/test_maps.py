@@ -221,8 +221,22 @@ def test_maps_command_writes_one_figure_per_image(tmp_path):
     out = tmp_path / "maps"
     result = runner.invoke(
         app,
-        ["maps", "--model", "test_vit2", "--random-init", "--max-images", "2", "--heads", "all", "--query", "mean",
-         "--out", str(out), "--format", "svg"],
+        [
+            "maps",
+            "--model",
+            "test_vit2",
+            "--random-init",
+            "--max-images",
+            "2",
+            "--heads",
+            "all",
+            "--query",
+            "mean",
+            "--out",
+            str(out),
+            "--format",
+            "svg",
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -240,8 +254,23 @@ def test_maps_rollout_command(tmp_path):
     out = tmp_path / "maps"
     result = runner.invoke(
         app,
-        ["maps", "--model", "test_vit", "--random-init", "--max-images", "1", "--rollout", "--discard-ratio", "0.5",
-         "--upsample", "bilinear", "--contour", "0", "--out", str(out)],
+        [
+            "maps",
+            "--model",
+            "test_vit",
+            "--random-init",
+            "--max-images",
+            "1",
+            "--rollout",
+            "--discard-ratio",
+            "0.5",
+            "--upsample",
+            "bilinear",
+            "--contour",
+            "0",
+            "--out",
+            str(out),
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -264,8 +293,9 @@ def test_maps_rollout_command(tmp_path):
 )
 def test_maps_errors_are_one_line_and_write_nothing(tmp_path, args, needle):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["maps", *args, "--random-init", "--max-images", "1", "--out", str(out)],
-                           catch_exceptions=False)
+    result = runner.invoke(
+        app, ["maps", *args, "--random-init", "--max-images", "1", "--out", str(out)], catch_exceptions=False
+    )
     assert result.exit_code == 2, result.output
     assert needle in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not out.exists()

@@ -144,7 +144,15 @@ def test_named_dataset_offline_is_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in msg and "--data-root" in msg and "cifar-10-batches-py" in msg and str(tmp_path) in msg
     with pytest.raises(AttnscopeError, match="unknown dataset"):
         ds.load_probe_data(dataset="imagenet-22k", data_root=tmp_path)
-    assert set(ds.NAMED_DATASETS) >= {"cifar10", "cifar100", "stl10", "flowers102", "oxford_pets", "food101", "dtd"}
+    assert set(ds.NAMED_DATASETS) >= {
+        "cifar10",
+        "cifar100",
+        "stl10",
+        "flowers102",
+        "oxford_pets",
+        "food101",
+        "dtd",
+    }
 
 
 def test_named_dataset_adapter_reads_a_local_copy(tmp_path, monkeypatch):
@@ -185,7 +193,12 @@ def tiny_loaded():
 
 
 def material_for(loaded, source, extractor, **kw):
-    args = {"transform_config": extractor.transform_config, "prenorm": extractor.prenorm, "dtype": "float32", "seed": 0}
+    args = {
+        "transform_config": extractor.transform_config,
+        "prenorm": extractor.prenorm,
+        "dtype": "float32",
+        "seed": 0,
+    }
     args.update(kw)
     return feat.feature_key_material(loaded, item_ids=source.item_ids(), **args)
 
@@ -211,9 +224,13 @@ def test_cache_key_changes_with_everything_that_changes_features(tmp_path, tiny_
     assert base == feat.cache_key(material_for(tiny_loaded, source, ex))
     assert base != feat.cache_key(material_for(tiny_loaded, source, ex, prenorm=True))
     assert base != feat.cache_key(material_for(tiny_loaded, source, ex, dtype="bfloat16"))
-    assert base != feat.cache_key(material_for(tiny_loaded, source, ex, transform_config={**ex.transform_config, "crop_pct": 1.0}))
+    assert base != feat.cache_key(
+        material_for(tiny_loaded, source, ex, transform_config={**ex.transform_config, "crop_pct": 1.0})
+    )
     assert base != feat.cache_key(material_for(tiny_loaded, ds.FileSource(paths[:2]), ex))
-    assert base != feat.cache_key(material_for(tiny_loaded, source, ex, seed=1))  # random init seed = other weights
+    assert base != feat.cache_key(
+        material_for(tiny_loaded, source, ex, seed=1)
+    )  # random init seed = other weights
     st = paths[0].stat()
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert base != feat.cache_key(material_for(tiny_loaded, source, ex))
@@ -251,7 +268,9 @@ def test_extraction_is_resumable_atomic_and_indexed(tmp_path, tiny_loaded):
         feat.write_cache_index(cache)
 
     skipped = []
-    report = feat.extract_shards(ex, source, cache, range(len(source)), batch_size=2, on_skip=lambda p, r: skipped.append(p))
+    report = feat.extract_shards(
+        ex, source, cache, range(len(source)), batch_size=2, on_skip=lambda p, r: skipped.append(p)
+    )
     assert report.extracted == 6 and list(report.failures) == [4] and skipped == [paths[4]]
     index = feat.write_cache_index(cache)
     assert cache.is_complete() and index.failures.keys() == {4}
@@ -283,7 +302,9 @@ def test_streaming_source_skips_bad_images_once(tmp_path, tiny_loaded):
     (tmp_path / "bad.png").write_bytes(b"nope")
     source = ds.FileSource([*paths[:2], tmp_path / "bad.png", *paths[2:]])
     skipped = []
-    stream = feat.StreamSource(feat.TokenExtractor(tiny_loaded), source, on_skip=lambda p, r: skipped.append(p))
+    stream = feat.StreamSource(
+        feat.TokenExtractor(tiny_loaded), source, on_skip=lambda p, r: skipped.append(p)
+    )
     batches = list(stream.iterate(range(6), 2))
     assert [len(p) for _, p in batches] == [2, 2, 1] and 2 not in np.concatenate([p for _, p in batches])
     list(stream.iterate(range(6), 4, shuffle=True, rng=np.random.default_rng(0)))

@@ -37,8 +37,14 @@ def test_every_aggregator_beats_chance_and_a_second_run_reuses_the_cache(tmp_pat
     assert (summary["eval_top1"] > 0.25).all(), summary["eval_top1"]  # chance is 0.10 (10 digits)
     assert (summary["eval_top5"] > summary["eval_top1"]).all()
     assert len(first.results) == len(AGGREGATORS) * 2 and first.results["selected"].sum() == len(AGGREGATORS)
-    assert first.info["cache"]["train"]["extracted"] == first.info["splits"]["train"] + first.info["splits"]["holdout"]
-    assert first.info["features"]["norm"] == "final norm applied" and first.info["token_layout"]["grid"] == [3, 3]
+    assert (
+        first.info["cache"]["train"]["extracted"]
+        == first.info["splits"]["train"] + first.info["splits"]["holdout"]
+    )
+    assert first.info["features"]["norm"] == "final norm applied" and first.info["token_layout"]["grid"] == [
+        3,
+        3,
+    ]
     assert len(first.maps) == 3 and all(m.weights.shape == (3, 3) for m in first.maps)
     assert all(np.isclose(m.cls_attention.sum(), 1.0) and -1 <= m.spearman <= 1 for m in first.maps)
 
@@ -47,7 +53,9 @@ def test_every_aggregator_beats_chance_and_a_second_run_reuses_the_cache(tmp_pat
 
     monkeypatch.setattr(feat, "extract_shards", no_extraction)
     second = run_probe(config)
-    assert second.info["cache"]["train"]["extracted"] == 0 and second.info["cache"]["eval"]["reused"] == 359  # the digits eval split
+    assert (
+        second.info["cache"]["train"]["extracted"] == 0 and second.info["cache"]["eval"]["reused"] == 359
+    )  # the digits eval split
     pd.testing.assert_frame_equal(first.results, second.results)  # same cache, same seed: same numbers
 
 
@@ -60,10 +68,26 @@ def test_cli_writes_results_summary_maps_figures_and_run_json(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     text = result.output
-    for needle in ("RANDOM WEIGHTS", "feature cache:", "effective batch size", "learning rates: 0.01, 0.1", "abmilp", "Δ cls"):
+    for needle in (
+        "RANDOM WEIGHTS",
+        "feature cache:",
+        "effective batch size",
+        "learning rates: 0.01, 0.1",
+        "abmilp",
+        "Δ cls",
+    ):
         assert needle in text, needle
     results = pd.read_csv(out / "results.csv")
-    assert {"aggregator", "lr", "wd", "params", "train_top1", "holdout_top1", "eval_top1", "eval_top5"} <= set(results.columns)
+    assert {
+        "aggregator",
+        "lr",
+        "wd",
+        "params",
+        "train_top1",
+        "holdout_top1",
+        "eval_top1",
+        "eval_top5",
+    } <= set(results.columns)
     assert len(results) == 6
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["aggregator"]) == ["cls", "mean", "abmilp"] and "best_over_grid_eval_top1" in summary
@@ -91,7 +115,9 @@ def test_paper_recipe_no_class_token_and_streaming(tmp_path):
     meta = json.loads((out / "run.json").read_text())
     info = meta["models"]["test_vit2"]
     batch = info["recipe"]["batch_size"]
-    assert info["recipe"]["optimizer"] == "lars" and info["recipe"]["lrs"] == [pytest.approx(0.1 * batch / 256)]
+    assert info["recipe"]["optimizer"] == "lars" and info["recipe"]["lrs"] == [
+        pytest.approx(0.1 * batch / 256)
+    ]
     assert info["recipe"]["wds"] == [0.0] and info["cache"] is None
     assert list(pd.read_csv(out / "summary.csv")["aggregator"]) == ["mean", "abmilp"]
     assert info["token_layout"]["num_registers"] == 1
@@ -103,11 +129,24 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path):
         for c in ("a", "b"):
             for i in range(n):
                 (tmp_path / "data" / split / c).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / split / c / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{i}.png"
+                )
     bad = tmp_path / "data" / "train" / "a" / "zz_broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "run"
-    args = ["probe", *TINY, "--data", str(tmp_path / "data"), "--epochs", "2", "--maps", "0", "--cache-dir", str(tmp_path / "c")]
+    args = [
+        "probe",
+        *TINY,
+        "--data",
+        str(tmp_path / "data"),
+        "--epochs",
+        "2",
+        "--maps",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
     result = invoke(*args, "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "zz_broken.jpg" in result.output and "1 image(s) skipped" in result.output
@@ -122,7 +161,9 @@ def test_cli_refuses_when_the_cache_would_not_fit(tmp_path, monkeypatch):
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(feat.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
-    result = invoke("probe", *TINY, "--max-images", "50", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"))
+    result = invoke(
+        "probe", *TINY, "--max-images", "50", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")
+    )
     assert result.exit_code == 2
     assert "feature cache:" in result.output  # the estimate is shown before the refusal
     assert "--no-cache" in result.output and "Traceback" not in result.output
@@ -133,7 +174,9 @@ def test_cli_user_errors_are_one_line(tmp_path, monkeypatch):
     from attnscope.probe import datasets as ds
 
     monkeypatch.setattr(ds, "host_reachable", lambda host, timeout=3.0: False)
-    result = invoke("probe", *TINY, "--dataset", "cifar100", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"))
+    result = invoke(
+        "probe", *TINY, "--dataset", "cifar100", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")
+    )
     assert result.exit_code == 2 and "--data-root" in result.output and "Traceback" not in result.output
     result = invoke("probe", *TINY, "--aggregator", "cls,magic", "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and "unknown aggregator" in result.output

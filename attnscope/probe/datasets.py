@@ -154,7 +154,9 @@ class TorchvisionSource(ImageSource):
                 image = Image.fromarray(np.asarray(image))
             return image.convert("RGB")
         except Exception as exc:  # a bad record must not kill the run
-            raise ImageLoadError(self.describe(i), f"could not decode ({type(exc).__name__}: {exc})") from None
+            raise ImageLoadError(
+                self.describe(i), f"could not decode ({type(exc).__name__}: {exc})"
+            ) from None
 
     def describe(self, i: int) -> str:
         return f"{self.name}/{self.split}/{i}"
@@ -267,7 +269,9 @@ class ProbeData:
         }
 
 
-def _largest_remainder(counts: np.ndarray, total: int, caps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _largest_remainder(
+    counts: np.ndarray, total: int, caps: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Split `total` over classes proportionally to `counts`, never above `caps`."""
     total = int(min(total, caps.sum()))
     if total <= 0 or counts.sum() == 0:
@@ -290,7 +294,9 @@ def _largest_remainder(counts: np.ndarray, total: int, caps: np.ndarray, rng: np
     return take
 
 
-def stratified_split(labels: Sequence[int], fraction: float, seed: int, stream: int = _SPLIT_STREAM) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: Sequence[int], fraction: float, seed: int, stream: int = _SPLIT_STREAM
+) -> tuple[np.ndarray, np.ndarray]:
     """(kept, split-off) positions: about `fraction` of every class split off, seeded.
 
     Class shares follow the class sizes (largest remainder), and every class keeps at least
@@ -308,7 +314,7 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int, stream: 
         members = np.flatnonzero(inverse == c)
         members = members[rng.permutation(len(members))]
         split.append(members[: take[c]])
-        kept.append(members[take[c]:])
+        kept.append(members[take[c] :])
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(split)) if split else np.zeros(0, np.int64)
 
 
@@ -360,7 +366,9 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _scan_class_tree(root: Path, classes: list[str] | None, notes: list[str]) -> tuple[list[Path], list[str], list[str]]:
+def _scan_class_tree(
+    root: Path, classes: list[str] | None, notes: list[str]
+) -> tuple[list[Path], list[str], list[str]]:
     """(paths, label names, class names) of an ImageFolder-style tree."""
     if not root.is_dir():
         raise AttnscopeError(f"data folder not found: {root}")
@@ -395,8 +403,12 @@ def _split_from_train(
     full = LabelledSplit(source, labels, "train")
     kept, held = stratified_split(labels, val_fraction, seed)
     if len(held) == 0:
-        raise AttnscopeError(f"too few images ({len(labels)}) to split off an evaluation set; add images or use --val DIR")
-    notes.append(f"no evaluation split given: {len(held)} images ({val_fraction:.0%}, stratified, seed {seed}) held out for evaluation")
+        raise AttnscopeError(
+            f"too few images ({len(labels)}) to split off an evaluation set; add images or use --val DIR"
+        )
+    notes.append(
+        f"no evaluation split given: {len(held)} images ({val_fraction:.0%}, stratified, seed {seed}) held out for evaluation"
+    )
     ev = full.subset(held)
     ev.name = "split"
     return full.subset(kept), ev
@@ -435,7 +447,9 @@ def _detect_tree(root: Path) -> tuple[Path, Path | None, list[str]]:
         return root, None, notes
     evals = [sub[n] for n in _EVAL_DIR_NAMES if n in sub]
     if len(evals) > 1:
-        notes.append(f"{evals[0].name}/ used for evaluation; {', '.join(e.name + '/' for e in evals[1:])} ignored")
+        notes.append(
+            f"{evals[0].name}/ used for evaluation; {', '.join(e.name + '/' for e in evals[1:])} ignored"
+        )
     return sub["train"], (evals[0] if evals else None), notes
 
 
@@ -590,12 +604,14 @@ def _open_torchvision(spec: NamedDataset, root: Path, kwargs: dict[str, Any]) ->
     except RuntimeError:
         pass  # not there (or incomplete): try to download below
     how = (
-        f"download it on a machine with network (python -c \"import torchvision; "
+        f'download it on a machine with network (python -c "import torchvision; '
         f"torchvision.datasets.{spec.cls_name}('DIR', download=True)\") and pass --data-root DIR "
         f"(the folder that contains {spec.folder}/)"
     )
     if not host_reachable(spec.host):
-        raise AttnscopeError(f"{spec.name} is not under {root} and {spec.host} cannot be reached (offline?); {how}")
+        raise AttnscopeError(
+            f"{spec.name} is not under {root} and {spec.host} cannot be reached (offline?); {how}"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
         return cls(str(root), download=True, **kwargs)
@@ -634,6 +650,7 @@ def named_data(name: str, data_root: str | Path | None = None) -> ProbeData:
             split = str(kwargs.get("split", "train" if kwargs.get("train") else "test"))
             parts[side].append(_tv_part(spec, ds, split, fingerprint))
             classes = classes or list(getattr(ds, "classes", []) or [])
+
     def join(side: str) -> tuple[ImageSource, np.ndarray]:
         items = parts[side]
         if len(items) == 1:
@@ -647,7 +664,10 @@ def named_data(name: str, data_root: str | Path | None = None) -> ProbeData:
         classes = [str(i) for i in range(n_classes)]
     desc = {"source": "torchvision", "dataset": spec.name, "data_root": str(root.resolve())}
     return ProbeData(
-        LabelledSplit(train_src, train_lab, "train"), LabelledSplit(eval_src, eval_lab, spec.eval_name), classes, desc
+        LabelledSplit(train_src, train_lab, "train"),
+        LabelledSplit(eval_src, eval_lab, spec.eval_name),
+        classes,
+        desc,
     )
 
 
@@ -675,12 +695,18 @@ def load_probe_data(
     split (stratified). Both are seeded and applied after the train/eval split, so the
     evaluation set never depends on them.
     """
-    given = [n for n, v in (("--data", data), ("--train", train), ("--csv", csv_file), ("--dataset", dataset)) if v]
+    given = [
+        n for n, v in (("--data", data), ("--train", train), ("--csv", csv_file), ("--dataset", dataset)) if v
+    ]
     if len(given) > 1:
         raise AttnscopeError(f"{' and '.join(given)} exclude each other; give one data source")
     if val is not None and train is None:
         raise AttnscopeError("--val needs --train (or use --data DIR with train/ and val/ sub-folders)")
-    if data is not None and resolve_dataset_name(str(data)) is not None and not Path(data).expanduser().exists():
+    if (
+        data is not None
+        and resolve_dataset_name(str(data)) is not None
+        and not Path(data).expanduser().exists()
+    ):
         dataset, data = str(data), None
     if dataset is not None:
         result = named_data(dataset, data_root)
@@ -717,7 +743,9 @@ def load_probe_data(
             split: LabelledSplit = getattr(result, side)
             if len(split) > max_images:
                 setattr(result, side, split.subset(stratified_subsample(split.labels, max_images, seed)))
-                result.notes.append(f"--max-images: {side} split reduced to {max_images} images (stratified, seed {seed})")
+                result.notes.append(
+                    f"--max-images: {side} split reduced to {max_images} images (stratified, seed {seed})"
+                )
     unseen = sorted(set(np.unique(result.eval.labels)) - set(np.unique(result.train.labels)))
     if unseen:
         names = ", ".join(result.classes[i] for i in unseen[:5])

@@ -102,7 +102,11 @@ class ProbeImageDataset:
 
 
 def make_source_loader(
-    source: ImageSource, transform: Callable[[Any], torch.Tensor], positions: Sequence[int], batch_size: int, num_workers: int = 0
+    source: ImageSource,
+    transform: Callable[[Any], torch.Tensor],
+    positions: Sequence[int],
+    batch_size: int,
+    num_workers: int = 0,
 ):
     """A DataLoader of `ImageBatch` over `positions` of `source`, in the given order."""
     from torch.utils.data import DataLoader, Subset
@@ -127,7 +131,14 @@ class TokenExtractor:
     (`fc_norm`) have no per-token final norm; for them both settings give the same tokens.
     """
 
-    def __init__(self, loaded: LoadedModel, *, prenorm: bool = False, device: str | torch.device = "cpu", dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        prenorm: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+    ) -> None:
         import torch
 
         from attnscope.data import build_eval_transform
@@ -169,7 +180,9 @@ class TokenExtractor:
                     out = self.model.forward_features(images)
                 except AssertionError as exc:  # timm's input-size checks
                     size = f"{images.shape[-2]}x{images.shape[-1]}"
-                    raise AttnscopeError(f"{self.loaded.name} cannot take {size} inputs ({exc}); use --img-size") from exc
+                    raise AttnscopeError(
+                        f"{self.loaded.name} cannot take {size} inputs ({exc}); use --img-size"
+                    ) from exc
         finally:
             if handle is not None:
                 handle.remove()
@@ -234,7 +247,9 @@ def feature_key_material(
         "timm_name": loaded.spec.timm_name,
         "model_kwargs": dict(sorted((model_kwargs or {}).items())),
         "weights": weights_identity(loaded, seed),
-        "transform": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(transform_config.items())},
+        "transform": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(transform_config.items())
+        },
         "layer": "last",
         "prenorm": bool(prenorm),
         "forward_dtype": dtype,
@@ -291,7 +306,13 @@ class FeatureCache:
             except (OSError, ValueError):
                 continue  # unreadable meta: that shard is redone
             if (self.root / f"{meta_path.stem}.npy").is_file():
-                found.append(ShardMeta(meta_path.stem, [int(p) for p in meta["positions"]], {int(k): v for k, v in meta["failures"].items()}))
+                found.append(
+                    ShardMeta(
+                        meta_path.stem,
+                        [int(p) for p in meta["positions"]],
+                        {int(k): v for k, v in meta["failures"].items()},
+                    )
+                )
         return found
 
     def done_positions(self) -> set[int]:
@@ -308,13 +329,23 @@ class FeatureCache:
             index = json.loads(self.index_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-        return index.get("key") == self.key and all((self.root / f"{s['name']}.npy").is_file() for s in index["shards"])
+        return index.get("key") == self.key and all(
+            (self.root / f"{s['name']}.npy").is_file() for s in index["shards"]
+        )
 
     def total_bytes(self) -> int:
         return self.num_items * self.bytes_per_image
 
 
-def open_cache(cache_dir: str | Path, label: str, material: dict[str, Any], num_items: int, tokens: int, dim: int, shard_images: int | None = None) -> FeatureCache:
+def open_cache(
+    cache_dir: str | Path,
+    label: str,
+    material: dict[str, Any],
+    num_items: int,
+    tokens: int,
+    dim: int,
+    shard_images: int | None = None,
+) -> FeatureCache:
     """The cache folder for `material` (created with its key.json if new)."""
     key = cache_key(material)
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)[:40]
@@ -330,10 +361,18 @@ def open_cache(cache_dir: str | Path, label: str, material: dict[str, Any], num_
     try:
         root.mkdir(parents=True, exist_ok=True)
         if not key_file.is_file():
-            doc = {"key": key, "material": material, "tokens": tokens, "dim": dim, "shard_images": shard_images}
+            doc = {
+                "key": key,
+                "material": material,
+                "tokens": tokens,
+                "dim": dim,
+                "shard_images": shard_images,
+            }
             write_text_atomic(key_file, json.dumps(doc, indent=2, default=str) + "\n")
     except OSError as exc:
-        raise AttnscopeError(f"cannot create the feature cache in {root}: {exc.strerror or exc}; use --cache-dir or --no-cache") from exc
+        raise AttnscopeError(
+            f"cannot create the feature cache in {root}: {exc.strerror or exc}; use --cache-dir or --no-cache"
+        ) from exc
     _remove_stale_tmp(root)
     return cache
 
@@ -413,13 +452,15 @@ def extract_shards(
     start = time.perf_counter()
     total, done = len(todo), 0
     for first in range(0, len(todo), cache.shard_images):
-        chunk = todo[first:first + cache.shard_images]
+        chunk = todo[first : first + cache.shard_images]
         name = f"shard-{chunk[0]:09d}-{chunk[-1]:09d}"
         row_of = {p: r for r, p in enumerate(chunk)}
         failures: dict[int, str] = {}
         target = cache.root / f"{name}.npy"
         with atomic_path(target) as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(chunk), cache.tokens, cache.dim))
+            arr = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.float16, shape=(len(chunk), cache.tokens, cache.dim)
+            )
             for batch in make_source_loader(source, extractor.transform, chunk, batch_size, num_workers):
                 for pos, reason in batch.failures:
                     failures[pos] = reason
@@ -464,7 +505,9 @@ def write_cache_index(cache: FeatureCache) -> CacheIndex:
         owner.update(dict.fromkeys(shard.positions, shard.name))
     missing = [p for p in range(cache.num_items) if p not in owner]
     if missing:
-        raise AttnscopeError(f"feature cache {cache.root} is incomplete: {len(missing)} images have no shard yet")
+        raise AttnscopeError(
+            f"feature cache {cache.root} is incomplete: {len(missing)} images have no shard yet"
+        )
     failures = {p: r for s in chosen for p, r in s.failures.items()}
     doc = {
         "key": cache.key,
@@ -484,7 +527,9 @@ def read_cache_index(cache: FeatureCache) -> CacheIndex:
     doc = json.loads(cache.index_path.read_text(encoding="utf-8"))
     shards = [ShardMeta(s["name"], [int(p) for p in s["positions"]], {}) for s in doc["shards"]]
     failures = {int(k): v for k, v in doc["failures"].items()}
-    return CacheIndex(doc["key"], int(doc["num_items"]), int(doc["tokens"]), int(doc["dim"]), shards, failures)
+    return CacheIndex(
+        doc["key"], int(doc["num_items"]), int(doc["tokens"]), int(doc["dim"]), shards, failures
+    )
 
 
 class FeatureStore:
@@ -544,7 +589,15 @@ class StreamSource:
     bounds its memory); its outputs are regrouped into the batches `iterate` is asked for.
     """
 
-    def __init__(self, extractor: TokenExtractor, source: ImageSource, *, batch_size: int = 64, num_workers: int = 0, on_skip: SkipFn | None = None) -> None:
+    def __init__(
+        self,
+        extractor: TokenExtractor,
+        source: ImageSource,
+        *,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        on_skip: SkipFn | None = None,
+    ) -> None:
         self.extractor = extractor
         self.source = source
         self.batch_size = batch_size
@@ -552,11 +605,21 @@ class StreamSource:
         self.on_skip = on_skip
         self.failures: dict[int, str] = {}
 
-    def iterate(self, positions: Sequence[int], batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    def iterate(
+        self,
+        positions: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         positions = np.asarray([p for p in positions if int(p) not in self.failures], dtype=np.int64)
         if shuffle:
             positions = positions[(rng or np.random.default_rng()).permutation(len(positions))]
-        loader = make_source_loader(self.source, self.extractor.transform, positions, self.batch_size, self.num_workers)
+        loader = make_source_loader(
+            self.source, self.extractor.transform, positions, self.batch_size, self.num_workers
+        )
         pending_tokens: list[torch.Tensor] = []
         pending_pos: list[np.ndarray] = []
         for batch in loader:

@@ -29,7 +29,9 @@ def _setup():
     return plt, sns
 
 
-def accuracy_by_aggregator(results: pd.DataFrame, summary: pd.DataFrame, *, label: str = "", num_classes: int | None = None) -> Figure:
+def accuracy_by_aggregator(
+    results: pd.DataFrame, summary: pd.DataFrame, *, label: str = "", num_classes: int | None = None
+) -> Figure:
     """Bars: evaluation top-1 of each aggregator's head selected on the hold-out.
 
     Dots are every head of the grid; the open diamond is the best-over-grid evaluation
@@ -47,11 +49,37 @@ def accuracy_by_aggregator(results: pd.DataFrame, summary: pd.DataFrame, *, labe
         accs = results.loc[results["aggregator"] == name, "eval_top1"].to_numpy() * 100
         ax.scatter(i + rng.uniform(-0.18, 0.18, len(accs)), accs, s=12, color="0.25", alpha=0.6, zorder=3,
                    label="every head of the grid" if i == 0 else None)  # fmt: skip
-        ax.text(i, 1.5, f"{sel[i]:.1f}", ha="center", va="bottom", color="white", fontsize=10, fontweight="bold", zorder=4)
+        ax.text(
+            i,
+            1.5,
+            f"{sel[i]:.1f}",
+            ha="center",
+            va="bottom",
+            color="white",
+            fontsize=10,
+            fontweight="bold",
+            zorder=4,
+        )
     best = summary["best_over_grid_eval_top1"].to_numpy() * 100
-    ax.scatter(x, best, marker="D", s=40, facecolors="none", edgecolors="black", zorder=4, label="best over grid (optimistic)")
+    ax.scatter(
+        x,
+        best,
+        marker="D",
+        s=40,
+        facecolors="none",
+        edgecolors="black",
+        zorder=4,
+        label="best over grid (optimistic)",
+    )
     if num_classes:
-        ax.axhline(100.0 / num_classes, color="0.4", ls="--", lw=1, zorder=1, label=f"chance ({100.0 / num_classes:.1f}%)")
+        ax.axhline(
+            100.0 / num_classes,
+            color="0.4",
+            ls="--",
+            lw=1,
+            zorder=1,
+            label=f"chance ({100.0 / num_classes:.1f}%)",
+        )
     ax.set_xticks(x, names)
     ax.set_ylabel("evaluation top-1 accuracy (%)")
     top = max(float(np.nanmax(best)), float(np.nanmax(sel)))
@@ -81,12 +109,24 @@ def accuracy_by_lr(results: pd.DataFrame, *, label: str = "") -> Figure:
         if has_hold:
             ax.plot(best["lr"], best["holdout_top1"] * 100, ls="--", color=palette[name], alpha=0.7)
         chosen = g[g["selected"]] if "selected" in g else g.iloc[:0]
-        ax.scatter(chosen["lr"], chosen["eval_top1"] * 100, s=90, facecolors="none", edgecolors=palette[name], linewidths=1.6, zorder=3)
+        ax.scatter(
+            chosen["lr"],
+            chosen["eval_top1"] * 100,
+            s=90,
+            facecolors="none",
+            edgecolors=palette[name],
+            linewidths=1.6,
+            zorder=3,
+        )
     if results["lr"].nunique() > 1:
         ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("top-1 accuracy (%)")
-    subtitle = "solid: evaluation, dashed: hold-out, circle: selected" if has_hold else "evaluation; circle: selected"
+    subtitle = (
+        "solid: evaluation, dashed: hold-out, circle: selected"
+        if has_hold
+        else "evaluation; circle: selected"
+    )
     ax.set_title(f"{label}: learning-rate grid\n{subtitle}" if label else subtitle, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -96,7 +136,15 @@ def accuracy_by_lr(results: pd.DataFrame, *, label: str = "") -> Figure:
 def _overlay(ax, image: np.ndarray, grid_values: np.ndarray, vmax: float, title: str):
     h, w = image.shape[:2]
     ax.imshow(image.mean(axis=2), cmap="gray", extent=(0, w, h, 0), vmin=0, vmax=1)
-    im = ax.imshow(grid_values, cmap="inferno", alpha=0.7, extent=(0, w, h, 0), interpolation="nearest", vmin=0, vmax=vmax)
+    im = ax.imshow(
+        grid_values,
+        cmap="inferno",
+        alpha=0.7,
+        extent=(0, w, h, 0),
+        interpolation="nearest",
+        vmin=0,
+        vmax=vmax,
+    )
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     return im
@@ -114,7 +162,11 @@ def selection_maps(maps: Sequence[MapRecord], *, label: str = "") -> Figure:
     with_cls = any(m.cls_attention is not None for m in maps)
     cols = 3 if with_cls else 2
     fig, axes = plt.subplots(
-        len(maps), cols, figsize=(2.5 * cols + 0.8, 2.5 * len(maps) + 0.6), squeeze=False, layout="constrained"
+        len(maps),
+        cols,
+        figsize=(2.5 * cols + 0.8, 2.5 * len(maps) + 0.6),
+        squeeze=False,
+        layout="constrained",
     )
     for row, m in zip(axes, maps, strict=True):
         short = m.item if len(m.item) <= 28 else "..." + m.item[-25:]
@@ -132,7 +184,13 @@ def selection_maps(maps: Sequence[MapRecord], *, label: str = "") -> Figure:
                 row[2].axis("off")
             else:
                 rho = "n/a" if math.isnan(m.spearman) else f"{m.spearman:+.2f}"
-                _overlay(row[2], m.image, cls, vmax, f"last-block [cls] attention (max {cls.max():.1f}x)\nSpearman rho = {rho}")
+                _overlay(
+                    row[2],
+                    m.image,
+                    cls,
+                    vmax,
+                    f"last-block [cls] attention (max {cls.max():.1f}x)\nSpearman rho = {rho}",
+                )
         fig.colorbar(im, ax=list(row[1:]), shrink=0.85, label="x uniform")
     title = "what the probe selects vs what [cls] attends to"
     fig.suptitle(f"{label}: {title}" if label else title, fontsize=10)

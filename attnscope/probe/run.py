@@ -161,7 +161,9 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    device = distributed.setup(config.device)  # torchrun: this rank's device; features are extracted in shares
+    device = distributed.setup(
+        config.device
+    )  # torchrun: this rank's device; features are extracted in shares
     main = distributed.is_main()
     # torchrun + --no-cache: no cache to share out, so the ranks share every training batch instead
     data_parallel = config.no_cache and distributed.is_distributed()
@@ -181,9 +183,15 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
         dropped = [a for a in aggregators if a in NEEDS_CLS and not layout.has_cls]
         if dropped:
             aggregators = [a for a in aggregators if a not in dropped]
-            _note(cb, notes, f"{loaded.name} has no class token: {', '.join(dropped)} dropped (mean is its linear baseline)")
+            _note(
+                cb,
+                notes,
+                f"{loaded.name} has no class token: {', '.join(dropped)} dropped (mean is its linear baseline)",
+            )
             if not aggregators:
-                raise AttnscopeError(f"no aggregator left for {loaded.name} (no class token); try --aggregator mean,abmilp")
+                raise AttnscopeError(
+                    f"no aggregator left for {loaded.name} (no class token); try --aggregator mean,abmilp"
+                )
         if config.prenorm and not extractor.has_token_norm:
             _note(cb, notes, f"{loaded.name} has no per-token final norm; --prenorm changes nothing")
 
@@ -202,7 +210,9 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
         )
         for n in data.notes:
             _note(cb, notes, n)
-        fit_all, hold_all = stratified_split(data.train.labels, config.holdout_fraction, config.seed, _HOLDOUT_STREAM)
+        fit_all, hold_all = stratified_split(
+            data.train.labels, config.holdout_fraction, config.seed, _HOLDOUT_STREAM
+        )
         tokens, dim = extractor.token_shape()
         timings["load"] = time.perf_counter() - t0
 
@@ -230,7 +240,15 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
                     loaded, transform_config=extractor.transform_config, prenorm=config.prenorm, dtype=config.dtype,
                     seed=config.seed, item_ids=split.source.item_ids(), model_kwargs=config.model_kwargs,
                 )  # fmt: skip
-                cache = feat.open_cache(cache_dir, f"{loaded.spec.arch}-{name}", material, len(split), tokens, dim, config.shard_images)
+                cache = feat.open_cache(
+                    cache_dir,
+                    f"{loaded.spec.arch}-{name}",
+                    material,
+                    len(split),
+                    tokens,
+                    dim,
+                    config.shard_images,
+                )
                 caches[name] = cache
                 complete = cache.is_complete()
                 pending = 0 if complete else len(cache.pending(range(len(split))))
@@ -307,12 +325,18 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
             store = feat.FeatureStore(cache, index)
             if cb.on_skip is not None:
                 for pos, reason in sorted(index.failures.items()):
-                    if pos not in shown:  # a reused cache still lists what it skipped; so do other ranks' shares
+                    if (
+                        pos not in shown
+                    ):  # a reused cache still lists what it skipped; so do other ranks' shares
                         cb.on_skip(split.source.path(pos), reason)
             failures[name] = dict(index.failures)
             in_ram = cache.total_bytes() <= budget
             budget -= cache.total_bytes() if in_ram else 0  # both splits share the one budget
-            sources[name] = TensorSource(torch.from_numpy(store.load_all()), device) if in_ram else StoreSource(store, device)
+            sources[name] = (
+                TensorSource(torch.from_numpy(store.load_all()), device)
+                if in_ram
+                else StoreSource(store, device)
+            )
             cache_info[name] = {
                 "path": str(cache.root),
                 "key": cache.key,
@@ -323,7 +347,9 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
                 "read_into_ram": in_ram,
             }
     timings["features"] = time.perf_counter() - t1
-    if not main and not data_parallel:  # torchrun: the caches are complete; rank 0 alone trains the heads and writes
+    if (
+        not main and not data_parallel
+    ):  # torchrun: the caches are complete; rank 0 alone trains the heads and writes
         return None
 
     def valid(name: str, positions: Sequence[int]) -> np.ndarray:
@@ -338,14 +364,23 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
         if len(ev) == 0:
             raise AttnscopeError("none of the evaluation images could be read")
         if len(hold) == 0 and config.holdout_fraction > 0:
-            _note(cb, notes, "the hold-out is empty (too few training images): heads are selected on training accuracy")
+            _note(
+                cb,
+                notes,
+                "the hold-out is empty (too few training images): heads are selected on training accuracy",
+            )
         elif 0 < len(hold) < 50:
             _note(cb, notes, f"the hold-out has only {len(hold)} images: hyper-parameter selection is noisy")
         if config.holdout_fraction == 0:
             _note(cb, notes, "--holdout-fraction 0: heads are selected on training accuracy")
 
         recipe = resolve_recipe(
-            config.recipe, n_train=len(fit), batch_size=config.batch_size, epochs=config.epochs, lrs=config.lrs, wds=config.wds
+            config.recipe,
+            n_train=len(fit),
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            lrs=config.lrs,
+            wds=config.wds,
         )
         for n in recipe.notes:
             _note(cb, notes, n)
@@ -395,7 +430,12 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
         for theirs in distributed.all_gather(own) if data_parallel else [own]:
             for name in splits:
                 for pos, reason in sorted(theirs[name].items()):
-                    if main and cb.on_skip is not None and pos not in own[name] and pos not in failures.get(name, {}):
+                    if (
+                        main
+                        and cb.on_skip is not None
+                        and pos not in own[name]
+                        and pos not in failures.get(name, {})
+                    ):
                         cb.on_skip(splits[name].source.path(pos), reason)
                     failures.setdefault(name, {})[pos] = reason
         failures = {name: dict(sorted(f.items())) for name, f in failures.items()}
@@ -419,7 +459,9 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
                 "norm": extractor.norm_label,
                 "tokens": tokens,
                 "dim": dim,
-                "transform": {k: (list(v) if isinstance(v, tuple) else v) for k, v in extractor.transform_config.items()},
+                "transform": {
+                    k: (list(v) if isinstance(v, tuple) else v) for k, v in extractor.transform_config.items()
+                },
                 "forward_dtype": config.dtype,
             },
             "data": data.summary(),
@@ -434,7 +476,10 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
                 for name in splits
                 for p, r in sorted(failures.get(name, {}).items())
             ],
-            "maps": [{"item": m.item, "label": m.label, "aggregator": m.aggregator, "spearman": m.spearman} for m in maps],
+            "maps": [
+                {"item": m.item, "label": m.label, "aggregator": m.aggregator, "spearman": m.spearman}
+                for m in maps
+            ],
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "device": str(device),
             "notes": notes,
@@ -502,7 +547,9 @@ def _selection_maps(bank, summary, extractor, data, eval_source, ev, config, not
     else:
         notes.append("maps: the model has no class token, so only the selective weights are shown")
 
-    mean = np.asarray(extractor.transform_config.get("mean", (0.5, 0.5, 0.5)), dtype=np.float32)[:, None, None]
+    mean = np.asarray(extractor.transform_config.get("mean", (0.5, 0.5, 0.5)), dtype=np.float32)[
+        :, None, None
+    ]
     std = np.asarray(extractor.transform_config.get("std", (0.5, 0.5, 0.5)), dtype=np.float32)[:, None, None]
     gh, gw = layout.grid
     records = []
@@ -548,7 +595,9 @@ def maps_table(maps: Sequence[MapRecord]) -> pd.DataFrame:
     )
 
 
-def write_probe_run(writer: Any, result: ProbeResult, meta: dict[str, Any], formats: Sequence[str] = ("png",)) -> None:
+def write_probe_run(
+    writer: Any, result: ProbeResult, meta: dict[str, Any], formats: Sequence[str] = ("png",)
+) -> None:
     """results.csv, summary.csv, maps.csv, figures/, then run.json last (it marks a finished run)."""
     from attnscope.probe.plots import accuracy_by_aggregator, accuracy_by_lr, selection_maps
 
@@ -556,9 +605,15 @@ def write_probe_run(writer: Any, result: ProbeResult, meta: dict[str, Any], form
     writer.write_csv("summary.csv", result.summary)
     label = result.info["name"] + (" (RANDOM WEIGHTS)" if result.info.get("random_init") else "")
     num_classes = result.info["data"]["num_classes"]
-    writer.write_figure("figures/accuracy_by_aggregator", accuracy_by_aggregator(result.results, result.summary, label=label, num_classes=num_classes), formats)
+    writer.write_figure(
+        "figures/accuracy_by_aggregator",
+        accuracy_by_aggregator(result.results, result.summary, label=label, num_classes=num_classes),
+        formats,
+    )
     writer.write_figure("figures/accuracy_by_lr", accuracy_by_lr(result.results, label=label), formats)
     if result.maps:
         writer.write_csv("maps.csv", maps_table(result.maps))
-        writer.write_figure("figures/selection_vs_cls_attention", selection_maps(result.maps, label=label), formats)
+        writer.write_figure(
+            "figures/selection_vs_cls_attention", selection_maps(result.maps, label=label), formats
+        )
     writer.write_json("run.json", meta)
