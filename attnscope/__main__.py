@@ -1,5 +1,5 @@
 """`python -m attnscope` (also what torchrun runs)."""
 
-from attnscope.cli import main
+from attnscope.cli.app import main
 
 main()

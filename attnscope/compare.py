@@ -359,7 +359,8 @@ def run_or_reuse(
     """
     from attnscope import distributed
     from attnscope.analysis import build_info, run_statistics_all_ranks
-    from attnscope.pipeline import NullUI, random_init_label
+    from attnscope.commands.ui import NullUI
+    from attnscope.models import display_name, random_weights_warning
     from attnscope.results import RunWriter, run_metadata
 
     ui = ui or NullUI()
@@ -399,10 +400,8 @@ def run_or_reuse(
     with distributed.step(), ui.status(f"loading {plan.name}"):
         loaded = _load(plan, settings)
     if loaded.random_init:
-        ui.banner(
-            f"{plan.name}: RANDOM WEIGHTS (seed {settings.seed}) - these numbers say nothing about a pretrained model"
-        )
-    label = random_init_label(plan.name) if loaded.random_init else plan.name
+        ui.banner(random_weights_warning(plan.name, settings.seed))
+    label = display_name(plan.name, loaded.random_init)
     with ui.progress(label) as prog:
         task = prog.add_task(label, total=distributed.share_size(len(paths)))  # torchrun: rank 0's share
         accumulator, layout, used, failures = run_statistics_all_ranks(
@@ -716,8 +715,8 @@ def compare_run(
     Comparison, the other ranks return None.
     """
     from attnscope import distributed
+    from attnscope.commands.ui import NullUI
     from attnscope.data import collect_image_paths
-    from attnscope.pipeline import NullUI
     from attnscope.results import RunWriter, run_metadata
 
     ui = ui or NullUI()

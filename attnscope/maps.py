@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from attnscope.errors import AttnscopeError
+from attnscope.models.loading import display_name, random_weights_warning
 
 if TYPE_CHECKING:
     import torch
@@ -473,10 +474,10 @@ def maps_run(
 
     import torch
 
+    from attnscope.commands.ui import NullUI
     from attnscope.data import collect_image_paths
     from attnscope.models import load_model
-    from attnscope.pipeline import NullUI
-    from attnscope.plots_compare import overlay_figure
+    from attnscope.plots.compare import overlay_figure
     from attnscope.results import RunWriter, default_run_dir, run_metadata
 
     ui = ui or NullUI()
@@ -493,7 +494,7 @@ def maps_run(
             model, checkpoint=checkpoint, random_init=random_init, seed=seed, img_size=img_size
         )
     if random_init:
-        ui.banner(f"{model}: RANDOM WEIGHTS (seed {seed}) - these maps say nothing about a pretrained model")
+        ui.banner(random_weights_warning(model, seed, "maps"))
     with ui.progress(model) as prog:
         task = prog.add_task(model, total=len(paths))
         result = collect_maps(
@@ -512,7 +513,7 @@ def maps_run(
     for path, reason in result.skipped:
         ui.skip(path, reason)
 
-    label = f"{model} (RANDOM WEIGHTS)" if random_init else model
+    label = display_name(model, random_init)
     cell = (q.row, q.col) if q.kind == "patch" else None
     stems = _figure_stems(result.paths)
     for i, (path, stem) in enumerate(zip(result.paths, stems, strict=True)):

@@ -59,8 +59,7 @@ def build_figures(
     """Draw and write every comparison figure (PNG always, plus `formats`), one at a time."""
     from attnscope.compare import HEADLINE_METRICS
     from attnscope.metrics import ALL_METRICS
-    from attnscope.plots import metric_label, model_palette
-    from attnscope.plots_compare import (
+    from attnscope.plots.compare import (
         GalleryColumn,
         attention_gallery,
         depth_panels,
@@ -68,6 +67,7 @@ def build_figures(
         head_scatter,
         heatmaps_side_by_side,
     )
+    from attnscope.plots.entropy import metric_label, model_palette
 
     models = [r.name for r in runs]
     palette = model_palette(models)
@@ -254,7 +254,7 @@ def summary_rows(summary: pd.DataFrame, runs: Sequence[ModelRun]) -> tuple[list[
     Cells are text, or ("—", why) for a metric the model does not have: missing, never 0.
     """
     from attnscope.compare import HEADLINE_METRICS, missing_reason
-    from attnscope.plots import metric_label
+    from attnscope.plots.entropy import metric_label
 
     infos = {r.name: r.info for r in runs}
     models = [str(m) for m in summary["model"]]
@@ -383,7 +383,7 @@ def render_html(
 ) -> str:
     """The whole report as one HTML document with no external resource."""
     from attnscope import __version__
-    from attnscope.plots import model_palette
+    from attnscope.plots.entropy import model_palette
 
     palette = {m: _hex(c) for m, c in model_palette([r.name for r in runs]).items()}
     created = _dt.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from attnscope.cli import app
+from attnscope.cli.app import app
 from attnscope.metrics import ALL_METRICS
 
 runner = CliRunner()
@@ -162,7 +162,7 @@ def test_models_lists_aliases():
 def test_help_is_instant_and_python_m_works():
     """--help must not import torch/timm (checked in a clean interpreter)."""
     code = (
-        "import sys; from typer.testing import CliRunner; from attnscope.cli import app; "
+        "import sys; from typer.testing import CliRunner; from attnscope.cli.app import app; "
         "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
         "heavy = [m for m in ('torch', 'timm', 'seaborn', 'pandas') if m in sys.modules]; "
         "assert not heavy, heavy"

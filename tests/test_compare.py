@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from attnscope.cli import app
+from attnscope.cli.app import app
 
 runner = CliRunner()
 MODELS = ["test_vit", "test_vit2"]  # 6 blocks with [cls] vs 8 blocks, no [cls], one register
@@ -151,8 +151,8 @@ def test_second_compare_reuses_runs_and_no_reuse_recomputes(report):
 
 
 def test_relative_depth_aligns_models_of_different_depths(report):
-    from attnscope.plots import model_palette
-    from attnscope.plots_compare import depth_panels, family_linestyles
+    from attnscope.plots.compare import depth_panels, family_linestyles
+    from attnscope.plots.entropy import model_palette
 
     out, _ = report
     layers = pd.read_csv(out / "layers.csv")

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from attnscope.cli import app
+from attnscope.cli.app import app
 from attnscope.data import bundled_sample_paths
 
 TINY = ["--model", "test_vit", "--random-init"]
@@ -481,7 +481,7 @@ FLAKY = textwrap.dedent(
         return forward(self, images)
 
     features.TokenExtractor.__call__ = flaky
-    from attnscope.cli import app
+    from attnscope.cli.app import app
     app(sys.argv[1:], prog_name="attnscope")
     """
 )

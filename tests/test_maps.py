@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnscope.cli import app
+from attnscope.cli.app import app
 from attnscope.errors import AttnscopeError
 from attnscope.maps import (
     Query,
@@ -302,7 +302,7 @@ def test_maps_errors_are_one_line_and_write_nothing(tmp_path, args, needle):
 
 
 def test_overlay_figure_has_colourbar_and_query_box():
-    from attnscope.plots_compare import overlay_figure
+    from attnscope.plots.compare import overlay_figure
 
     view = np.zeros((48, 40, 3), dtype=np.uint8)
     maps = np.random.default_rng(0).dirichlet(np.ones(15), size=3).reshape(3, 3, 5)

@@ -162,7 +162,7 @@ def test_unreachable_hub_fails_fast_with_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    import attnscope.models as models
+    import attnscope.models.hub as models
 
     monkeypatch.setattr(models, "_cached_hub_file", lambda cfg: None)
     start = time.monotonic()
@@ -176,7 +176,7 @@ def test_unreachable_hub_fails_fast_with_one_line(monkeypatch, tmp_path):
 
 def test_offline_env_cache_miss(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import attnscope.models as models
+    import attnscope.models.hub as models
 
     monkeypatch.setattr(models, "_cached_hub_file", lambda cfg: None)
     with pytest.raises(AttnscopeError, match="HF_HUB_OFFLINE is set.*--checkpoint"):
@@ -185,7 +185,7 @@ def test_offline_env_cache_miss(monkeypatch):
 
 def test_cached_weights_load_without_network(monkeypatch, tmp_path):
     """A file in the HF cache is loaded through timm's own loader with no request at all."""
-    import attnscope.models as models
+    import attnscope.models.hub as models
 
     src = timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0)
     path = tmp_path / "model.safetensors"

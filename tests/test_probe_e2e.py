@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from attnscope.cli import app
+from attnscope.cli.app import app
 from attnscope.probe import features as feat
 from attnscope.probe.heads import AGGREGATORS
 from attnscope.probe.run import ProbeConfig, run_probe

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attnscope.errors import AttnscopeError
+from attnscope.models.loading import display_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -599,11 +600,11 @@ def write_probe_run(
     writer: Any, result: ProbeResult, meta: dict[str, Any], formats: Sequence[str] = ("png",)
 ) -> None:
     """results.csv, summary.csv, maps.csv, figures/, then run.json last (it marks a finished run)."""
-    from attnscope.probe.plots import accuracy_by_aggregator, accuracy_by_lr, selection_maps
+    from attnscope.plots.probe import accuracy_by_aggregator, accuracy_by_lr, selection_maps
 
     writer.write_csv("results.csv", result.results)
     writer.write_csv("summary.csv", result.summary)
-    label = result.info["name"] + (" (RANDOM WEIGHTS)" if result.info.get("random_init") else "")
+    label = display_name(result.info["name"], bool(result.info.get("random_init")))
     num_classes = result.info["data"]["num_classes"]
     writer.write_figure(
         "figures/accuracy_by_aggregator",

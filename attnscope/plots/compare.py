@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from attnscope.plots import UNIT_INTERVAL, _setup, metric_label
+from attnscope.plots.entropy import UNIT_INTERVAL, _setup, metric_label
 
 if TYPE_CHECKING:
     import pandas as pd

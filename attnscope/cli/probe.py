@@ -8,9 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from attnscope.cli import (
+from attnscope.cli.options import (
     CheckpointOpt,
-    CliUI,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
@@ -21,13 +20,13 @@ from attnscope.cli import (
     RandomInitOpt,
     SeedOpt,
     WorkersOpt,
-    app,
     command_line,
-    handle_errors,
     parse_formats,
     parse_img_size,
 )
+from attnscope.cli.ui import CliUI, handle_errors
 from attnscope.errors import AttnscopeError
+from attnscope.models.loading import display_name, random_weights_warning
 
 DataOpt = Annotated[
     str | None,
@@ -320,7 +319,6 @@ def _summary_table(summary, title: str):
     return table
 
 
-@app.command("probe")
 @handle_errors
 def probe_cmd(
     model: ModelOpt,
@@ -417,9 +415,7 @@ def probe_cmd(
         out or default_run_dir(f"probe-{model}"), overwrite=overwrite
     )  # refuse before any work
     if random_init:
-        ui.banner(
-            f"{model}: RANDOM WEIGHTS (seed {seed}) - these accuracies say nothing about a pretrained model"
-        )
+        ui.banner(random_weights_warning(model, seed, "accuracies"))
     skipped: list[tuple[Path, str]] = []
 
     def on_skip(path: Path, reason: str) -> None:
@@ -445,7 +441,7 @@ def probe_cmd(
     )
     write_probe_run(writer, result, meta, fmts)
 
-    name = f"{model} (RANDOM WEIGHTS)" if random_init else model
+    name = display_name(model, random_init)
     # images actually measured: a streamed (--no-cache) split learns of unreadable files only while reading
     n_eval = (
         int(result.summary["eval_images"].iloc[0])

@@ -6,12 +6,13 @@ default `NullUI` shows nothing, so these functions stay silent inside notebooks 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from attnscope.commands.ui import NullUI
 from attnscope.errors import AttnscopeError
+from attnscope.models.loading import display_name, random_weights_warning
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -19,46 +20,6 @@ if TYPE_CHECKING:
     from attnscope.analysis import AnalysisResult
 
 TABLE_METRICS = ("cls_self_attn", "cls_patch_entropy_norm", "patch_patch_entropy_norm", "attn_distance_px")
-
-
-class NullUI:
-    """Shows nothing."""
-
-    def status(self, text: str):
-        return contextlib.nullcontext()
-
-    def progress(self, label: str):
-        return _NullProgress()
-
-    def warn(self, text: str) -> None:
-        pass
-
-    def skip(self, path: Path, reason: str) -> None:
-        pass
-
-    def banner(self, text: str) -> None:
-        pass
-
-    def print(self, *objs: Any) -> None:
-        pass
-
-
-class _NullProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-def random_init_label(name: str) -> str:
-    return f"{name} (RANDOM WEIGHTS)"
 
 
 def analyse_with_ui(
@@ -108,9 +69,7 @@ def analyse_with_ui(
             paths = collect_image_paths(images, max_images=max_images)
     paths = distributed.broadcast_object(paths)
     if random_init:
-        ui.banner(
-            f"{model}: RANDOM WEIGHTS (seed {seed}) - these numbers say nothing about a pretrained model"
-        )
+        ui.banner(random_weights_warning(model, seed))
     shown = distributed.share_size(len(paths))  # the bar follows rank 0's share
     label = model
     if distributed.is_distributed():
@@ -140,13 +99,11 @@ def analyse_with_ui(
 
 def write_single_run(writer, result: AnalysisResult, meta: dict[str, Any], formats: Sequence[str]) -> None:
     """layers.csv, heads.csv, figures/, then run.json last: its presence marks a finished run."""
-    from attnscope.plots import entropy_figures
+    from attnscope.plots.entropy import entropy_figures
 
     writer.write_csv("layers.csv", result.layers)
     writer.write_csv("heads.csv", result.heads)
-    label = result.info["name"]
-    if result.info.get("random_init"):
-        label = random_init_label(label)
+    label = display_name(result.info["name"], bool(result.info.get("random_init")))
     for name, fig in entropy_figures(result.layers, result.heads, label=label):
         writer.write_figure(f"figures/{name}", fig, formats)
     writer.write_json("run.json", meta)
@@ -240,7 +197,7 @@ def entropy_run(
     meta = run_metadata(command, config, {model: result.info}, seed)
     write_single_run(writer, result, meta, formats)
     n_used, n_skipped = len(result.info["images_used"]), len(result.info["images_skipped"])
-    title = f"{random_init_label(model) if random_init else model}: mean over {n_used} images"
+    title = f"{display_name(model, random_init)}: mean over {n_used} images"
     ui.print(layer_table(result.layers, title))
     if n_skipped:
         ui.warn(f"{n_skipped} file(s) skipped; listed in run.json")

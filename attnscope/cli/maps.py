@@ -1,0 +1,137 @@
+"""`attnscope maps`: attention maps of one model over images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from attnscope.cli.options import (
+    BatchSizeOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    ImagesOpt,
+    ImgSizeOpt,
+    MaxImagesOpt,
+    ModelOpt,
+    OverwriteOpt,
+    RandomInitOpt,
+    SeedOpt,
+    command_line,
+    parse_formats,
+    parse_img_size,
+)
+from attnscope.cli.ui import CliUI, handle_errors
+from attnscope.errors import AttnscopeError
+
+MapsOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Output folder. Default: a new folder under attnscope-runs/."),
+]
+QueryOpt = Annotated[
+    str,
+    typer.Option(
+        help="Whose attention: cls, mean (average over patch queries) or patch:ROW,COL (0-based grid cell)."
+    ),
+]
+LayerOpt = Annotated[
+    int | None, typer.Option(help="Block to show (0-based; negative counts from the end). Default: the last.")
+]
+HeadsOpt = Annotated[str, typer.Option(help="mean, all (a grid of heads) or a list such as 0,3,5.")]
+RolloutOpt = Annotated[
+    bool, typer.Option("--rollout", help="Attention rollout through blocks 0..--layer instead of one block.")
+]
+DiscardOpt = Annotated[
+    float,
+    typer.Option(help="With --rollout: zero this fraction of the smallest attention weights per block."),
+]
+UpsampleOpt = Annotated[str, typer.Option(help="Map to image: nearest (patch blocks) or bilinear.")]
+ContourOpt = Annotated[
+    float, typer.Option(help="Draw the smallest patch set holding this fraction of the mass (0: no contour).")
+]
+
+
+@handle_errors
+def maps_cmd(
+    model: ModelOpt,
+    checkpoint: CheckpointOpt = None,
+    images: ImagesOpt = None,
+    out: MapsOutOpt = None,
+    overwrite: OverwriteOpt = False,
+    random_init: RandomInitOpt = False,
+    query: QueryOpt = "cls",
+    layer: LayerOpt = None,
+    heads: HeadsOpt = "mean",
+    rollout: RolloutOpt = False,
+    discard_ratio: DiscardOpt = 0.0,
+    upsample: UpsampleOpt = "nearest",
+    contour: ContourOpt = 0.6,
+    img_size: ImgSizeOpt = None,
+    max_images: MaxImagesOpt = None,
+    batch_size: BatchSizeOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    seed: SeedOpt = 0,
+    formats: FormatOpt = None,
+) -> None:
+    """Attention overlays: one figure per image of where a query token looks.
+
+    Writes one PNG per image (a grid of heads with --heads all), maps.npz with the maps on the patch grid, and run.json.
+
+    Examples:
+
+      attnscope maps --model dino --images photos/ --out maps/
+
+      attnscope maps --model dino --heads all --layer 11 --contour 0.6
+
+      attnscope maps --model mae --query patch:7,7 --upsample bilinear
+
+      attnscope maps --model dinov2_reg_vit_base --rollout --discard-ratio 0.9
+    """
+    from attnscope.maps import UPSAMPLE_MODES, maps_run, parse_heads, parse_query
+
+    fmts = parse_formats(formats)
+    size = parse_img_size(img_size)
+    q = parse_query(query)
+    head_sel = parse_heads(heads)
+    if upsample not in UPSAMPLE_MODES:
+        raise AttnscopeError(f"--upsample takes nearest or bilinear, got {upsample!r}")
+    if not 0.0 <= contour <= 1.0:
+        raise AttnscopeError(f"--contour takes a mass fraction in [0, 1] (0: none), got {contour}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise AttnscopeError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
+    if discard_ratio and not rollout:
+        raise AttnscopeError("--discard-ratio only applies with --rollout")
+    if rollout and head_sel != "mean":
+        raise AttnscopeError("--rollout averages the heads; use it with --heads mean")
+    ui = CliUI()
+    out_dir = maps_run(
+        model=model,
+        checkpoint=checkpoint,
+        images=images,
+        out=out,
+        overwrite=overwrite,
+        random_init=random_init,
+        query=q,
+        layer=layer,
+        heads=head_sel,
+        rollout=rollout,
+        discard_ratio=discard_ratio,
+        upsample=upsample,
+        contour=contour or None,
+        img_size=size,
+        max_images=max_images,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        formats=fmts,
+        command=command_line(),
+        ui=ui,
+    )
+    from rich.markup import escape
+
+    ui.print(escape(f"maps: {out_dir}"))

@@ -1,0 +1,89 @@
+"""Every option shared by several commands, defined once with its help text, and its parsers."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from attnscope.errors import AttnscopeError
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Alias (see `attnscope models`) or any timm ViT name.", show_default=False
+    ),
+]
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Local weights (.pth/.pt/.bin/.safetensors) for the architecture of --model.",
+        dir_okay=False,
+    ),
+]
+RandomInitOpt = Annotated[
+    bool, typer.Option("--random-init", help="Random weights (seeded) - for testing pipelines only.")
+]
+FamilyOpt = Annotated[
+    str | None,
+    typer.Option(help="Override the family: MIM, 'MIM (fine-tuned)', JEA, supervised, language-supervised."),
+]
+ImagesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--images",
+        "-i",
+        help="Folder (recursive), image file or glob; repeatable. Default: bundled sample photos.",
+    ),
+]
+MaxImagesOpt = Annotated[
+    int | None, typer.Option(help="Use at most this many images (after sorting).", min=1)
+]
+BatchSizeOpt = Annotated[int, typer.Option(help="Images per forward pass.", min=1)]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for decoding images.", min=0)]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="Forward precision: float32, bfloat16 or float16 (metrics stay float32).")
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed for random init and anything random.")]
+ImgSizeOpt = Annotated[
+    str | None, typer.Option(help="Run at another input size: H or HxW (e.g. 224 for DINOv2, 320x256).")
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Output folder. Default: a new folder under attnscope-runs/."),
+]
+OverwriteOpt = Annotated[bool, typer.Option(help="Allow writing into a non-empty --out folder.")]
+FormatOpt = Annotated[
+    list[str] | None,
+    typer.Option("--format", help="Figure formats: png, svg, pdf (repeatable). Default: png."),
+]
+
+
+def parse_img_size(value: str | None) -> tuple[int, int] | None:
+    """'224' -> (224, 224); '320x256' or '320,256' -> (320, 256)."""
+    if value is None:
+        return None
+    parts = value.lower().replace(",", "x").split("x")
+    try:
+        nums = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise AttnscopeError(f"--img-size takes H or HxW, got {value!r}") from None
+    if len(nums) not in (1, 2) or min(nums) < 1:
+        raise AttnscopeError(f"--img-size takes H or HxW with positive numbers, got {value!r}")
+    return (nums[0], nums[-1])
+
+
+def parse_formats(values: list[str] | None) -> list[str]:
+    formats = [f.lower().lstrip(".") for v in (values or ["png"]) for f in v.split(",") if f]
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad:
+        raise AttnscopeError(f"--format takes png, svg or pdf, got {', '.join(bad)}")
+    return list(dict.fromkeys(formats))
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["attnscope", *sys.argv[1:]])

@@ -1,0 +1,128 @@
+"""What the CLI shows a person: one-line errors, progress bars, warnings, tables."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from attnscope import distributed
+from attnscope.errors import AttnscopeError
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one line to stderr and return the Exit to raise."""
+    from rich.markup import escape
+
+    # escaped: messages quote paths and exceptions, e.g. gloo's "[/__w/pytorch/.../pair.cc:561] Connection
+    # closed by peer", which rich would otherwise read as a closing tag and fail on
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """User errors become one line and exit 2; Ctrl-C exits 130; bugs keep their traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except AttnscopeError as exc:
+            if distributed.quiet_on_this_rank(exc):  # under torchrun rank 0 prints it once
+                raise typer.Exit(2) from None
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise fail(
+                "interrupted; files already written are complete, nothing was half-written", 130
+            ) from None
+        except MemoryError:
+            raise fail("out of memory; lower --batch-size (or --img-size)") from None
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise fail("the device ran out of memory; lower --batch-size (or --img-size)") from None
+            lost = distributed.comm_failure_message(exc)  # torchrun: a peer died or a collective timed out
+            if lost:
+                raise fail(lost) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_progress(label: str):
+    """A rich progress bar that shows images/s, on stderr so stdout stays clean."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            # rich needs two samples for a speed; one big batch gives one, so fall back
+            speed = (
+                task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
+            )
+            return Text(f"{speed:6.1f} img/s" if speed else "  ... img/s", style="cyan")
+
+    return Progress(
+        TextColumn(f"[bold]{label}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def warn_skip(path: Path, reason: str) -> None:
+    err_console.print(f"[yellow]warning:[/] skipped {path}: {reason}", highlight=False, soft_wrap=True)
+
+
+class CliUI:
+    """What the pipeline may show a person: progress, warnings, tables, banners."""
+
+    def __init__(self) -> None:
+        # Under torchrun only rank 0 shows anything; the others get consoles that print nothing.
+        self.quiet = not distributed.is_main()
+        self.console = Console(quiet=True) if self.quiet else console
+        self.err = Console(stderr=True, quiet=True) if self.quiet else err_console
+
+    def status(self, text: str):
+        return self.err.status(text)
+
+    def progress(self, label: str):
+        if self.quiet:
+            from rich.progress import Progress
+
+            return Progress(console=self.err)  # a real Progress (start/stop work) that prints nothing
+        return make_progress(label)
+
+    def warn(self, text: str) -> None:
+        self.err.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
+    def skip(self, path: Path, reason: str) -> None:
+        if not self.quiet:
+            warn_skip(path, reason)
+
+    def banner(self, text: str) -> None:
+        self.err.print(f"[bold white on red] {text} [/]")
+
+    def print(self, *objs: Any) -> None:
+        self.console.print(*objs)
+
+
+# Command groups that live in their own modules (each imports `app` from here and

@@ -1,0 +1,34 @@
+"""Which torch device `--device` means here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from attnscope.errors import AttnscopeError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then CPU; an explicit choice must exist."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AttnscopeError(
+            "--device cuda requested but CUDA is not available here; use --device auto or cpu"
+        )
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise AttnscopeError(
+            "--device mps requested but Apple MPS is not available here; use --device auto or cpu"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise AttnscopeError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
