@@ -103,7 +103,7 @@ def parse_assignments(values: Sequence[str] | None, option: str) -> dict[str, st
 
 
 def _slug(name: str) -> str:
-    from attnscope.results import _slug as results_slug
+    from attnscope.files import slug as results_slug
 
     return results_slug(name)
 
@@ -171,7 +171,7 @@ def config_inputs(plan: ModelPlan, settings: CompareSettings, paths: Sequence[Pa
     rounding at most, and a run on the GPU should be reusable on a laptop.
     """
     from attnscope import __version__
-    from attnscope.results import package_versions
+    from attnscope.versions import package_versions
 
     if plan.checkpoint is not None:
         weights: dict[str, Any] = {"checkpoint": _file_stamp(plan.checkpoint.resolve())}
@@ -358,8 +358,9 @@ def run_or_reuse(
     gallery and writes, and the other ranks return None.
     """
     from attnscope import distributed
-    from attnscope.analysis import build_info, run_statistics_all_ranks
+    from attnscope.analysis import build_info
     from attnscope.commands.ui import NullUI
+    from attnscope.measure import run_statistics_all_ranks
     from attnscope.models import display_name, random_weights_warning
     from attnscope.results import RunWriter, run_metadata
 
@@ -681,7 +682,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _validate(settings: CompareSettings) -> None:
-    from attnscope.analysis import DTYPES
+    from attnscope.config import DTYPES
     from attnscope.models import resolve_device
 
     if settings.dtype not in DTYPES:

@@ -366,9 +366,9 @@ def collect_maps(
     """
     import torch
 
-    from attnscope.analysis import autocast_context
     from attnscope.capture import AttentionRecorder
     from attnscope.data import build_eval_transform, make_loader
+    from attnscope.measure import autocast_context
     from attnscope.models import resolve_device, token_layout
 
     q = parse_query(query) if isinstance(query, str) else query
@@ -433,7 +433,7 @@ def collect_maps(
 
 def _figure_stems(paths: Sequence[Path]) -> list[str]:
     """One file name per image; two images called `img.jpg` in different folders get -2, -3."""
-    from attnscope.results import _slug
+    from attnscope.files import slug as _slug
 
     seen: dict[str, int] = {}
     stems = []

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
-import re
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from importlib import metadata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnscope.errors import AttnscopeError
+from attnscope.files import atomic_path, slug, write_text_atomic
+from attnscope.versions import package_versions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,65 +37,15 @@ _VERSIONED = (
 )
 
 
-def package_versions() -> dict[str, str | None]:
-    """Versions of everything that can change a number, for run.json."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    try:
-        import torch
-
-        out["cuda"] = torch.version.cuda
-    except ImportError:  # pragma: no cover
-        pass
-    return out
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60] or "run"
-
-
 def default_run_dir(label: str, root: Path = RUNS_ROOT) -> Path:
     """A new timestamped folder name under attnscope-runs/ that does not exist yet."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = root / f"{stamp}-{_slug(label)}"
+    base = root / f"{stamp}-{slug(label)}"
     candidate, n = base, 1
     while candidate.exists():
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it onto `target` on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        # mkstemp makes 0600 files; results are meant to be shared like any other file
-        os.chmod(tmp_path, 0o666 & ~_current_umask())
-        os.replace(tmp_path, target)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_text_atomic(target: Path, text: str) -> Path:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return target
 
 
 def _jsonable(obj: Any) -> Any:

@@ -8,7 +8,7 @@ Evidence for the requirement: for vit_small and vit_base at 224 px on CPU, image
        just to materialise the attention maps),
   (h)  the forward inside `AttentionRecorder` with a consumer that does nothing (hooks only),
   (b)  attnscope's full statistics: `AttentionRecorder` + the consumer `analysis` uses
-       (`_StreamingStats`: `block_metrics` + `MetricAccumulator.update` per block),
+       (`StreamingStats`: `block_metrics` + `MetricAccumulator.update` per block),
   (c)  `timm.utils.AttentionExtract(model, method="fx")` returning every block's map (plus
        the block input and attention branch, so the *same* metrics, residual ratios
        included, can be computed), stored for the whole batch, then `block_metrics` +
@@ -58,9 +58,10 @@ import torch
 from timm.utils import AttentionExtract
 
 import attnscope
-from attnscope.analysis import _StreamingStats, as_loaded_model, run_statistics
+from attnscope.analysis import as_loaded_model
 from attnscope.capture import AttentionRecorder
 from attnscope.data import bundled_sample_paths
+from attnscope.measure import StreamingStats, run_statistics
 from attnscope.metrics import MetricAccumulator, Workspace, applicable_metrics, block_metrics
 from attnscope.models import token_layout
 
@@ -98,9 +99,9 @@ def make_batch(batch_size: int, index: int = 0) -> torch.Tensor:
     return torch.randn(batch_size, 3, IMG, IMG, generator=g)
 
 
-def new_stats(model: torch.nn.Module, name: str) -> _StreamingStats:
+def new_stats(model: torch.nn.Module, name: str) -> StreamingStats:
     """The consumer `run_statistics` uses, set up the way it sets it up."""
-    stats = _StreamingStats(name, len(model.blocks), residual=True)
+    stats = StreamingStats(name, len(model.blocks), residual=True)
     stats.layout = token_layout(model, (IMG, IMG))
     return stats
 
@@ -372,8 +373,8 @@ def per_image_store_bytes(name: str) -> int:
 # --------------------------------------------------------------------------- profile
 
 
-class _LabelledStats(_StreamingStats):
-    """_StreamingStats with profiler ranges around its two steps (same work)."""
+class _LabelledStats(StreamingStats):
+    """StreamingStats with profiler ranges around its two steps (same work)."""
 
     def __call__(self, block) -> None:
         from torch.profiler import record_function

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from attnscope.cli.options import (
     BatchSizeOpt,
     CheckpointOpt,
@@ -19,11 +21,13 @@ from attnscope.cli.options import (
     SeedOpt,
     WorkersOpt,
     command_line,
-    parse_formats,
     parse_img_size,
 )
 from attnscope.cli.ui import CliUI, handle_errors
-from attnscope.errors import AttnscopeError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.table import Table
 
 
 @handle_errors
@@ -57,28 +61,53 @@ def entropy_cmd(
 
       attnscope entropy --model vit_base_patch16_224 --checkpoint mae_pretrain_vit_base.pth
     """
-    from attnscope.commands.entropy import entropy_run
+    from attnscope.commands.entropy import EntropyConfig, run
+    from attnscope.models import display_name
 
-    fmts = parse_formats(formats)
-    size = parse_img_size(img_size)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise AttnscopeError(f"--dtype takes float32, bfloat16 or float16, got {dtype!r}")
-    entropy_run(
+    config = EntropyConfig(
         model=model,
         checkpoint=checkpoint,
-        images=images,
+        images=tuple(images) if images else None,
         out=out,
         overwrite=overwrite,
         random_init=random_init,
         family=family,
-        img_size=size,
+        img_size=parse_img_size(img_size),
         max_images=max_images,
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,
         dtype=dtype,
         seed=seed,
-        formats=fmts,
-        command=command_line(),
-        ui=CliUI(),
+        formats=tuple(formats or ("png",)),
     )
+    ui = CliUI()
+    out_dir, result = run(config, ui, command=command_line())
+    if result is None:  # torchrun: rank 0 shows the table
+        return
+    n_used, n_skipped = len(result.info["images_used"]), len(result.info["images_skipped"])
+    ui.print(layer_table(result.layers, f"{display_name(model, random_init)}: mean over {n_used} images"))
+    if n_skipped:
+        ui.warn(f"{n_skipped} file(s) skipped; listed in run.json")
+    ui.print(f"results: {out_dir}")
+
+
+TABLE_METRICS = ("cls_self_attn", "cls_patch_entropy_norm", "patch_patch_entropy_norm", "attn_distance_px")
+
+
+def layer_table(layers: pd.DataFrame, title: str) -> Table:
+    """Rich table of the headline metrics per block; missing metrics shown as a dash."""
+    from rich.table import Table
+
+    pivot = layers.pivot_table(index="layer", columns="metric", values="mean", aggfunc="first")
+    table = Table(title=title, header_style="bold")
+    table.add_column("block", justify="right")
+    for m in TABLE_METRICS:
+        table.add_column(m, justify="right")
+    for layer, row in pivot.iterrows():
+        cells = []
+        for m in TABLE_METRICS:
+            v = row.get(m)
+            cells.append("—" if v is None or v != v else (f"{v:.1f}" if m.endswith("_px") else f"{v:.3f}"))
+        table.add_row(str(layer), *cells)
+    return table

@@ -11,6 +11,19 @@ import typer
 
 from attnscope.errors import AttnscopeError
 
+# Config fields whose flag is not simply `--` + the field with dashes (see `flag_for`).
+_FLAGS: dict[str, str] = {
+    "formats": "--format",
+    "aggregators": "--aggregator",
+    "csv_file": "--csv",
+}
+
+
+def flag_for(field: str) -> str:
+    """The command-line flag that sets the config field `field` (`batch_size` -> `--batch-size`)."""
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 ModelOpt = Annotated[
     str,
     typer.Option(

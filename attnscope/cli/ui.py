@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 
 from attnscope import distributed
-from attnscope.errors import AttnscopeError
+from attnscope.cli.options import flag_for
+from attnscope.errors import AttnscopeError, ConfigError
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -39,6 +40,8 @@ def handle_errors(func: F) -> F:
         except AttnscopeError as exc:
             if distributed.quiet_on_this_rank(exc):  # under torchrun rank 0 prints it once
                 raise typer.Exit(2) from None
+            if isinstance(exc, ConfigError):  # the library names the field; say the flag
+                raise fail(exc.worded(flag_for(exc.field))) from None
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
             raise fail(

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attnscope.errors import AttnscopeError
-from attnscope.results import atomic_path, write_text_atomic
+from attnscope.files import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -167,7 +167,7 @@ class TokenExtractor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         import torch
 
-        from attnscope.analysis import autocast_context
+        from attnscope.measure import autocast_context
 
         images = images.to(self.device)
         captured: list[torch.Tensor] = []

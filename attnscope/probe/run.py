@@ -143,7 +143,7 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
     import torch
 
     from attnscope import distributed
-    from attnscope.analysis import DTYPES
+    from attnscope.config import DTYPES
     from attnscope.models import load_model
     from attnscope.probe import features as feat
     from attnscope.probe.datasets import load_probe_data, stratified_split
