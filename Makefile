@@ -6,14 +6,15 @@ BIN      := $(VENV)/bin
 # machine offers (here the 2.14.1 / 0.29.1 wheels on disk).
 .DEFAULT_GOAL := help
 
-.PHONY: help install test demo lint bench clean
+.PHONY: help install test test-fast demo lint bench clean
 
 help:
-	@echo "make install  - create .venv and install attnscope (editable) with dev extras"
-	@echo "make test     - run the whole test suite (installs first if needed)"
-	@echo "make demo     - run the main job on the bundled images (random weights if the Hub is unreachable)"
-	@echo "make lint     - ruff"
-	@echo "make bench    - benchmarks: capture overhead, probe head bank (print ratios)"
+	@echo "make install    - create .venv and install attnscope (editable) with dev extras"
+	@echo "make test       - run the whole test suite (installs first if needed)"
+	@echo "make test-fast  - the suite without the tests marked slow (torchrun, end to end)"
+	@echo "make demo       - run the main job on the bundled images (random weights if the Hub is unreachable)"
+	@echo "make lint       - ruff check, ruff format --check, mypy"
+	@echo "make bench      - benchmarks: capture overhead, probe head bank, CLI start-up (print ratios)"
 
 $(BIN)/attnscope: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,8 +27,13 @@ install: $(BIN)/attnscope
 test: $(BIN)/attnscope
 	$(BIN)/python -m pytest tests
 
+test-fast: $(BIN)/attnscope
+	$(BIN)/python -m pytest tests -m "not slow"
+
 lint: $(BIN)/attnscope
 	$(BIN)/ruff check attnscope tests benchmarks examples
+	$(BIN)/ruff format --check attnscope tests benchmarks examples
+	$(BIN)/mypy
 
 demo: $(BIN)/attnscope
 	$(BIN)/python examples/demo.py
@@ -35,6 +41,7 @@ demo: $(BIN)/attnscope
 bench: $(BIN)/attnscope
 	$(BIN)/python benchmarks/capture_overhead.py
 	$(BIN)/python benchmarks/probe_bank.py
+	$(BIN)/python benchmarks/cli_startup.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info demo-out

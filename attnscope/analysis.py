@@ -172,7 +172,7 @@ def build_info(
     info.update(
         {
             "token_layout": layout.as_dict(),
-            "num_blocks": len(loaded.model.blocks),
+            "num_blocks": loaded.num_blocks,
             "images_used": [str(paths[i]) for i in sorted(used)],
             "images_skipped": [{"path": str(paths[i]), "reason": r} for i, r in sorted(failures)],
             "device": str(device),

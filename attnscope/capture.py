@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from attnscope.errors import AttnscopeError
 
@@ -69,7 +69,7 @@ class AttentionRecorder:
         self.residual = residual
         self.blocks = find_attention_blocks(model)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._fused: list[tuple[nn.Module, bool]] = []
+        self._fused: list[tuple[Any, bool]] = []
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._seen: set[int] = set()
 
@@ -79,7 +79,7 @@ class AttentionRecorder:
 
     def __enter__(self) -> AttentionRecorder:
         for index, (_, block) in enumerate(self.blocks):
-            attn = block.attn
+            attn: Any = block.attn  # timm's Attention / EvaAttention / BEiT Attention
             if hasattr(attn, "fused_attn"):
                 self._fused.append((attn, bool(attn.fused_attn)))
                 attn.fused_attn = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from attnscope.config import check_dtype
 from attnscope.errors import AttnscopeError
@@ -53,7 +53,7 @@ def forward_features(
     turned into a one-line error. The caller owns `inference_mode`."""
     with autocast_context(images.device, dtype):
         try:
-            return model.forward_features(images)
+            return cast(Any, model).forward_features(images)
         except AssertionError as exc:  # timm's input-size checks
             size = f"{images.shape[-2]}x{images.shape[-1]}"
             raise AttnscopeError(
@@ -154,7 +154,7 @@ def run_statistics(
     transform, _ = build_eval_transform(loaded.model, loaded.input_size)
     loader = make_loader(paths, transform, batch_size, num_workers, indices=indices)
     total = len(indices) if indices is not None else len(paths)
-    stats = StreamingStats(loaded.name, len(loaded.model.blocks), residual)
+    stats = StreamingStats(loaded.name, loaded.num_blocks, residual)
     used: list[int] = []
     failures: list[tuple[int, str]] = []
     done = 0

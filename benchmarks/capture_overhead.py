@@ -19,7 +19,7 @@ the ratios b/a and c/a, and peak RSS growth for 32 vs 256 images (vit_small, bat
 *all* images before computing metrics. Target: b/a >= 0.95 and flat memory.
 
 Inputs are random tensors (fixed seed) so the comparison isolates model + capture +
-metrics; an end-to-end number through `attnscope.analysis.run_statistics` on the bundled
+metrics; an end-to-end number through `attnscope.measure.run_statistics` on the bundled
 sample images (decode + resize included) is printed for context. Each model is timed in a
 fresh process; the approaches are interleaved round-robin (a, a', h, b, c, a, a', ...) and
 the median is reported, so load from other processes hits all of them alike (the load
@@ -424,7 +424,8 @@ def profile_b(name: str, batch_size: int, batches: int) -> None:
     fwd = total["bench:forward"]
     met, upd = total["attnscope:block_metrics"], total["attnscope:accumulator.update"]
     print(
-        f"\n### profile of (b), {name}, batch {batch_size}, torch.profiler over {batches} batches (ms per batch)"
+        f"\n### profile of (b), {name}, batch {batch_size}, "
+        f"torch.profiler over {batches} batches (ms per batch)"
     )
     print("  (the profiler adds per-op overhead, so shares matter more than absolute ms)")
     print(f"  whole forward with capture       {fwd:8.1f}")
@@ -477,7 +478,8 @@ def print_breakdown(name: str, batch_size: int, fwd_ms: dict[str, float]) -> Non
     print(f"  budget for b/a >= {TARGET}: (b) - (a) <= {a * (1 / TARGET - 1):.1f} ms")
     floor = fwd_ms["log_floor"]
     print(
-        f"  floor: one torch.log over every block's maps takes {floor:.1f} ms ({100 * floor / a:.1f}% of (a)); "
+        f"  floor: one torch.log over every block's maps takes {floor:.1f} ms "
+        f"({100 * floor / a:.1f}% of (a)); "
         f"any exact entropy pays it on top of (a'), so b/a <= {a / (a2 + floor):.3f} here"
     )
 
@@ -595,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         verdicts[name] = ratio >= TARGET
         fast = mins[name]["a"] / mins[name]["b"]
         print(
-            f"{name}: b/a = {ratio:.3f} -> {'MEETS' if verdicts[name] else 'MISSES'} the target b/a >= {TARGET}"
+            f"{name}: b/a = {ratio:.3f} -> "
+            f"{'MEETS' if verdicts[name] else 'MISSES'} the target b/a >= {TARGET}"
             f"   (from the fastest iterations instead of medians: {fast:.3f})"
         )
 
@@ -604,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_e2e:
         print(
-            f"\n## end to end: attnscope.analysis.run_statistics on the bundled samples ({e2e_n} images, batch {bs})"
+            f"\n## end to end: attnscope.measure.run_statistics on the bundled samples "
+            f"({e2e_n} images, batch {bs})"
         )
         print("  includes JPEG decode + timm eval transform in the main process (num_workers=0)")
         for name in args.models:
@@ -649,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             stored = ""
             if approach == "c":
                 s = cells[1]
-                stored = f"{(s['stored_maps'] + s['stored_rest']) / 2**30:.2f} GiB ({s['stored_maps'] / 2**30:.2f} maps)"
+                total = (s["stored_maps"] + s["stored_rest"]) / 2**30
+                stored = f"{total:.2f} GiB ({s['stored_maps'] / 2**30:.2f} maps)"
             print(f"{label:34s}{g0:10.0f} MiB{g1:10.0f} MiB{ratio:8.2f}  {stored}{note}")
             if not all(c["exact"] for c in cells):
                 print(
@@ -657,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
         flat = all_flat["b"] <= 1.2
         print(
-            f"attnscope memory {large} vs {small} images: x{all_flat['b']:.2f} -> {'FLAT' if flat else 'GROWS'}"
+            f"attnscope memory {large} vs {small} images: "
+            f"x{all_flat['b']:.2f} -> {'FLAT' if flat else 'GROWS'}"
         )
 
     for name in results:

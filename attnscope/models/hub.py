@@ -41,7 +41,8 @@ def _cached_hub_file(pretrained_cfg: Mapping[str, Any]) -> str | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         return None
-    filenames = [pretrained_cfg.get("hf_hub_filename")] if pretrained_cfg.get("hf_hub_filename") else []
+    own = pretrained_cfg.get("hf_hub_filename")
+    filenames = [str(own)] if own else []
     filenames += ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
     for filename in filenames:
         found = try_to_load_from_cache(hub_id, filename)

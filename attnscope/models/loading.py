@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from attnscope.errors import AttnscopeError
 from attnscope.models.checkpoints import load_checkpoint_into
@@ -43,6 +43,10 @@ class LoadedModel:
     @property
     def label(self) -> str:
         return display_name(self.name, self.random_init)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(cast(Sized, self.model.blocks))
 
     @property
     def num_params(self) -> int:
