@@ -1,49 +1,70 @@
-"""`attnscope models`: the alias table."""
+"""`attnscope models`: the aliases, their weights' whereabouts, and the tiny test models."""
 
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
 from attnscope.cli.ui import console, handle_errors
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from attnscope.models.catalogue import CatalogueEntry
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the list as JSON (one object per model).")]
+
+
+def _table(title: str, entries: list[CatalogueEntry]) -> Table:
+    """Two lines per model (name, then timm name and notes) so 80 columns break no name."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    width = max(len(e.spec.timm_name) for e in entries) + 2
+    table = Table(
+        title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, show_lines=True
+    )
+    table.add_column("alias - family / timm name / notes", min_width=width, max_width=max(width, 60))
+    table.add_column("input", no_wrap=True)
+    table.add_column("cached", no_wrap=True)
+    for e in entries:
+        cell = Text(e.spec.alias, style="bold")
+        if e.also:
+            cell.append(f" ({', '.join(e.also)})")
+        cell.append(f" - {e.spec.family}", style="magenta")
+        if e.spec.timm_name != e.spec.alias:
+            cell.append(f"\n{e.spec.timm_name}", style="cyan")
+        if e.spec.notes:
+            cell.append(f"\n{e.spec.notes}", style="dim")
+        size = "x".join(map(str, e.input_size)) if e.input_size else "?"
+        table.add_row(cell, size, "yes" if e.cached else "no")
+    return table
 
 
 @handle_errors
-def models_cmd() -> None:
-    """List model aliases: family, timm name, default input size.
+def models_cmd(as_json: JsonOpt = False) -> None:
+    """List model aliases: family, timm name, input size, whether the weights are cached here.
 
-    Any other timm ViT name works too (family `unknown` unless --family is given).
+    Any other timm ViT name works too (family `unknown` unless --family is given). Weights
+    not in the local Hugging Face cache are downloaded on first use; offline, use
+    --checkpoint PATH or --random-init.
 
-    Example: attnscope models
+    Examples:
+
+      attnscope models
+
+      attnscope models --json | jq '.[] | select(.cached) | .alias'
     """
-    from rich.table import Table
+    from attnscope.models.catalogue import catalogue
 
-    from attnscope.models import aliases_of, list_model_specs
-
-    try:
-        import timm
-
-        def input_size(name: str) -> str:
-            cfg = timm.models.get_pretrained_cfg(name)
-            return "x".join(str(v) for v in cfg.input_size[1:]) if cfg is not None else "?"
-    except ImportError:  # pragma: no cover
-
-        def input_size(name: str) -> str:
-            return "?"
-
-    table = Table(title="attnscope model aliases", header_style="bold")
-    table.add_column("alias", no_wrap=True)
-    table.add_column("also")
-    table.add_column("family")
-    table.add_column("timm name", overflow="fold")
-    table.add_column("input", no_wrap=True)
-    show_notes = console.width >= 110  # narrow terminals: the essentials only
-    if show_notes:
-        table.add_column("notes", min_width=12)
-    for spec in list_model_specs():
-        row = [
-            spec.alias,
-            ", ".join(aliases_of(spec)),
-            spec.family,
-            spec.timm_name,
-            input_size(spec.timm_name),
-        ]
-        table.add_row(*row, *([spec.notes] if show_notes else []))
-    console.print(table)
+    entries = catalogue()
+    if as_json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+        return
+    for section in ("aliases", "test models"):
+        chosen = [e for e in entries if e.section == section]
+        title = "attnscope model aliases" if section == "aliases" else "tiny test models (timm names)"
+        console.print(_table(title, chosen))

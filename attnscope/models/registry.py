@@ -85,6 +85,15 @@ SHORT_ALIASES: dict[str, str] = {
 }
 
 
+# timm's tiny ViTs (about 0.3-0.8 M parameters, 160 px): what tests, examples and a first
+# offline try run on. Listed for `attnscope models`; they resolve as plain timm names.
+TEST_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec("test_vit", "test_vit", "test", "tiny ViT: [cls], 160 px; use with --random-init offline"),
+    ModelSpec("test_vit2", "test_vit2", "test", "tiny ViT, another layout; use with --random-init offline"),
+    ModelSpec("test_vit3", "test_vit3", "test", "tiny ViT, wider; use with --random-init offline"),
+)
+
+
 def list_model_specs() -> list[ModelSpec]:
     """Registered aliases in display order."""
     return list(_SPECS)
