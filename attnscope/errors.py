@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
 
 class AttnscopeError(Exception):
     """A problem with the user's input or environment, stated in one line.
@@ -12,19 +17,21 @@ class AttnscopeError(Exception):
 
 
 class ConfigError(AttnscopeError):
-    """One setting has a value that cannot work.
+    """A setting has a value that cannot work, or a remedy is another setting.
 
-    The message names the setting as the Python API spells it (`batch_size must be at
-    least 1, got 0`), because that is what a notebook user typed. The CLI knows which flag
-    each field comes from and re-words the message in its own terms (`--batch-size ...`),
-    so a library message never mentions a command-line flag.
+    The message names settings as the Python API spells them (`batch_size must be at least
+    1, got 0`), because that is what a notebook user typed. `field` is the setting at
+    fault (or None); `detail` may name other settings as `{name}`. The CLI knows which flag
+    each setting comes from and re-words the message in its own terms (`--batch-size ...`),
+    so no library message mentions a command-line flag.
     """
 
-    def __init__(self, field: str, detail: str) -> None:
+    def __init__(self, field: str | None, detail: str) -> None:
         self.field = field
         self.detail = detail
-        super().__init__(f"{field} {detail}")
+        super().__init__(self.worded(lambda name: name))
 
-    def worded(self, name: str) -> str:
-        """The same message with the field called `name` (a CLI flag, say)."""
-        return f"{name} {self.detail}"
+    def worded(self, spell: Callable[[str], str]) -> str:
+        """The message with every setting spelled by `spell` (a CLI flag, say)."""
+        text = _FIELD.sub(lambda m: spell(m.group(1)), self.detail)
+        return f"{spell(self.field)} {text}" if self.field else text

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, ConfigError
 from attnscope.files import atomic_path, slug, write_text_atomic
 from attnscope.versions import package_versions
 
@@ -62,10 +62,10 @@ class RunWriter:
     def __init__(self, out_dir: str | Path, *, overwrite: bool = False) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise AttnscopeError(f"--out {self.out_dir} exists and is not a folder")
+            raise ConfigError("out", f"{self.out_dir} exists and is not a folder")
         if self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not overwrite:
-            raise AttnscopeError(
-                f"--out {self.out_dir} is not empty; choose another folder or pass --overwrite"
+            raise ConfigError(
+                "out", f"{self.out_dir} is not empty; choose another folder or pass {{overwrite}}"
             )
         self.written: list[Path] = []
 

@@ -41,7 +41,7 @@ def handle_errors(func: F) -> F:
             if distributed.quiet_on_this_rank(exc):  # under torchrun rank 0 prints it once
                 raise typer.Exit(2) from None
             if isinstance(exc, ConfigError):  # the library names the field; say the flag
-                raise fail(exc.worded(flag_for(exc.field))) from None
+                raise fail(exc.worded(flag_for)) from None
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
             raise fail(

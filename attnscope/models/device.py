@@ -1,10 +1,10 @@
-"""Which torch device `--device` means here."""
+"""Which torch device a `device` setting (auto, cpu, cuda, cuda:N, mps) means here."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -21,14 +21,10 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AttnscopeError(
-            "--device cuda requested but CUDA is not available here; use --device auto or cpu"
-        )
+        raise ConfigError("device", "cuda requested but CUDA is not available here; use auto or cpu")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise AttnscopeError(
-            "--device mps requested but Apple MPS is not available here; use --device auto or cpu"
-        )
+        raise ConfigError("device", "mps requested but Apple MPS is not available here; use auto or cpu")
     try:
         return torch.device(device)
     except RuntimeError as exc:
-        raise AttnscopeError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+        raise ConfigError("device", f"{device!r} is unknown; use auto, cpu, cuda, cuda:N or mps") from exc

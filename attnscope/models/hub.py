@@ -8,13 +8,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
 _HUB_HINT = (
-    "use --checkpoint PATH for a local weights file, or fill the Hugging Face cache "
+    "pass {checkpoint} (a local weights file) or {random_init} (random weights, to test a pipeline), "
+    "or fill the Hugging Face cache "
     "(HF_HOME / HF_HUB_CACHE) on a machine with access and set HF_HUB_OFFLINE=1"
 )
 
@@ -60,8 +61,9 @@ def _create_pretrained(timm_name: str, kwargs: dict[str, Any]) -> tuple[nn.Modul
     except Exception:  # noqa: BLE001 - timm raises various types for unknown tags
         cfg = None
     if cfg is None:
-        raise AttnscopeError(
-            f"timm has no pretrained weights for {timm_name!r}; use --checkpoint PATH or --random-init"
+        raise ConfigError(
+            None,
+            f"timm has no pretrained weights for {timm_name!r}; pass {{checkpoint}} or {{random_init}}",
         )
     cfg_dict = cfg.to_dict()
     hub_id = cfg_dict.get("hf_hub_id")
@@ -77,11 +79,11 @@ def _create_pretrained(timm_name: str, kwargs: dict[str, Any]) -> tuple[nn.Modul
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if offline or not _hub_endpoint_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
-        raise AttnscopeError(f"weights for {timm_name} are not in the local cache and {why}; {_HUB_HINT}")
+        raise ConfigError(None, f"weights for {timm_name} are not in the local cache and {why}; {_HUB_HINT}")
     try:
         model = timm.create_model(timm_name, pretrained=True, **kwargs)
     except OSError as exc:  # network dropped mid-download, gated repo, ...
-        raise AttnscopeError(
-            f"could not download weights for {timm_name}: {str(exc).splitlines()[0]}; {_HUB_HINT}"
+        raise ConfigError(
+            None, f"could not download weights for {timm_name}: {str(exc).splitlines()[0]}; {_HUB_HINT}"
         ) from exc
     return model, source

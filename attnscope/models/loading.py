@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, ConfigError
 from attnscope.models.checkpoints import load_checkpoint_into
 from attnscope.models.hub import _create_pretrained
 from attnscope.models.layout import _pair
@@ -87,12 +87,12 @@ def load_model(
     import torch
 
     if checkpoint is not None and random_init:
-        raise AttnscopeError("--checkpoint and --random-init exclude each other")
+        raise ConfigError("checkpoint", "and {random_init} exclude each other")
     spec = resolve_model_spec(name, family)
     kwargs: dict[str, Any] = {**(model_kwargs or {}), "num_classes": 0}
     if img_size is not None:
         if min(img_size) < 1:
-            raise AttnscopeError(f"--img-size must be positive, got {img_size}")
+            raise ConfigError("img_size", f"must be positive, got {img_size}")
         kwargs["img_size"] = tuple(img_size)
     try:
         if random_init or checkpoint is not None:
@@ -103,7 +103,7 @@ def load_model(
             model, weights = _create_pretrained(spec.timm_name, kwargs)
     except TypeError as exc:
         if "img_size" in str(exc):
-            raise AttnscopeError(f"{spec.timm_name} does not accept --img-size") from exc
+            raise ConfigError("img_size", f"is not accepted by {spec.timm_name}") from exc
         raise
     except (RuntimeError, ValueError, AssertionError) as exc:
         raise AttnscopeError(
