@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, ConfigError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -112,7 +112,8 @@ def bundled_sample_paths() -> list[Path]:
     return paths
 
 
-def _scan_directory(root: Path) -> list[Path]:
+def _scan_directory(root: Path, ignored: list[Path] | None = None) -> list[Path]:
+    """Image files under `root`; other visible files go to `ignored` (hidden ones are skipped)."""
     found: list[Path] = []
     # followlinks=False: a symlink loop in a photo folder must not hang the scan.
     for dirpath, dirnames, filenames in os.walk(root):
@@ -122,17 +123,19 @@ def _scan_directory(root: Path) -> list[Path]:
                 continue
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(Path(dirpath, name))
+            elif ignored is not None:
+                ignored.append(Path(dirpath, name))
     return found
 
 
-def _expand_source(source: str | Path) -> list[Path]:
+def _expand_source(source: str | Path, ignored: list[Path] | None = None) -> list[Path]:
     text = os.fspath(source)
     if not text.strip():
         raise AttnscopeError("empty image source ''")
     path = Path(text).expanduser()
     # Existence is checked before glob syntax: a real file may be called "img[1].jpg".
     if path.is_dir():
-        found = _scan_directory(path)
+        found = _scan_directory(path, ignored)
         if not found:
             exts = " ".join(sorted(IMAGE_EXTENSIONS))
             raise AttnscopeError(f"no image files in directory {text} (looked for: {exts})")
@@ -148,17 +151,24 @@ def _expand_source(source: str | Path) -> list[Path]:
     raise AttnscopeError(f"image source not found: {text}")
 
 
-def collect_image_paths(sources: Sequence[str | Path] | None, max_images: int | None = None) -> list[Path]:
+def collect_image_paths(
+    sources: Sequence[str | Path] | None,
+    max_images: int | None = None,
+    *,
+    ignored: list[Path] | None = None,
+) -> list[Path]:
     """Turn user-supplied sources into the exact, ordered list of files to measure.
 
     The order is sorted and duplicates are dropped so that two runs over the same
     inputs measure the same images in the same order (results are compared across
     models and must line up), and ``max_images`` keeps a reproducible prefix rather
     than whichever files the file system listed first. Nothing is opened here: a file
-    named explicitly that is not an image fails later, per file, at load time.
+    named explicitly that is not an image fails later, per file, at load time. Visible
+    files in a scanned folder that are not images by their extension are appended to
+    `ignored` (when given), so a caller can say so instead of dropping them silently.
     """
     if max_images is not None and max_images < 1:
-        raise AttnscopeError(f"max_images must be at least 1, got {max_images}")
+        raise ConfigError("max_images", f"must be at least 1, got {max_images}")
     if isinstance(sources, (str, Path)):
         # A bare string would otherwise be iterated character by character.
         sources = [sources]
@@ -171,7 +181,7 @@ def collect_image_paths(sources: Sequence[str | Path] | None, max_images: int | 
         # the user is stable and is not replaced by a symlink target.
         by_target: dict[Path, Path] = {}
         for source in sources:
-            for p in _expand_source(source):
+            for p in _expand_source(source, ignored):
                 absolute = Path(os.path.abspath(p))
                 key = absolute.resolve()
                 current = by_target.get(key)

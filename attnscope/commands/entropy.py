@@ -63,21 +63,27 @@ class EntropyConfig:
 
 def load_with_ui(
     name: str, ui: UI, *, seed: int, load: Any, images: Sequence[str] | None, max_images: int | None
-) -> tuple[LoadedModel, list[Path]]:
-    """Load a model (a failure on any rank stops every rank here) and list rank 0's images."""
+) -> tuple[LoadedModel, list[Path], list[Path]]:
+    """Load a model (a failure on any rank stops every rank here) and list rank 0's images.
+
+    Returns the model, the images and the non-image files found in the image folders (each
+    one warned about)."""
     import torch
 
     from attnscope import distributed
     from attnscope.data import collect_image_paths
 
     paths = None
+    ignored: list[Path] = []
     torch.manual_seed(seed)
     with distributed.step():
         with ui.status(f"loading {name}"):
             loaded = load()
         if distributed.is_main():
-            paths = collect_image_paths(images, max_images=max_images)
-    return loaded, distributed.broadcast_object(paths)
+            paths = collect_image_paths(images, max_images=max_images, ignored=ignored)
+    for path in ignored:
+        ui.skip(path, f"not an image file ({path.suffix or 'no extension'})")
+    return loaded, distributed.broadcast_object(paths), ignored
 
 
 def measure_with_ui(
@@ -143,7 +149,7 @@ def run(
         if main:  # refuse a bad --out before any work
             writer = RunWriter(config.out or default_run_dir(config.model), overwrite=config.overwrite)
     out_dir = distributed.broadcast_object(writer.out_dir if writer is not None else None)
-    loaded, paths = load_with_ui(
+    loaded, paths, ignored = load_with_ui(
         config.model,
         ui,
         seed=config.seed,
@@ -170,6 +176,7 @@ def run(
     )
     if writer is None:  # not rank 0: the sums are in; rank 0 writes the folder
         return out_dir, None
+    result.info["files_ignored"] = [str(p) for p in sorted(ignored)]
     meta = run_metadata(command, config.as_dict(), {config.model: result.info}, config.seed)
     write_single_run(writer, result, meta, config.formats)
     return writer.out_dir, result

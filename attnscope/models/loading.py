@@ -117,7 +117,7 @@ def load_model(
         weights = f"RANDOM INIT (seed {seed}) - not pretrained weights"
     model.eval()
     if not hasattr(model, "blocks"):
-        raise AttnscopeError(f"{spec.timm_name} is not a Vision Transformer with attention blocks")
+        raise AttnscopeError(_not_supported(spec.timm_name, model))
 
     data_config = model_data_config(model, img_size)
     input_size = (int(data_config["input_size"][1]), int(data_config["input_size"][2]))
@@ -131,6 +131,17 @@ def load_model(
         data_config=data_config,
         checkpoint_report=report,
     )
+
+
+def _not_supported(timm_name: str, model: nn.Module) -> str:
+    """Why a timm model that is not a plain ViT cannot be measured, in one line."""
+    if any(hasattr(m, "window_size") for m in model.modules()):
+        return (
+            f"{timm_name} uses windowed attention (Swin-style): each map covers a local window, not "
+            "the whole image, so the global [cls]/patch statistics do not apply; attnscope supports "
+            "ViTs with global attention"
+        )
+    return f"{timm_name} is not a Vision Transformer with attention blocks"
 
 
 def model_data_config(model: nn.Module, img_size: tuple[int, int] | None = None) -> dict[str, Any]:

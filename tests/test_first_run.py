@@ -1,0 +1,49 @@
+"""What a new user meets first: offline messages, ignored files, unsupported models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+from attnscope.cli.app import app
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_offline_alias_names_checkpoint_and_random_init_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = _invoke("entropy", "--model", "mae_vit_base", "--out", str(out))
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    text = " ".join(lines)
+    assert "--checkpoint" in text and "--random-init" in text and "Traceback" not in text
+    assert not out.exists()
+
+
+def test_non_image_file_in_a_folder_is_warned_and_listed(tmp_path, sample_paths):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    shutil.copy(sample_paths[0], images / "a.jpg")
+    (images / "notes.txt").write_text("not a picture")
+    (images / ".hidden").write_text("never mentioned")
+    out = tmp_path / "out"
+    result = _invoke(
+        "entropy", "--model", "test_vit", "--random-init", "--images", str(images), "--out", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    assert "notes.txt" in result.output and ".hidden" not in result.output
+    meta = json.loads((out / "run.json").read_text())
+    assert [p.endswith("notes.txt") for p in meta["models"]["test_vit"]["files_ignored"]] == [True]
+    assert len(meta["models"]["test_vit"]["images_used"]) == 1
+
+
+def test_swin_is_refused_for_its_windowed_attention(tmp_path):
+    result = _invoke("entropy", "--model", "swin_tiny_patch4_window7_224", "--random-init")
+    assert result.exit_code == 2
+    assert "windowed attention" in result.output and "Traceback" not in result.output
