@@ -61,34 +61,10 @@ def handle_errors(func: F) -> F:
 
 
 def make_progress(label: str):
-    """A rich progress bar that shows images/s, on stderr so stdout stays clean."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
+    """A progress bar with a rate and an ETA, on stderr so stdout stays clean."""
+    from attnscope.cli.progress import make_progress as bar
 
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            # rich needs two samples for a speed; one big batch gives one, so fall back
-            speed = (
-                task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else None)
-            )
-            return Text(f"{speed:6.1f} img/s" if speed else "  ... img/s", style="cyan")
-
-    return Progress(
-        TextColumn(f"[bold]{label}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
+    return bar(label, err_console)
 
 
 def warn_skip(path: Path, reason: str) -> None:
