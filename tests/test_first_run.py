@@ -47,3 +47,20 @@ def test_swin_is_refused_for_its_windowed_attention(tmp_path):
     result = _invoke("entropy", "--model", "swin_tiny_patch4_window7_224", "--random-init")
     assert result.exit_code == 2
     assert "windowed attention" in result.output and "Traceback" not in result.output
+
+
+def test_random_weights_differ_per_model_and_repeat_per_seed():
+    """`compare mae dino --random-init` must not compare a network with itself."""
+    import torch
+
+    from attnscope.models import load_model
+
+    def first_weight(name: str, seed: int) -> torch.Tensor:
+        loaded = load_model(name, random_init=True, seed=seed, model_kwargs={"depth": 1})
+        assert loaded.provenance()["init_seed"] is not None
+        return loaded.model.blocks[0].attn.qkv.weight
+
+    mae, dino = first_weight("mae", 0), first_weight("dino", 0)  # both ViT-B/16
+    assert not torch.equal(mae, dino)
+    assert torch.equal(mae, first_weight("mae_vit_base", 0))  # the alias resolves first
+    assert not torch.equal(mae, first_weight("mae", 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,14 @@ from attnscope.models.registry import ModelSpec, resolve_model_spec
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+def init_seed_for(seed: int, alias: str) -> int:
+    """The torch seed of a model's random weights: `seed` and the resolved name together, so
+    two models of one architecture (mae and dino are both ViT-B/16) never draw the same
+    weights by accident, while a rerun with the same seed draws them again."""
+    digest = hashlib.sha256(f"{seed}:{alias}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
 
 
 def display_name(name: str, random_init: bool) -> str:
@@ -39,6 +48,7 @@ class LoadedModel:
     input_size: tuple[int, int]
     data_config: dict[str, Any]
     checkpoint_report: dict[str, Any] = field(default_factory=dict)
+    init_seed: int | None = None  # the torch seed random weights were drawn with
 
     @property
     def label(self) -> str:
@@ -63,6 +73,7 @@ class LoadedModel:
             "num_params": self.num_params,
             "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()},
             "checkpoint": self.checkpoint_report or None,
+            "init_seed": self.init_seed,
         }
 
 
@@ -94,9 +105,10 @@ def load_model(
         if min(img_size) < 1:
             raise ConfigError("img_size", f"must be positive, got {img_size}")
         kwargs["img_size"] = tuple(img_size)
+    init_seed = init_seed_for(seed, spec.alias) if random_init else None
     try:
         if random_init or checkpoint is not None:
-            torch.manual_seed(seed)
+            torch.manual_seed(seed if init_seed is None else init_seed)
             # The tagged name keeps that tag's data config (mean/std, crop) for the transform.
             model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
         else:
@@ -114,7 +126,7 @@ def load_model(
         report = load_checkpoint_into(model, checkpoint)
         weights = f"checkpoint:{report['path']}"
     elif random_init:
-        weights = f"RANDOM INIT (seed {seed}) - not pretrained weights"
+        weights = f"RANDOM INIT (seed {seed} -> {init_seed} for {spec.alias}) - not pretrained weights"
     model.eval()
     if not hasattr(model, "blocks"):
         raise AttnscopeError(_not_supported(spec.timm_name, model))
@@ -130,6 +142,7 @@ def load_model(
         input_size=input_size,
         data_config=data_config,
         checkpoint_report=report,
+        init_seed=init_seed,
     )
 
 
