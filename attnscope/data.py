@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,10 +30,15 @@ __all__ = [
     "ImageBatch",
     "ImageDataset",
     "ImageLoadError",
+    "ImageSource",
+    "MemoryImages",
+    "PathImages",
     "build_eval_transform",
     "bundled_sample_paths",
     "collate_images",
     "collect_image_paths",
+    "image_source",
+    "loader_batches",
     "load_rgb",
     "make_loader",
 ]
@@ -334,28 +339,170 @@ def build_eval_transform(
 # --------------------------------------------------------------------------- dataset
 
 
-class ImageDataset(Dataset):
-    """Decodes and transforms one image per index, reporting failures instead of raising.
+class ImageSource:
+    """Images addressable by position, and how each one is named in run.json.
 
-    A raised exception inside a DataLoader worker ends the whole run; returning
-    ``(None, index, reason)`` lets the collate step keep good images and list the bad
-    ones. The index is returned so results stay tied to the original path list even
-    when iterating a subset (distributed shards).
+    `load(i)` returns a PIL image (it then goes through the model's eval transform) or a
+    tensor that is already model input; it raises `ImageLoadError` for an image that cannot
+    be had, which the run records and skips.
     """
 
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, i: int) -> Image.Image | torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class PathImages(ImageSource):
+    """Image files, decoded by `load_rgb`."""
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
         self.paths = [Path(p) for p in paths]
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def load(self, i: int) -> Image.Image:
+        return load_rgb(self.paths[i])
+
+    def describe(self, i: int) -> str:
+        return str(self.paths[i])
+
+
+class MemoryImages(ImageSource):
+    """Images already in memory: PIL images, arrays, tensors, or the items of a Dataset.
+
+    A tensor is model input when `preprocessed` (normalised, at the model's input size);
+    otherwise it is a picture (3, H, W) with values in [0, 1] (float) or [0, 255] (uint8)
+    that goes through the model's eval transform like a file would. A Dataset item that is
+    a tuple contributes its first element (the usual (image, label) pair).
+    """
+
+    def __init__(self, items: Any, preprocessed: bool, name: str) -> None:
+        self.items = items
+        self.preprocessed = preprocessed
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int) -> Image.Image | torch.Tensor:
+        item = self.items[i]
+        if isinstance(item, tuple | list):
+            item = item[0]
+        if isinstance(item, Image.Image):
+            return _to_rgb(item)
+        if isinstance(item, np.ndarray):
+            item = torch.from_numpy(np.ascontiguousarray(item))
+            if item.ndim == 3 and item.shape[-1] in (1, 3, 4):
+                item = item.permute(2, 0, 1)  # (H, W, C) arrays are pictures as PIL lays them out
+        if not isinstance(item, torch.Tensor):
+            raise ImageLoadError(self.describe(i), f"not an image ({type(item).__name__})")
+        if item.ndim != 3:
+            raise ImageLoadError(self.describe(i), f"expected a (3, H, W) tensor, got {tuple(item.shape)}")
+        if self.preprocessed:
+            return item.float()
+        from torchvision.transforms.functional import to_pil_image
+
+        return _to_rgb(to_pil_image(item))
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+
+def image_source(
+    images: Any,
+    *,
+    preprocessed: bool = False,
+    max_images: int | None = None,
+    ignored: list[Path] | None = None,
+) -> ImageSource | DataLoader:
+    """What a caller has at hand -> the images to measure.
+
+    Takes folders, files or globs (one or a list; None: the bundled samples), PIL images,
+    arrays or tensors (one picture, a list, or a (N, 3, H, W) batch), a torch Dataset, or a
+    DataLoader (returned as it is: its batches are model input, `preprocessed` or not).
+    `max_images` keeps the first N.
+    """
+    if isinstance(images, DataLoader):
+        return images
+    if images is None or isinstance(images, str | Path) or _all_paths(images):
+        return PathImages(collect_image_paths(images, max_images=max_images, ignored=ignored))
+    if isinstance(images, Image.Image | np.ndarray | torch.Tensor) and not _is_batch(images):
+        images = [images]
+    if isinstance(images, Dataset | torch.Tensor | np.ndarray) or (
+        isinstance(images, Sequence) and len(images) > 0
+    ):
+        kind = "dataset" if isinstance(images, Dataset) else "images"
+        source = MemoryImages(images, preprocessed, kind)
+        if max_images is not None:
+            source.items = Subset(images, range(min(max_images, len(images))))
+        return source
+    raise ConfigError(
+        "images",
+        "takes folders, files or globs, PIL images, arrays or tensors, a torch Dataset or a "
+        f"DataLoader; got {type(images).__name__}" + (" (empty)" if not images else ""),
+    )
+
+
+def _all_paths(images: Any) -> bool:
+    return isinstance(images, Sequence) and all(isinstance(i, str | Path) for i in images)
+
+
+def _is_batch(images: Any) -> bool:
+    if isinstance(images, torch.Tensor):
+        return images.ndim == 4
+    return isinstance(images, np.ndarray) and images.ndim == 4
+
+
+def loader_batches(loader: DataLoader) -> Iterator[ImageBatch]:
+    """A user's DataLoader as `ImageBatch`es: each batch (or its first element) is model input."""
+    seen = 0
+    for batch in loader:
+        images = batch[0] if isinstance(batch, tuple | list) else batch
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ConfigError(
+                "images", f"a DataLoader must yield (B, 3, H, W) tensors, got {type(images).__name__}"
+            )
+        yield ImageBatch(images=images.float(), indices=list(range(seen, seen + len(images))))
+        seen += len(images)
+
+
+class ImageDataset(Dataset):
+    """Loads and transforms one image per index, reporting failures instead of raising.
+
+    A raised exception inside a DataLoader worker ends the whole run; returning
+    ``(None, index, reason)`` lets the collate step keep good images and list the bad
+    ones. The index is returned so results stay tied to the original positions even
+    when iterating a subset (distributed shards).
+    """
+
+    def __init__(
+        self, source: ImageSource | Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]
+    ) -> None:
+        self.source = source if isinstance(source, ImageSource) else PathImages(source)
+        self.transform = transform
+
+    @property
+    def paths(self) -> list[Path]:
+        assert isinstance(self.source, PathImages)
+        return self.source.paths
+
+    def __len__(self) -> int:
+        return len(self.source)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
         index = int(i)
         try:
-            image = load_rgb(self.paths[index])
+            image = self.source.load(index)
         except ImageLoadError as exc:
             return None, index, exc.reason
+        if isinstance(image, torch.Tensor):  # already model input
+            return image, index, None
         try:
             tensor = self.transform(image)
         except Exception as exc:  # a bad image must not kill the run
@@ -397,7 +544,7 @@ def collate_images(items: Sequence[tuple[torch.Tensor | None, int, str | None]])
 
 
 def make_loader(
-    paths: Sequence[Path],
+    paths: Sequence[Path] | ImageSource,
     transform: Callable[[Image.Image], torch.Tensor],
     batch_size: int,
     num_workers: int = 0,

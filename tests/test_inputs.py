@@ -1,0 +1,67 @@
+"""What analyze() accepts besides paths: PIL images, arrays, tensors, Datasets, DataLoaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from attnscope.data import ImageDataset, MemoryImages, PathImages, image_source, loader_batches
+from attnscope.errors import ConfigError
+
+
+def _identity(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
+
+
+def test_paths_pil_arrays_and_tensors_become_sources(sample_paths):
+    assert isinstance(image_source(sample_paths[:2]), PathImages)
+    assert isinstance(image_source(str(sample_paths[0])), PathImages)
+    pil = Image.new("RGB", (8, 6), (255, 0, 0))
+    source = image_source([pil, pil.convert("L")])
+    assert isinstance(source, MemoryImages) and len(source) == 2
+    assert source.describe(1) == "images[1]"
+    ds = ImageDataset(source, _identity)
+    red, _, _ = ds[0]
+    grey, _, _ = ds[1]
+    assert red.shape == (3, 6, 8) and float(red[0].mean()) == 1.0 and float(red[1].mean()) == 0.0
+    assert torch.equal(grey[0], grey[1])  # converted to RGB like a greyscale file
+    batch = torch.rand(4, 3, 6, 8)
+    assert len(image_source(batch)) == 4 and len(image_source(batch[0])) == 1
+    assert len(image_source(np.zeros((6, 8, 3), dtype=np.uint8))) == 1
+    assert len(image_source(batch, max_images=3)) == 3
+
+
+def test_picture_tensors_are_transformed_and_preprocessed_ones_are_not():
+    picture = torch.rand(3, 6, 8)
+    transformed, _, _ = ImageDataset(image_source(picture), _identity)[0]
+    assert torch.allclose(transformed, (picture * 255).to(torch.uint8).float() / 255)
+    given = torch.randn(3, 6, 8)  # normalised model input: negative values and all
+    kept, _, _ = ImageDataset(image_source(given, preprocessed=True), _identity)[0]
+    assert torch.equal(kept, given)
+
+
+def test_dataset_items_use_their_first_element_and_bad_items_are_failures():
+    ds = TensorDataset(torch.rand(3, 3, 6, 8), torch.arange(3))
+    source = image_source(ds)
+    assert source.describe(2) == "dataset[2]"
+    tensor, index, reason = ImageDataset(source, _identity)[1]
+    assert tensor is not None and index == 1 and reason is None
+    bad = MemoryImages([torch.rand(6, 8)], False, "images")
+    assert ImageDataset(bad, _identity)[0][2].startswith("expected a (3, H, W) tensor")
+
+
+def test_dataloader_batches_are_model_input():
+    loader = DataLoader(TensorDataset(torch.randn(5, 3, 6, 8), torch.arange(5)), batch_size=2)
+    assert image_source(loader) is loader
+    batches = list(loader_batches(loader))
+    assert [b.indices for b in batches] == [[0, 1], [2, 3], [4]]
+
+
+def test_unsupported_input_names_the_argument():
+    with pytest.raises(ConfigError, match="^images takes"):
+        image_source(42)
+    with pytest.raises(ConfigError, match="got dict"):
+        image_source({"a": 1})
