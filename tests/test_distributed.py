@@ -214,6 +214,7 @@ PROTOCOL = textwrap.dedent(
     import torch
     from attnscope import distributed
     from attnscope.errors import AttnscopeError
+    from attnscope.measure import reduce_statistics
     from attnscope.metrics import MetricAccumulator
 
     distributed.setup("cpu")
@@ -246,7 +247,7 @@ PROTOCOL = textwrap.dedent(
     if r == 0:
         acc = MetricAccumulator("m", 1, 2, ["cls_self_attn"], [])
         acc.state[("head", 0, "cls_self_attn")] = torch.tensor([[2.0, 2.0], [1.0, 3.0], [0.5, 4.5]], dtype=torch.float64)
-    total, layout, used, failures = distributed.reduce_statistics(acc, "layout" if r == 0 else None, [r * 2], [(r * 2 + 1, "bad")])
+    total, layout, used, failures = reduce_statistics(acc, "layout" if r == 0 else None, [r * 2], [(r * 2 + 1, "bad")])
     out["reduced"] = {str(k): v.tolist() for k, v in total.state.items()}
     out["used"], out["failures"] = used, failures
 
