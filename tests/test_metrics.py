@@ -52,6 +52,8 @@ def test_uniform_attention_known_answers(sample_paths):
         "patch_patch_entropy_norm": 1.0,
         "patch_patch_eff_frac": 1.0,
         "attn_distance_px": mean_pairwise_distance(10, 10, 16, 16),
+        "cls_self_attn_adj": 1 / n,
+        "patch_self_attn_adj": 1 / n,
         "attn_nmi": 0.0,
     }
     for layer in range(6):
@@ -83,11 +85,13 @@ def test_dominant_key_closed_form(K):
     entropy = -(a * math.log(a) + (n - 1) * b * math.log(b))
     checks = {
         "cls_self_attn": 1 / (K + t - 1),
+        "cls_self_attn_adj": b,  # (1 / (K + t - 1)) / ((K + n - 1) / (K + t - 1))
         "cls_patch_max": a,
         "cls_patch_entropy": entropy,
         "cls_patch_eff_frac": math.exp(entropy) / n,
         "cls_patch_k60_frac": next(k for k in range(1, n + 1) if a + (k - 1) * b >= 0.6 - 1e-6) / n,
         "patch_patch_entropy": entropy,
+        "patch_self_attn_adj": ((n - 1) * b + a) / n,  # the dominant patch's own row has a
         "attn_nmi": 0.0,  # every query has the same distribution: no mutual information
     }
     for metric, value in checks.items():

@@ -261,6 +261,18 @@ def attn_distance_px(ctx: BlockContext) -> torch.Tensor:
     return (rows.to(wide) * ctx.inv_patch_sums.to(wide)).mean(-1)
 
 
+@metric("cls_self_attn_adj", "[cls] self-attention / [cls] patch mass", needs_cls=True)
+def cls_self_attn_adj(ctx: BlockContext) -> torch.Tensor:
+    """A[c, c] / S_c (not bounded by 1: a [cls] that mostly attends to itself gives large values)"""
+    return ctx.A[:, :, 0, 0] / ctx.cls_patch_sum
+
+
+@metric("patch_self_attn_adj", "patch self-attention / patch mass", unit_interval=True)
+def patch_self_attn_adj(ctx: BlockContext) -> torch.Tensor:
+    """mean_{i in P} A[i, i] / S_i"""
+    return (ctx.patch_patch.diagonal(dim1=-2, dim2=-1) / ctx.patch_sums).mean(-1)
+
+
 @metric("attn_nmi", "query-key NMI", unit_interval=True)
 def attn_nmi(ctx: BlockContext) -> torch.Tensor:
     """I / sqrt(ln N * H_K), H_K = H(k), I = H_K - mean_{i in P} H(p_i).
