@@ -243,11 +243,11 @@ def patch_patch_eff_frac(ctx: BlockContext) -> torch.Tensor:
 def attn_distance_px(ctx: BlockContext) -> torch.Tensor:
     """mean_{i in P} sum_{j in P} p_i(j) D(i, j) = mean_i (sum_j a_ij D_ij) / S_i.
 
-    Values are ~100 px while their spread over images can be < 0.1 px, finer than float32
-    resolves once squared into the std. So only the row dot products (the bulk of the
-    work, off by a few float32 ulps) run in float32, and everything after them in float64
-    where the device has it (not MPS); the result is float64 there.
-    tests/test_reference_agreement.py holds it to the float64 reference.
+    Values are ~100 px while their spread over images can be < 0.1 px: rounding each
+    image's value to float32 alone moves the std over images by ~4e-6 px. So only the row
+    dot products (the bulk of the work, off by a few float32 ulps) run in float32, and
+    everything after them in float64 where the device has it (not MPS); the result is
+    float64 there. tests/test_reference_agreement.py holds it to the float64 reference.
     """
     import torch
 
