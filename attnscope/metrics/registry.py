@@ -45,7 +45,7 @@ class MetricSpec:
     needs_registers: bool = False
     needs_residual: bool = False
     unit_interval: bool = False  # every value lies in [0, 1]
-    headline: bool = False  # shown first in comparisons (summary, depth panels, findings)
+    headline: bool = False  # leads comparisons (summary.csv columns, headline panels and table)
 
     def absent_reason(self, *, has_cls: bool, num_registers: int) -> str | None:
         """Why the metric has no rows for this token layout, or None when it applies."""
@@ -77,6 +77,8 @@ def metric(
     def register(compute: Formula) -> Formula:
         if name in METRICS:
             raise ValueError(f"metric {name!r} registered twice")
+        if per_head and any(not spec.per_head for spec in METRICS.values()):
+            raise ValueError(f"per-head metric {name!r} registered after a per-block one")
         METRICS[name] = MetricSpec(
             name,
             label,
