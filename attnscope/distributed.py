@@ -10,10 +10,10 @@ Under torchrun every rank runs the same code:
   `cuda:{LOCAL_RANK}` on GPUs.
 - `shard_positions(n)` gives each rank a disjoint, unpadded share of the images, so
   every image is counted exactly once and uneven shards bias nothing.
-- `reduce_statistics` all-reduces the float64 sums of a `MetricAccumulator` (the key set
-  is agreed first, because a rank whose shard held only unreadable files, or no files,
-  has no accumulator) and gathers the used/failed positions; `all_reduce_sum` sums any
-  tensor (gradients, BatchNorm statistics, accuracy counts of data-parallel probe training).
+- Generic collectives only, knowing nothing of their callers' data: `all_gather` and
+  `broadcast_object` move picklable Python objects (over gloo), `all_reduce_sum` sums a
+  tensor (float64 metric sums, gradients, BatchNorm statistics, accuracy counts). What
+  the objects mean stays with their owners (e.g. `MetricAccumulator.all_reduce`).
 - Work that can fail on one rank only runs inside `step()`. At the end of a step all
   ranks exchange "ok or error message" over a gloo group, so either every rank goes on
   to the next collective or every rank raises `RankFailure` together: no rank waits in
@@ -34,13 +34,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, ConfigError
 
 if TYPE_CHECKING:
     import torch
-
-    from attnscope.metrics import MetricAccumulator
-    from attnscope.models import TokenLayout
 
 ENV_TIMEOUT = "ATTNSCOPE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
@@ -182,14 +179,14 @@ def _device_for_local_rank(device: str, local: int) -> torch.device:
     if dev.type != "cuda":
         return dev
     if device not in ("auto", "cuda") and dev.index not in (None, local):
-        raise AttnscopeError(
-            f"under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda (or auto), not {device}"
+        raise ConfigError(
+            "device", f"must be cuda or auto under torchrun (each process uses cuda:LOCAL_RANK), got {device}"
         )
     count = torch.cuda.device_count()
     if local >= count:
         raise AttnscopeError(
             f"local rank {local} needs cuda:{local} but this node has {count} GPU(s); "
-            f"start at most {count} processes per node (--nproc_per_node)"
+            f"start at most {count} processes per node (torchrun's nproc_per_node)"
         )
     dev = torch.device("cuda", local)
     torch.cuda.set_device(dev)
@@ -300,7 +297,7 @@ def sum_and_agree(count: int, error: BaseException | None = None) -> int:
     return int(box[0])
 
 
-# ---------------------------------------------------------------- sharding and reduction
+# ---------------------------------------------------------------- sharding and sums
 
 
 def shard_positions(n: int) -> list[int] | None:
@@ -339,79 +336,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         _dist().all_reduce(out)
     return out.to(tensor.device)
-
-
-def reduce_statistics(
-    accumulator: MetricAccumulator | None,
-    layout: TokenLayout | None,
-    used: Sequence[int],
-    failures: Sequence[tuple[int, str]],
-) -> tuple[MetricAccumulator | None, TokenLayout | None, list[int], list[tuple[int, str]]]:
-    """Sum every rank's accumulator (float64 all-reduce) and gather used/failed positions.
-
-    Returns the same on every rank: the total accumulator (None when no rank read an
-    image), the token layout, all used positions and all failures, sorted.
-    """
-    if not is_distributed():
-        return accumulator, layout, list(used), list(failures)
-    import torch
-
-    from attnscope.metrics import ALL_METRICS, MetricAccumulator
-
-    spec = None
-    if accumulator is not None:
-        spec = {
-            "model": accumulator.model,
-            "num_layers": accumulator.num_layers,
-            "num_heads": accumulator.num_heads,
-            "head_metrics": list(accumulator.head_metrics),
-            "block_metrics": list(accumulator.block_metrics),
-            "shapes": {key: tuple(v.shape) for key, v in accumulator.state.items()},
-        }
-    gathered = all_gather({"spec": spec, "layout": layout, "used": list(used), "failures": list(failures)})
-    all_used = sorted(i for g in gathered for i in g["used"])
-    all_failures = sorted(f for g in gathered for f in g["failures"])
-    specs = [(r, g["spec"]) for r, g in enumerate(gathered) if g["spec"] is not None]
-    if not specs:
-        return None, None, all_used, all_failures
-    ref_rank, ref = specs[0]
-    for r, s in specs[1:]:
-        same = all(
-            s[k] == ref[k] for k in ("model", "num_layers", "num_heads", "head_metrics", "block_metrics")
-        )
-        if not same:  # every rank sees the same gathered specs, so every rank raises this
-            raise RankFailure(
-                f"ranks {ref_rank} and {r} measured different metric sets (different models?)", [r]
-            )
-    shapes: dict[tuple[str, int, str], tuple[int, ...]] = {}
-    for _, s in specs:
-        shapes.update(s["shapes"])
-    keys = sorted(shapes, key=lambda k: (k[0], k[1], ALL_METRICS.index(k[2])))
-    device = _data_device()
-    parts = []
-    for key in keys:
-        local = accumulator.state.get(key) if accumulator is not None else None
-        if local is None:
-            local = torch.zeros(shapes[key], dtype=torch.float64)
-        parts.append(local.detach().to(device=device, dtype=torch.float64).reshape(-1))
-    flat = torch.cat(parts)
-    _dist().all_reduce(flat)
-    total = MetricAccumulator(
-        ref["model"],
-        ref["num_layers"],
-        ref["num_heads"],
-        list(ref["head_metrics"]),
-        list(ref["block_metrics"]),
-    )
-    offset = 0
-    for key in keys:
-        size = 1
-        for d in shapes[key]:
-            size *= d
-        total.state[key] = flat[offset : offset + size].reshape(shapes[key]).cpu()
-        offset += size
-    layout = next(g["layout"] for g in gathered if g["layout"] is not None)
-    return total, layout, all_used, all_failures
 
 
 # ---------------------------------------------------------------- CLI support

@@ -180,7 +180,7 @@ def run_statistics_all_ranks(
     """`run_statistics` over all of `paths`, spread over the torchrun ranks if there are any.
 
     Outside torchrun this is plain `run_statistics`. Under torchrun each rank streams its
-    own disjoint shard, then the float64 sums of all ranks are all-reduced, so every rank
+    own disjoint shard, then `reduce_statistics` sums the ranks' statistics, so every rank
     returns the totals a single process would have (and all used/failed positions). On
     rank 0, `on_skip` also hears about the files other ranks could not read.
     """
@@ -191,10 +191,37 @@ def run_statistics_all_ranks(
         local = run_statistics(loaded, paths, indices=indices, on_skip=on_skip, **kwargs)
     if indices is None:
         return local
-    accumulator, layout, used, failures = distributed.reduce_statistics(*local)
+    accumulator, layout, used, failures = reduce_statistics(*local)
     if on_skip is not None and distributed.is_main():
         mine = set(indices)
         for index, reason in failures:
             if index not in mine:
                 on_skip(Path(paths[index]), reason)
     return accumulator, layout, used, failures
+
+
+def reduce_statistics(
+    accumulator: MetricAccumulator | None,
+    layout: TokenLayout | None,
+    used: Sequence[int],
+    failures: Sequence[tuple[int, str]],
+) -> Statistics:
+    """One rank's statistics -> every rank's together, the same on every rank (a collective).
+
+    The accumulators are summed by `MetricAccumulator.all_reduce` (None when no rank read
+    an image, and then the layout is None too); used positions and failures are gathered
+    from every rank and sorted. Outside torchrun: the arguments, as lists.
+    """
+    from attnscope import distributed
+    from attnscope.metrics import MetricAccumulator
+
+    if not distributed.is_distributed():
+        return accumulator, layout, list(used), list(failures)
+    total = MetricAccumulator.all_reduce(accumulator)
+    gathered = distributed.all_gather({"layout": layout, "used": list(used), "failures": list(failures)})
+    all_used = sorted(i for g in gathered for i in g["used"])
+    all_failures = sorted(f for g in gathered for f in g["failures"])
+    if total is None:
+        return None, None, all_used, all_failures
+    layout = next(g["layout"] for g in gathered if g["layout"] is not None)
+    return total, layout, all_used, all_failures

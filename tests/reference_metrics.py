@@ -1,4 +1,4 @@
-"""Independent float64 reference implementation of /work/shared/metrics.md (the metric spec).
+"""Independent float64 reference implementation of docs/metrics.md (the metric contract).
 
 This module exists to check attnscope's production (torch, streaming) metrics. It is written
 from the specification alone and shares no code with ``attnscope.metrics`` or
@@ -18,6 +18,8 @@ Spec points followed literally (see the spec for the formulas):
 * attention distance uses the true ``gh x gw`` grid (row ``r = idx // gw``, column
   ``s = idx % gw``) and the patch size ``(ph, pw)``: ``D = sqrt((ph dr)^2 + (pw ds)^2)``;
 * NMI: ``k(j) = mean_i p_i(j)``, ``I = H(k) - mean_i H(p_i)``, ``nmi = I / sqrt(ln N * H(k))``.
+* self-attention relative to the patch mass of the same row, no epsilon:
+  ``cls_self_attn_adj = A[c, c] / S_c``, ``patch_self_attn_adj = mean_i A[i, i] / S_i``.
 
 Choices the spec does not make (reported as ambiguities, kept explicit here):
 
@@ -54,6 +56,8 @@ HEAD_METRICS: tuple[str, ...] = (
     "patch_patch_entropy_norm",
     "patch_patch_eff_frac",
     "attn_distance_px",
+    "cls_self_attn_adj",
+    "patch_self_attn_adj",
     "attn_nmi",
 )
 #: Per (image, block) metric names (no head dimension), in the spec table's order.
@@ -73,6 +77,7 @@ NEEDS_CLS = frozenset(
         "cls_patch_k90_frac",
         "cls_patch_gini",
         "cls_patch_max",
+        "cls_self_attn_adj",
     }
 )
 NEEDS_REGISTERS = frozenset({"cls_register_mass", "patch_register_mass"})
@@ -166,7 +171,7 @@ def _one_head(
 
     # -- class token over patches
     if has_cls:
-        p_c, _ = renormalise_over_patches(a[0:1], patch, "class-token row")
+        p_c, s_c = renormalise_over_patches(a[0:1], patch, "class-token row")
         p_c = p_c[0]
         h_c = float(entropy(p_c))
         out["cls_patch_entropy"] = h_c
@@ -178,12 +183,15 @@ def _one_head(
         out["cls_patch_max"] = float(p_c.max())
 
     # -- patch queries over patches
-    p, _ = renormalise_over_patches(a[patch], patch, "patch query rows")  # (N, N)
+    p, s_i = renormalise_over_patches(a[patch], patch, "patch query rows")  # (N, N), (N,)
     h_i = entropy(p)  # (N,)
     out["patch_patch_entropy"] = float(h_i.mean())
     out["patch_patch_entropy_norm"] = _ratio(float(h_i.mean()), ln_n)  # mean(H/ln N) = mean(H)/ln N
     out["patch_patch_eff_frac"] = float(np.mean(np.exp(h_i) / n))
     out["attn_distance_px"] = float(np.mean(np.sum(p * dist, axis=1)))
+    if has_cls:
+        out["cls_self_attn_adj"] = float(a[0, 0] / s_c[0])
+    out["patch_self_attn_adj"] = float(np.mean(a[patch_idx, patch_idx] / s_i))
     k_marg = p.mean(axis=0)  # key marginal, queries uniform
     h_k = float(entropy(k_marg))
     mi = h_k - float(h_i.mean())

@@ -217,6 +217,7 @@ PROTOCOL = textwrap.dedent(
     import torch
     from attnscope import distributed
     from attnscope.errors import AttnscopeError
+    from attnscope.measure import reduce_statistics
     from attnscope.metrics import MetricAccumulator
 
     distributed.setup("cpu")
@@ -249,9 +250,15 @@ PROTOCOL = textwrap.dedent(
     if r == 0:
         acc = MetricAccumulator("m", 1, 2, ["cls_self_attn"], [])
         acc.state[("head", 0, "cls_self_attn")] = torch.tensor([[2.0, 2.0], [1.0, 3.0], [0.5, 4.5]], dtype=torch.float64)
-    total, layout, used, failures = distributed.reduce_statistics(acc, "layout" if r == 0 else None, [r * 2], [(r * 2 + 1, "bad")])
+    total, layout, used, failures = reduce_statistics(acc, "layout" if r == 0 else None, [r * 2], [(r * 2 + 1, "bad")])
     out["reduced"] = {str(k): v.tolist() for k, v in total.state.items()}
     out["used"], out["failures"] = used, failures
+    other = MetricAccumulator("m", 1, 2, ["cls_self_attn"] if r == 0 else ["attn_nmi"], [])
+    try:
+        MetricAccumulator.all_reduce(other)
+        out["mismatch"] = "no error"
+    except distributed.RankFailure as exc:
+        out["mismatch"] = str(exc)
 
     # a rank that wedges without raising: the others hit the collective timeout, not a hang
     if r == 1:
@@ -282,6 +289,9 @@ def test_step_agreement_reduction_and_timeout(tmp_path):
     expected = {"('head', 0, 'cls_self_attn')": [[2.0, 2.0], [1.0, 3.0], [0.5, 4.5]]}
     assert r0["reduced"] == r1["reduced"] == expected
     assert r0["used"] == r1["used"] == [0, 2] and r0["failures"] == [[1, "bad"], [3, "bad"]]
+    assert (
+        r0["mismatch"] == r1["mismatch"] == "ranks 0 and 1 measured different metric sets (different models?)"
+    )
     assert "lost contact" in r0["timeout"] and "ATTNSCOPE_DIST_TIMEOUT=3" in r0["timeout"], r0["timeout"]
 
 

@@ -52,6 +52,8 @@ def test_uniform_attention_known_answers(sample_paths):
         "patch_patch_entropy_norm": 1.0,
         "patch_patch_eff_frac": 1.0,
         "attn_distance_px": mean_pairwise_distance(10, 10, 16, 16),
+        "cls_self_attn_adj": 1 / n,
+        "patch_self_attn_adj": 1 / n,
         "attn_nmi": 0.0,
     }
     for layer in range(6):
@@ -83,11 +85,13 @@ def test_dominant_key_closed_form(K):
     entropy = -(a * math.log(a) + (n - 1) * b * math.log(b))
     checks = {
         "cls_self_attn": 1 / (K + t - 1),
+        "cls_self_attn_adj": b,  # (1 / (K + t - 1)) / ((K + n - 1) / (K + t - 1))
         "cls_patch_max": a,
         "cls_patch_entropy": entropy,
         "cls_patch_eff_frac": math.exp(entropy) / n,
         "cls_patch_k60_frac": next(k for k in range(1, n + 1) if a + (k - 1) * b >= 0.6 - 1e-6) / n,
         "patch_patch_entropy": entropy,
+        "patch_self_attn_adj": ((n - 1) * b + a) / n,  # the dominant patch's own row has a
         "attn_nmi": 0.0,  # every query has the same distribution: no mutual information
     }
     for metric, value in checks.items():
@@ -203,3 +207,75 @@ def test_workspace_reuse_across_shapes_gives_the_same_metrics():
         reused, _ = block_metrics(A, layout, workspace=ws)
         for name in plain:
             torch.testing.assert_close(reused[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_registry_records_drive_names_order_and_absence():
+    from attnscope.errors import AttnscopeError
+    from attnscope.metrics import (
+        ALL_METRICS,
+        BLOCK_METRICS,
+        HEAD_METRICS,
+        HEADLINE_METRICS,
+        METRIC_LABELS,
+        METRICS,
+        absent_reason,
+        metric_spec,
+    )
+
+    assert ALL_METRICS == tuple(METRICS) == HEAD_METRICS + BLOCK_METRICS  # records in spec order
+    assert BLOCK_METRICS == ("cls_residual_ratio", "patch_residual_ratio")
+    spec_order = ["attn_distance_px", "cls_self_attn_adj", "patch_self_attn_adj", "attn_nmi"]
+    assert [m for m in HEAD_METRICS if m in spec_order] == spec_order
+    assert HEADLINE_METRICS == (
+        "cls_self_attn",
+        "cls_patch_entropy_norm",
+        "cls_patch_eff_frac",
+        "cls_patch_k90_frac",
+        "patch_patch_entropy_norm",
+        "attn_distance_px",
+        "cls_residual_ratio",
+    )
+    assert METRIC_LABELS["attn_distance_px"] == "mean attention distance (px)"
+    assert metric_spec("attn_distance_px").unit == "px" and metric_spec("cls_patch_entropy").unit == "nats"
+    assert absent_reason("cls_register_mass", has_cls=False, num_registers=0) == "no class token"
+    assert absent_reason("cls_register_mass", has_cls=True, num_registers=0) == "no registers"
+    assert absent_reason("patch_register_mass", has_cls=False, num_registers=4) is None
+    assert absent_reason("cls_self_attn_adj", has_cls=False, num_registers=4) == "no class token"
+    assert absent_reason("patch_self_attn_adj", has_cls=False, num_registers=0) is None
+    with pytest.raises(AttnscopeError, match="unknown metric 'nope'"):
+        metric_spec("nope")
+
+
+@pytest.mark.parametrize("has_cls,registers", [(True, 2), (True, 0), (False, 3), (False, 0)])
+def test_block_metrics_hold_what_the_records_say(has_cls, registers):
+    """Exactly the applicable metrics, with the records' shapes; [0, 1] metrics stay in [0, 1]."""
+    from attnscope.metrics import metric_spec
+    from attnscope.models import TokenLayout
+
+    g = torch.Generator().manual_seed(11)
+    prefix = int(has_cls) + registers
+    layout = TokenLayout(has_cls, registers, prefix, (3, 4), (16, 16))
+    t = layout.num_tokens
+    A = (torch.randn(3, 2, t, t, generator=g) * 4).softmax(-1)
+    if has_cls:  # one [cls] that attends mostly to itself: its _adj ratio leaves [0, 1]
+        A[0, 0, 0] = 0.0
+        A[0, 0, 0, 0] = 0.9
+        A[0, 0, 0, prefix:] = 0.1 / layout.num_patches
+    x, y = torch.randn(3, t, 8, generator=g), torch.randn(3, t, 8, generator=g)
+    per_head, per_block = block_metrics(A, layout, x, y)
+    heads, blocks = applicable_metrics(layout)
+    assert list(per_head) == heads and list(per_block) == blocks
+    for name, values in {**per_head, **per_block}.items():
+        spec = metric_spec(name)
+        assert values.shape == ((3, 2) if spec.per_head else (3,)), name
+        assert bool(torch.isfinite(values).all()), name
+        if spec.unit_interval:
+            assert 0 <= values.min() and values.max() <= 1 + 1e-6, name
+    if has_cls:
+        assert per_head["cls_self_attn_adj"][0, 0].item() == pytest.approx(9.0, rel=1e-5)
+
+
+def test_all_reduce_outside_torchrun_is_the_accumulator_itself():
+    acc = MetricAccumulator("m", 1, 2, ["cls_self_attn"], [])
+    assert MetricAccumulator.all_reduce(acc) is acc
+    assert MetricAccumulator.all_reduce(None) is None

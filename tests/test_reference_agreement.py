@@ -1,4 +1,4 @@
-"""attnscope's tables equal an independent float64 implementation of the spec, on real photos.
+"""attnscope's tables equal an independent float64 implementation of docs/metrics.md, on real photos.
 
 The independent side shares nothing with attnscope's capture or metrics: attention maps come
 from timm's fx extraction of the softmax nodes, the residual branch is recomputed with the

@@ -31,6 +31,7 @@ CLS_METRICS = {
     "cls_patch_k90_frac",
     "cls_patch_gini",
     "cls_patch_max",
+    "cls_self_attn_adj",
 }
 REG_METRICS = {"cls_register_mass", "patch_register_mass"}
 
@@ -90,6 +91,9 @@ def test_uniform_attention(grid, patch, n_reg):
     assert m["patch_patch_eff_frac"] == pytest.approx(1.0, abs=1e-12)
     assert m["attn_nmi"] == pytest.approx(0.0, abs=1e-7)  # I ~ 1e-16 over sqrt(ln N * ln N)
     assert m["attn_distance_px"] == pytest.approx(_brute_mean_pairwise_distance(gh, gw, *patch), rel=1e-12)
+    # (1/T) / (N/T): self-attention relative to the mass on patch keys
+    assert m["cls_self_attn_adj"] == pytest.approx(1 / n, rel=1e-12)
+    assert m["patch_self_attn_adj"] == pytest.approx(1 / n, rel=1e-12)
 
 
 def test_uniform_k_boundary_is_not_broken_by_rounding():
@@ -137,6 +141,8 @@ def test_one_hot_dominant_key(n_reg):
 
     assert m["cls_self_attn"] == pytest.approx(0.3)
     assert m["cls_patch_mass"] == pytest.approx(0.7)
+    assert m["cls_self_attn_adj"] == pytest.approx(0.3 / 0.7, rel=1e-14)
+    assert m["patch_self_attn_adj"] == 0.0
     assert m["cls_patch_entropy"] == 0.0
     assert m["cls_patch_entropy_norm"] == 0.0
     assert m["cls_patch_eff_frac"] == pytest.approx(1 / n)
@@ -164,6 +170,8 @@ def test_self_attention_identity():
     a[1:, 1:] = np.eye(6)
     m, _ = _one(a, has_cls=True, num_registers=0, grid=(2, 3), patch_size=(16, 16))
     assert m["patch_self_attn"] == 1.0
+    assert m["patch_self_attn_adj"] == 1.0
+    assert m["cls_self_attn_adj"] == pytest.approx(1 / 6, rel=1e-14)  # (1/7) / (6/7)
     assert m["attn_distance_px"] == 0.0
     assert m["attn_nmi"] == pytest.approx(1.0, abs=1e-12)
 
@@ -207,6 +215,9 @@ def test_hand_worked_cls_register_1x3():
         "patch_patch_eff_frac": (1 + 2**1.5 + 2) / 9,
         # p0: 0 ; p1: .25*10 + .25*10 = 5 ; p2: .5*20 = 10
         "attn_distance_px": (0 + 5 + 10) / 3,
+        "cls_self_attn_adj": 0.1 / 0.8,
+        # A[i, i] / S_i = .8/.8, .4/.8, .25/.5
+        "patch_self_attn_adj": (1.0 + 0.5 + 0.5) / 3,
     }
     # key marginal k = ([1,0,0] + [.25,.5,.25] + [.5,0,.5]) / 3 = [7/12, 2/12, 3/12]
     h_k = -(7 / 12 * math.log(7 / 12) + 2 / 12 * math.log(2 / 12) + 3 / 12 * math.log(3 / 12))
@@ -234,11 +245,14 @@ def test_registers_do_not_count_as_patches():
     renormalised = [
         k for k in HEAD_METRICS if k.startswith(("cls_patch_", "patch_patch_")) and k != "cls_patch_mass"
     ]
-    renormalised += ["attn_distance_px", "attn_nmi"]
+    renormalised += ["attn_distance_px", "attn_nmi", "patch_self_attn_adj"]
     for k in renormalised:
         assert m1[k] == pytest.approx(m2[k], rel=1e-12, abs=1e-15), k
     assert m1["cls_patch_mass"] == pytest.approx(0.8)
     assert m2["cls_patch_mass"] == pytest.approx(0.35)
+    # the [cls] self-attention is a prefix key: its ratio to the patch mass moves with it
+    assert m1["cls_self_attn_adj"] == pytest.approx(0.1 / 0.8, rel=1e-12)
+    assert m2["cls_self_attn_adj"] == pytest.approx(0.05 / 0.35, rel=1e-12)
 
 
 def test_random_maps_against_plain_loops():
@@ -290,6 +304,13 @@ def test_random_maps_against_plain_loops():
             assert per_head["cls_register_mass"][b, h] == pytest.approx(A[0][1] + A[0][2], rel=1e-15)
             assert per_head["patch_self_attn"][b, h] == pytest.approx(
                 sum(A[pre + i][pre + i] for i in range(n)) / n, rel=1e-14
+            )
+            patch_sum = [sum(A[pre + i][pre + j] for j in range(n)) for i in range(n)]
+            assert per_head["patch_self_attn_adj"][b, h] == pytest.approx(
+                sum(A[pre + i][pre + i] / patch_sum[i] for i in range(n)) / n, rel=1e-12
+            )
+            assert per_head["cls_self_attn_adj"][b, h] == pytest.approx(
+                A[0][0] / sum(A[0][pre + j] for j in range(n)), rel=1e-12
             )
 
 
@@ -371,6 +392,8 @@ def test_no_cls_with_registers_values():
     m, _ = _one(a, has_cls=False, num_registers=2, grid=(1, 2), patch_size=(16, 16))
     assert m["patch_register_mass"] == pytest.approx(0.2)
     assert m["patch_self_attn"] == pytest.approx(0.55)
+    # S_i leaves the registers out: .3 / .6 and .8 / 1
+    assert m["patch_self_attn_adj"] == pytest.approx((0.5 + 0.8) / 2, rel=1e-14)
     h1 = -(0.2 * math.log(0.2) + 0.8 * math.log(0.8))
     assert m["patch_patch_entropy"] == pytest.approx((math.log(2) + h1) / 2, rel=1e-14)
     assert m["attn_distance_px"] == pytest.approx((0.5 * 16 + 0.2 * 16) / 2, rel=1e-14)
