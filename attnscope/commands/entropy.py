@@ -6,7 +6,7 @@ default `NullUI` shows nothing, so `run` stays silent inside notebooks and tests
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,23 +61,27 @@ class EntropyConfig:
         return {"command": "entropy", **config_dict(self, skip=("seed", "out", "overwrite"))}
 
 
-def load_with_ui(
-    name: str, ui: UI, *, seed: int, load: Any, images: Sequence[str] | None, max_images: int | None
-) -> tuple[LoadedModel, list[Path]]:
-    """Load a model (a failure on any rank stops every rank here) and list rank 0's images."""
+def load_with_ui(name: str, ui: UI, *, seed: int, load: Callable[[], LoadedModel]) -> LoadedModel:
+    """`load()` seeded, under a status line; a failure on any rank stops every rank here."""
     import torch
 
+    from attnscope import distributed
+
+    torch.manual_seed(seed)
+    with distributed.step(), ui.status(f"loading {name}"):
+        return load()
+
+
+def list_images(images: Sequence[str] | None, max_images: int | None) -> list[Path]:
+    """Rank 0 lists the images (its failure stops every rank) and every rank gets its list."""
     from attnscope import distributed
     from attnscope.data import collect_image_paths
 
     paths = None
-    torch.manual_seed(seed)
     with distributed.step():
-        with ui.status(f"loading {name}"):
-            loaded = load()
         if distributed.is_main():
             paths = collect_image_paths(images, max_images=max_images)
-    return loaded, distributed.broadcast_object(paths)
+    return distributed.broadcast_object(paths)
 
 
 def measure_with_ui(
@@ -143,12 +147,10 @@ def run(
         if main:  # refuse a bad --out before any work
             writer = RunWriter(config.out or default_run_dir(config.model), overwrite=config.overwrite)
     out_dir = distributed.broadcast_object(writer.out_dir if writer is not None else None)
-    loaded, paths = load_with_ui(
+    loaded = load_with_ui(
         config.model,
         ui,
         seed=config.seed,
-        images=config.images,
-        max_images=config.max_images,
         load=lambda: load_model(
             config.model,
             checkpoint=config.checkpoint,
@@ -158,6 +160,7 @@ def run(
             family=config.family,
         ),
     )
+    paths = list_images(config.images, config.max_images)
     result = measure_with_ui(
         loaded,
         paths,
