@@ -60,13 +60,12 @@ def build_figures(
     from attnscope.compare import HEADLINE_METRICS
     from attnscope.metrics import ALL_METRICS
     from attnscope.plots.compare import (
-        GalleryColumn,
-        attention_gallery,
         depth_panels,
         family_linestyles,
         head_scatter,
         heatmaps_side_by_side,
     )
+    from attnscope.plots.maps import GalleryColumn, attention_gallery
     from attnscope.plots.entropy import metric_label, model_palette
 
     models = [r.name for r in runs]
