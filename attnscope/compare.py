@@ -1,14 +1,14 @@
-"""Several models over the same images: run (or reuse) each, stack, summarise, state findings.
+"""The science of comparing models: plans, configuration hashes, stacked tables, findings.
 
-Each model's single-model run lives in `DIR/runs/<slug>/` with a `config_hash` of everything
-that changes its numbers, so a later compare over the same images re-reads it instead of
-recomputing (a ViT-H over 10k images is an hour; re-plotting should not be). The stacked
-tables, summary, figures and report are rebuilt from those runs every time.
+Each model's single-model run lives in its own folder with a `config_hash` of everything
+that changes its numbers (`config_inputs`), so a later compare over the same images can
+re-read it instead of recomputing (a ViT-H over 10k images is an hour; re-plotting should
+not be). Running, reusing and writing those folders is `attnscope.commands.compare`'s job;
+this module holds the data and the decisions that need no file.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import ConfigError
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
+    import torch
 
     from attnscope.models import LoadedModel, ModelSpec
 
@@ -34,43 +35,9 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "attn_distance_px",
     "cls_residual_ratio",
 )
-GALLERY_FILE = "gallery.npz"
-_COMPARE_ENTRIES = frozenset(
-    {"runs", "figures", "layers.csv", "heads.csv", "summary.csv", "run.json", "report.html", "report.md"}
-)
 
 
 # ---------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class CompareSettings:
-    """What every compared model shares: the images and how they are run."""
-
-    images: tuple[str, ...] | None = None
-    max_images: int | None = None
-    img_size: tuple[int, int] | None = None
-    random_init: bool = False
-    seed: int = 0
-    batch_size: int = 16
-    num_workers: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    gallery: int = 4
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "images": list(self.images) if self.images else None,
-            "max_images": self.max_images,
-            "img_size": list(self.img_size) if self.img_size else None,
-            "random_init": self.random_init,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "device": self.device,
-            "dtype": self.dtype,
-            "gallery": self.gallery,
-        }
 
 
 @dataclass(frozen=True)
@@ -88,24 +55,21 @@ class ModelPlan:
         return self.spec.family
 
 
-def parse_assignments(values: Sequence[str] | None, option: str) -> dict[str, str]:
-    """`["a=x", "b=y"]` -> `{"a": "x", "b": "y"}`; each NAME once, both sides non-empty."""
-    out: dict[str, str] = {}
-    for value in values or []:
-        name, sep, target = value.partition("=")
-        name, target = name.strip(), target.strip()
-        if not sep or not name or not target:
-            raise AttnscopeError(f"{option} takes NAME=VALUE (e.g. {option} mae=mae.pth), got {value!r}")
-        if name in out:
-            raise AttnscopeError(f"{option} is given twice for {name!r}")
-        out[name] = target
-    return out
-
-
-def _slug(name: str) -> str:
-    from attnscope.files import slug as results_slug
-
-    return results_slug(name)
+def check_models(models: Sequence[str], **per_model: Mapping[str, Any]) -> None:
+    """Two or more distinct models; every per-model option (`checkpoints=`, ...) names one of them."""
+    names = list(models)
+    if len(names) < 2:
+        got = f"only {names[0]!r}" if names else "none"
+        raise ConfigError("models", f"must list two or more models, got {got}; for one model use entropy")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError("models", f"has {dupes[0]!r} listed twice; give each model once")
+    for option, given in per_model.items():
+        stray = [n for n in given if n not in names]
+        if stray:
+            raise ConfigError(
+                option, f"names {stray[0]!r}, which is not one of the compared models ({', '.join(names)})"
+            )
 
 
 def plan_models(
@@ -116,36 +80,23 @@ def plan_models(
     model_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[ModelPlan]:
     """Check the model list and per-model options; raise on the first problem, touch nothing."""
+    from attnscope.files import slug as file_slug
     from attnscope.models import resolve_model_spec
 
-    names = list(models)
-    if len(names) < 2:
-        got = f"only {names[0]!r}" if names else "none"
-        raise AttnscopeError(
-            f"compare needs two or more models, got {got}; for one model use `attnscope entropy`"
-        )
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise AttnscopeError(f"model {dupes[0]!r} is listed twice; give each model once")
     checkpoints = dict(checkpoints or {})
     families = dict(families or {})
-    for option, given in (("--checkpoint", checkpoints), ("--family", families)):
-        stray = [n for n in given if n not in names]
-        if stray:
-            raise AttnscopeError(
-                f"{option} names {stray[0]!r}, which is not one of the compared models ({', '.join(names)})"
-            )
+    check_models(models, checkpoints=checkpoints, families=families)
     plans: list[ModelPlan] = []
     slugs: set[str] = set()
-    for name in names:
+    for name in models:
         spec = resolve_model_spec(name, families.get(name))
         checkpoint = Path(checkpoints[name]).expanduser() if name in checkpoints else None
         if checkpoint is not None and not checkpoint.is_file():
-            raise AttnscopeError(f"checkpoint not found: {checkpoint} (--checkpoint {name}=...)")
-        slug, n = _slug(name), 1
+            raise ConfigError("checkpoints", f"{name}={checkpoint}: checkpoint not found")
+        slug, n = file_slug(name), 1
         while slug in slugs:  # "a/b" and "a-b" must not share a run folder
             n += 1
-            slug = f"{_slug(name)}-{n}"
+            slug = f"{file_slug(name)}-{n}"
         slugs.add(slug)
         plans.append(ModelPlan(name, spec, slug, checkpoint, dict((model_kwargs or {}).get(name, {}))))
     return plans
@@ -164,19 +115,28 @@ def _file_stamp(path: Path) -> list[Any]:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def config_inputs(plan: ModelPlan, settings: CompareSettings, paths: Sequence[Path]) -> dict[str, Any]:
+def config_inputs(
+    plan: ModelPlan,
+    paths: Sequence[Path],
+    *,
+    random_init: bool,
+    seed: int,
+    img_size: Sequence[int] | None,
+    dtype: str,
+) -> dict[str, Any]:
     """Everything that changes a model's numbers, as plain JSON-able data.
 
     Batch size, workers and device are left out: they change the results by float
-    rounding at most, and a run on the GPU should be reusable on a laptop.
+    rounding at most, and a run on the GPU should be reusable on a laptop. A folder
+    written by an earlier version is reused only while this dict stays the same, key for key.
     """
     from attnscope import __version__
     from attnscope.versions import package_versions
 
     if plan.checkpoint is not None:
         weights: dict[str, Any] = {"checkpoint": _file_stamp(plan.checkpoint.resolve())}
-    elif settings.random_init:
-        weights = {"random_init": True, "seed": settings.seed}
+    elif random_init:
+        weights = {"random_init": True, "seed": seed}
     else:
         weights = {"pretrained": plan.spec.timm_name}
     versions = package_versions()
@@ -187,8 +147,8 @@ def config_inputs(plan: ModelPlan, settings: CompareSettings, paths: Sequence[Pa
         "timm_name": plan.spec.timm_name,
         "weights": weights,
         "model_kwargs": {k: plan.model_kwargs[k] for k in sorted(plan.model_kwargs)},
-        "img_size": list(settings.img_size) if settings.img_size else None,
-        "dtype": settings.dtype,
+        "img_size": list(img_size) if img_size else None,
+        "dtype": dtype,
         "images": [_file_stamp(Path(p)) for p in sorted(paths)],
     }
 
@@ -197,6 +157,9 @@ def config_hash(inputs: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of `config_inputs`."""
     text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- one model's results
 
 
 @dataclass
@@ -213,62 +176,38 @@ class Gallery:
         return "[cls]→patch" if self.query == "cls" else "mean patch→patch (no [cls])"
 
 
-def _read_gallery(path: Path, expected_hash: str, k: int) -> Gallery | None:
-    import numpy as np
+def gallery_maps(
+    loaded: LoadedModel,
+    info: Mapping[str, Any],
+    k: int,
+    *,
+    batch_size: int,
+    device: str | torch.device,
+    dtype: str,
+) -> Gallery | None:
+    """Last-block [cls] maps (the patch mean without a class token) of the first `k` images used."""
+    from attnscope.maps import Query, collect_maps
 
-    if not path.is_file():
+    paths = [Path(p) for p in info["images_used"][:k]]
+    if not paths:
         return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["config_hash"]) != expected_hash or len(data["maps"]) < k:
-                return None
-            return Gallery(
-                maps=data["maps"][:k],
-                views=data["views"][:k],
-                names=[str(n) for n in data["names"][:k]],
-                query=str(data["query"]),
-                patch_size=(int(data["patch_size"][0]), int(data["patch_size"][1])),
-            )
-    except (OSError, KeyError, ValueError):
-        return None  # a damaged cache is recomputed, not trusted
-
-
-def _gallery_bytes(gallery: Gallery, chash: str) -> bytes:
-    import io
-
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        maps=gallery.maps.astype(np.float32),
-        views=gallery.views,
-        names=np.array(gallery.names),
-        query=np.array(gallery.query),
-        patch_size=np.array(gallery.patch_size),
-        config_hash=np.array(chash),
+    query = Query("cls") if info["token_layout"]["has_cls"] else Query("mean")
+    maps = collect_maps(
+        loaded,
+        paths,
+        query=query,
+        heads="mean",
+        batch_size=min(batch_size, k),
+        device=device,
+        dtype=dtype,
     )
-    return buf.getvalue()
-
-
-def _reusable_run(
-    run_dir: Path, chash: str, name: str
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
-    from attnscope.results import read_run
-
-    meta_path = run_dir / "run.json"
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("config_hash") != chash or name not in meta.get("models", {}):
-            return None
-        return read_run(run_dir)
-    except (OSError, ValueError, AttnscopeError):
-        return None
-
-
-# ---------------------------------------------------------------- running
+    return Gallery(
+        maps=maps.maps[:, 0],
+        views=maps.views,
+        names=[p.name for p in maps.paths],
+        query=query.kind,
+        patch_size=tuple(maps.layout.patch_size),  # type: ignore[arg-type]
+    )
 
 
 @dataclass
@@ -286,179 +225,6 @@ class ModelRun:
     @property
     def name(self) -> str:
         return self.plan.name
-
-
-def _gallery_maps(
-    loaded: LoadedModel, info: dict[str, Any], k: int, settings: CompareSettings
-) -> Gallery | None:
-    from attnscope.maps import Query, collect_maps
-
-    paths = [Path(p) for p in info["images_used"][:k]]
-    if not paths:
-        return None
-    has_cls = bool(info["token_layout"]["has_cls"])
-    maps = collect_maps(
-        loaded,
-        paths,
-        query=Query("cls" if has_cls else "mean"),
-        heads="mean",
-        batch_size=min(settings.batch_size, k),
-        device=settings.device,
-        dtype=settings.dtype,
-    )
-    return Gallery(
-        maps=maps.maps[:, 0],
-        views=maps.views,
-        names=[p.name for p in maps.paths],
-        query="cls" if has_cls else "mean",
-        patch_size=tuple(maps.layout.patch_size),  # type: ignore[arg-type]
-    )
-
-
-def _load(plan: ModelPlan, settings: CompareSettings) -> LoadedModel:
-    import torch
-
-    from attnscope.models import load_model
-
-    torch.manual_seed(settings.seed)
-    return load_model(
-        plan.name,
-        checkpoint=plan.checkpoint,
-        random_init=settings.random_init and plan.checkpoint is None,
-        seed=settings.seed,
-        img_size=settings.img_size,
-        family=plan.family,
-        model_kwargs=plan.model_kwargs or None,
-    )
-
-
-def _free(loaded: LoadedModel | None) -> None:
-    """Drop a finished model before loading the next: two ViT-H at once do not fit many GPUs."""
-    import torch
-
-    del loaded
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def run_or_reuse(
-    plan: ModelPlan,
-    settings: CompareSettings,
-    paths: Sequence[Path],
-    runs_root: Path,
-    *,
-    reuse: bool = True,
-    command: str = "",
-    ui: Any = None,
-) -> ModelRun | None:
-    """The model's run folder under `runs_root`: re-read when its config hash matches, else computed.
-
-    Under torchrun every rank measures its share; rank 0 alone decides reuse, draws the
-    gallery and writes, and the other ranks return None.
-    """
-    from attnscope import distributed
-    from attnscope.analysis import build_info
-    from attnscope.commands.ui import NullUI
-    from attnscope.measure import run_statistics_all_ranks
-    from attnscope.models import display_name, random_weights_warning
-    from attnscope.results import RunWriter, run_metadata
-
-    ui = ui or NullUI()
-    run_dir = runs_root / plan.slug
-    # torchrun: rank 0's folder decides reuse for every rank
-    main = distributed.is_main()
-    inputs: dict[str, Any] = {}
-    chash = ""
-    found = None
-    with distributed.step():
-        if main:
-            inputs = config_inputs(plan, settings, paths)
-            chash = config_hash(inputs)
-            found = _reusable_run(run_dir, chash, plan.name) if reuse else None
-    if distributed.broadcast_object(found is not None) and not main:
-        return None
-    if found is not None:
-        layers, heads, meta = found
-        info = dict(meta["models"][plan.name])
-        info["family"] = plan.family  # family never changes a number, so an override needs no rerun
-        k = min(
-            settings.gallery, len(info["images_used"])
-        )  # asking for 4 of 2 images must still hit the cache
-        gallery = _read_gallery(run_dir / GALLERY_FILE, chash, k) if k else None
-        status = "reused"
-        if k and gallery is None:
-            loaded = _load(plan, settings)
-            with ui.status(f"{plan.name}: statistics reused, computing the gallery maps"):
-                gallery = _gallery_maps(loaded, info, k, settings)
-            _free(loaded)
-            if gallery is not None:
-                RunWriter(run_dir, overwrite=True).write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
-            status = "reused (gallery recomputed)"
-        return ModelRun(plan, layers, heads, info, chash, status, gallery)
-
-    dev = distributed.setup(settings.device)  # resolve_device, or this rank's device under torchrun
-    with distributed.step(), ui.status(f"loading {plan.name}"):
-        loaded = _load(plan, settings)
-    if loaded.random_init:
-        ui.banner(random_weights_warning(plan.name, settings.seed))
-    label = display_name(plan.name, loaded.random_init)
-    with ui.progress(label) as prog:
-        task = prog.add_task(label, total=distributed.share_size(len(paths)))  # torchrun: rank 0's share
-        accumulator, layout, used, failures = run_statistics_all_ranks(
-            loaded,
-            paths,
-            batch_size=settings.batch_size,
-            device=dev,
-            dtype=settings.dtype,
-            num_workers=settings.num_workers,
-            progress=lambda done, total: prog.update(task, completed=done),
-            on_skip=ui.skip,
-        )
-    with distributed.step():  # torchrun: the same outcome on every rank, reported once
-        if accumulator is None or layout is None:
-            raise AttnscopeError(f"none of the {len(paths)} images could be read")
-    layers, heads = accumulator.tables()
-    info = build_info(
-        loaded,
-        layout,
-        paths,
-        used,
-        failures,
-        device=dev,
-        dtype=settings.dtype,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-    )
-    info.update(distributed.describe())
-    if not main:  # torchrun: rank 0 draws the gallery and writes the run folder
-        _free(loaded)
-        return None
-    k = min(settings.gallery, len(info["images_used"]))
-    gallery = _gallery_maps(loaded, info, k, settings) if k else None
-    _free(loaded)
-
-    writer = RunWriter(run_dir, overwrite=True)
-    writer.write_csv("layers.csv", layers)
-    writer.write_csv("heads.csv", heads)
-    if gallery is not None:
-        writer.write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
-    config = {
-        "command": "compare",
-        "model": plan.name,
-        "checkpoint": str(plan.checkpoint) if plan.checkpoint else None,
-        "model_kwargs": dict(plan.model_kwargs),
-        **settings.as_dict(),
-    }
-    meta = run_metadata(command, config, {plan.name: info}, settings.seed)
-    meta["config_hash"] = chash
-    meta["config_inputs"] = inputs
-    writer.write_json("run.json", meta)  # last: its presence (and hash) marks a finished, reusable run
-    # Round-trip through the CSV so reused and fresh runs stack to byte-identical tables.
-    from attnscope.results import read_run
-
-    layers, heads, _ = read_run(run_dir)
-    return ModelRun(plan, layers, heads, info, chash, "computed", gallery)
 
 
 # ---------------------------------------------------------------- tables and findings
@@ -552,35 +318,43 @@ _SENTENCES: tuple[tuple[str, str, str], ...] = (
     (
         "cls_self_attn_last",
         "In the last block, {hi}'s [cls] keeps {a} of its attention on itself vs {b} for {lo}{ratio}.",
-        "In the last block, {hi}'s and {lo}'s [cls] keep about the same share of attention on themselves ({a} vs {b}).",
+        "In the last block, {hi}'s and {lo}'s [cls] keep about the same share of attention on themselves "
+        "({a} vs {b}).",
     ),
     (
         "cls_patch_entropy_norm_last",
-        "{hi}'s [cls]→patch attention is closer to uniform in the last block (normalised entropy {a} vs {b} for {lo}).",
-        "{hi}'s and {lo}'s [cls]→patch attention are about equally spread in the last block (normalised entropy {a} vs {b}).",
+        "{hi}'s [cls]→patch attention is closer to uniform in the last block "
+        "(normalised entropy {a} vs {b} for {lo}).",
+        "{hi}'s and {lo}'s [cls]→patch attention are about equally spread in the last block "
+        "(normalised entropy {a} vs {b}).",
     ),
     (
         "cls_patch_k90_frac_last",
-        "In the last block, 90% of {lo}'s [cls]→patch attention falls on {b} of the patches, vs {a} for {hi}: "
-        "{lo}'s [cls] is the more selective.",
-        "In the last block, 90% of the [cls]→patch attention falls on about the same share of patches ({a} for {hi}, {b} for {lo}).",
+        "In the last block, 90% of {lo}'s [cls]→patch attention falls on {b} of the patches, "
+        "vs {a} for {hi}: {lo}'s [cls] is the more selective.",
+        "In the last block, 90% of the [cls]→patch attention falls on about the same share of patches "
+        "({a} for {hi}, {b} for {lo}).",
     ),
     (
         "patch_patch_entropy_norm_mean",
         "Averaged over blocks, {hi}'s patches spread their attention more evenly "
         "(normalised patch→patch entropy {a} vs {b} for {lo}).",
-        "Averaged over blocks, {hi}'s and {lo}'s patches spread their attention about equally (normalised entropy {a} vs {b}).",
+        "Averaged over blocks, {hi}'s and {lo}'s patches spread their attention about equally "
+        "(normalised entropy {a} vs {b}).",
     ),
     (
         "attn_distance_px_mean",
-        "Averaged over blocks, {hi}'s patches look farther: mean attention distance {a} vs {b} for {lo}{ratio}.",
-        "Averaged over blocks, {hi}'s and {lo}'s patches look about as far (mean attention distance {a} vs {b}).",
+        "Averaged over blocks, {hi}'s patches look farther: "
+        "mean attention distance {a} vs {b} for {lo}{ratio}.",
+        "Averaged over blocks, {hi}'s and {lo}'s patches look about as far "
+        "(mean attention distance {a} vs {b}).",
     ),
     (
         "cls_residual_ratio_last",
-        "In the last block, attention changes {hi}'s [cls] the most: the update is {a} of the residual stream's norm "
-        "vs {b} for {lo}.",
-        "In the last block, attention changes {hi}'s and {lo}'s [cls] about equally (update/residual norm {a} vs {b}).",
+        "In the last block, attention changes {hi}'s [cls] the most: "
+        "the update is {a} of the residual stream's norm vs {b} for {lo}.",
+        "In the last block, attention changes {hi}'s and {lo}'s [cls] about equally "
+        "(update/residual norm {a} vs {b}).",
     ),
 )
 
@@ -617,7 +391,8 @@ def findings(
                 notes.append(f"{m} is left out of the comparisons of metrics it does not have ({why}).")
         if len(present) < 2:
             notes.append(
-                f"No sentence on {metric} in the {column.rsplit('_', 1)[1]} block(s): fewer than two models have it."
+                f"No sentence on {metric} in the {column.rsplit('_', 1)[1]} block(s): "
+                "fewer than two models have it."
             )
             continue
         ranked = sorted(present, key=lambda mv: mv[1], reverse=True)
@@ -636,173 +411,3 @@ def findings(
             + "): attention distances are in each model's own input pixels."
         )
     return sentences, notes
-
-
-# ---------------------------------------------------------------- the whole command
-
-
-@dataclass
-class Comparison:
-    """Everything a compare run produced, for the caller to show."""
-
-    out_dir: Path
-    runs: list[ModelRun]
-    layers: pd.DataFrame
-    heads: pd.DataFrame
-    summary: pd.DataFrame
-    findings: list[str]
-    notes: list[str]
-    figures: list[str]
-    report_html: Path
-    report_md: Path
-
-
-def is_compare_dir(path: Path) -> bool:
-    """A folder that only holds what `compare` writes (hidden temp files aside)."""
-    if not (path / "runs").is_dir():
-        return False
-    meta = path / "run.json"
-    if meta.is_file():
-        try:
-            if json.loads(meta.read_text(encoding="utf-8")).get("config", {}).get("command") != "compare":
-                return False
-        except (OSError, ValueError):
-            return False
-    return all(p.name in _COMPARE_ENTRIES for p in path.iterdir() if not p.name.startswith("."))
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse before any work: a non-empty folder that compare did not make needs --overwrite."""
-    if out.exists() and not out.is_dir():
-        raise AttnscopeError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite and not is_compare_dir(out):
-        raise AttnscopeError(
-            f"--out {out} is not empty and is not an attnscope compare folder; choose another folder or pass --overwrite"
-        )
-
-
-def _validate(settings: CompareSettings) -> None:
-    from attnscope.config import DTYPES
-    from attnscope.models import resolve_device
-
-    if settings.dtype not in DTYPES:
-        raise AttnscopeError(f"--dtype takes {', '.join(DTYPES)}, got {settings.dtype!r}")
-    if settings.batch_size < 1:
-        raise AttnscopeError(f"--batch-size must be at least 1, got {settings.batch_size}")
-    if settings.gallery < 0:
-        raise AttnscopeError(f"--gallery must be 0 or more, got {settings.gallery}")
-    resolve_device(settings.device)
-
-
-def compare_run(
-    models: Sequence[str],
-    *,
-    out: str | Path,
-    settings: CompareSettings | None = None,
-    checkpoints: Mapping[str, str | Path] | None = None,
-    families: Mapping[str, str] | None = None,
-    model_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-    reuse: bool = True,
-    overwrite: bool = False,
-    formats: Sequence[str] = ("png",),
-    command: str = "",
-    ui: Any = None,
-) -> Comparison | None:
-    """The `compare` command: run or reuse each model, then write tables, figures and the report.
-
-    All input is checked before anything is computed or written. `model_kwargs` (per model
-    name, passed to `timm.create_model`) is for notebooks and tests: tiny models. Under
-    torchrun every rank measures a share of the images, rank 0 writes and returns the
-    Comparison, the other ranks return None.
-    """
-    from attnscope import distributed
-    from attnscope.commands.ui import NullUI
-    from attnscope.data import collect_image_paths
-    from attnscope.results import RunWriter, run_metadata
-
-    ui = ui or NullUI()
-    settings = settings or CompareSettings()
-    out = Path(out)
-    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
-    if bad:
-        raise AttnscopeError(f"--format takes png, svg or pdf, got {', '.join(bad)}")
-    plans = plan_models(models, checkpoints=checkpoints, families=families, model_kwargs=model_kwargs)
-    _validate(settings)
-    # torchrun: join the process group; rank 0 checks --out, lists the images and shows progress
-    distributed.setup(settings.device)
-    main = distributed.is_main()
-    ui = ui if main else NullUI()
-    owned, paths = False, None
-    with distributed.step():
-        if main:
-            check_out_dir(out, overwrite)
-            owned = not out.exists() or not any(out.iterdir()) or is_compare_dir(out)
-            paths = collect_image_paths(
-                list(settings.images) if settings.images else None, max_images=settings.max_images
-            )
-    paths = distributed.broadcast_object(paths)
-
-    runs = [
-        run_or_reuse(p, settings, paths, out / "runs", reuse=reuse, command=command, ui=ui) for p in plans
-    ]
-    if not main:
-        return None
-    layers, heads = stack_tables(runs)
-    summary = summary_table(runs)
-    infos = {r.name: r.info for r in runs}
-    sentences, notes = findings(summary, infos)
-
-    from attnscope.report import build_figures, render_html, render_markdown
-
-    writer = RunWriter(out, overwrite=True)  # check_out_dir has already decided it may be written
-    writer.write_csv("layers.csv", layers)
-    writer.write_csv("heads.csv", heads)
-    writer.write_csv("summary.csv", summary)
-    figures = build_figures(runs, layers, heads, writer, formats=formats)
-    html_path = writer.write_text(
-        "report.html", render_html(runs, summary, sentences, notes, figures, command=command, out_dir=out)
-    )
-    md_path = writer.write_text(
-        "report.md", render_markdown(runs, summary, sentences, notes, figures, command=command)
-    )
-    config = {
-        "command": "compare",
-        "models": [p.name for p in plans],
-        "checkpoints": {p.name: str(p.checkpoint) for p in plans if p.checkpoint},
-        "families": {p.name: p.family for p in plans},
-        "model_kwargs": {p.name: dict(p.model_kwargs) for p in plans if p.model_kwargs},
-        "reuse": reuse,
-        "formats": list(formats),
-        **settings.as_dict(),
-    }
-    meta = run_metadata(command, config, infos, settings.seed)
-    meta["runs"] = {
-        r.name: {"folder": f"runs/{r.plan.slug}", "config_hash": r.config_hash, "status": r.status}
-        for r in runs
-    }
-    meta["findings"] = sentences
-    meta["notes"] = notes
-    writer.write_json("run.json", meta)
-    if owned:  # never delete in a folder the user only let us --overwrite
-        _remove_stale_figures(out / "figures", set(writer.written))
-    return Comparison(
-        out_dir=out,
-        runs=runs,
-        layers=layers,
-        heads=heads,
-        summary=summary,
-        findings=sentences,
-        notes=notes,
-        figures=[f.stem for f in figures],
-        report_html=html_path,
-        report_md=md_path,
-    )
-
-
-def _remove_stale_figures(folder: Path, written: set[Path]) -> None:
-    """A refreshed compare folder must not keep figures of an earlier model set or format."""
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
-        if path.is_file() and not path.name.startswith(".") and path not in written:
-            path.unlink()

@@ -2,9 +2,10 @@
 
 What DINO's `visualize_attention.py`, vit-explain's rollout and cl-vs-mim's notebooks each
 hand-code, done once on the true token layout (registers and non-square grids included).
-The tensor functions are pure; `collect_maps` drives `AttentionRecorder` with a consumer
-that keeps only the rows it needs (or, for rollout, one running (B, T, T) product), so
-memory stays at one block's worth whatever the depth.
+The tensor functions are pure; `collect_maps` runs the model through `measure.forwards`
+with a consumer that keeps only the rows it needs (or, for rollout, one running (B, T, T)
+product), so memory stays at one block's worth whatever the depth. Drawing is in
+`attnscope.plots.maps`, the `maps` command in `attnscope.commands.maps`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from attnscope.errors import AttnscopeError
-from attnscope.models.loading import display_name, random_weights_warning
+from attnscope.config import check_choice, check_fraction
+from attnscope.errors import AttnscopeError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 UpsampleMode = Literal["nearest", "bilinear"]
 UPSAMPLE_MODES: tuple[str, ...] = ("nearest", "bilinear")
+HeadSelection = Literal["mean", "all"] | tuple[int, ...]  # the mean of the heads, every head, or these
 
 
 # ---------------------------------------------------------------- what to show
@@ -67,16 +69,14 @@ def parse_query(text: str) -> Query:
         try:
             row, col = (int(p) for p in parts)
         except ValueError:
-            raise AttnscopeError(
-                f"--query patch takes patch:ROW,COL with two integers, got {text!r}"
-            ) from None
+            raise ConfigError("query", f"patch takes patch:ROW,COL with two integers, got {text!r}") from None
         if row < 0 or col < 0:
-            raise AttnscopeError(f"--query patch:ROW,COL takes non-negative grid coordinates, got {text!r}")
+            raise ConfigError("query", f"patch:ROW,COL takes non-negative grid coordinates, got {text!r}")
         return Query("patch", row, col)
-    raise AttnscopeError(f"--query takes cls, mean or patch:ROW,COL, got {text!r}")
+    raise ConfigError("query", f"takes cls, mean or patch:ROW,COL, got {text!r}")
 
 
-def parse_heads(text: str) -> Literal["mean", "all"] | tuple[int, ...]:
+def parse_heads(text: str) -> HeadSelection:
     """`mean`, `all` or a comma list of head indices such as `0,3,5`."""
     value = text.strip().lower()
     if value in ("mean", "all"):
@@ -84,24 +84,40 @@ def parse_heads(text: str) -> Literal["mean", "all"] | tuple[int, ...]:
     try:
         heads = tuple(int(p) for p in value.split(",") if p.strip())
     except ValueError:
-        raise AttnscopeError(f"--heads takes mean, all or a list like 0,3,5, got {text!r}") from None
+        raise ConfigError("heads", f"takes mean, all or a list like 0,3,5, got {text!r}") from None
     if not heads or min(heads) < 0:
-        raise AttnscopeError(f"--heads takes mean, all or non-negative indices like 0,3,5, got {text!r}")
+        raise ConfigError("heads", f"takes mean, all or non-negative indices like 0,3,5, got {text!r}")
     return tuple(dict.fromkeys(heads))
+
+
+def check_map_options(heads: HeadSelection | Sequence[int], rollout: bool, discard_ratio: float) -> None:
+    """The combinations of head selection, rollout and discard ratio that have a meaning."""
+    check_fraction("discard_ratio", discard_ratio)
+    if discard_ratio and not rollout:
+        raise ConfigError(
+            "rollout", f"must be on to discard attention weights (discard ratio {discard_ratio})"
+        )
+    if rollout and heads != "mean":
+        shown = heads if isinstance(heads, str) else ",".join(map(str, heads))
+        raise ConfigError(
+            "heads", f"mean is the only choice with rollout, which averages the heads; got {shown}"
+        )
 
 
 def query_index(layout: TokenLayout, query: Query) -> int | None:
     """Sequence index of the query token (None for the patch mean)."""
     if query.kind == "cls":
         if layout.cls_index is None:
-            raise AttnscopeError("this model has no class token; use --query mean or --query patch:ROW,COL")
+            raise ConfigError("query", "cls: this model has no class token; use mean or patch:ROW,COL")
         return layout.cls_index
     if query.kind == "mean":
         return None
     gh, gw = layout.grid
     if not (query.row < gh and query.col < gw):
-        raise AttnscopeError(
-            f"--query patch:{query.row},{query.col} is outside the {gh}x{gw} patch grid (rows 0-{gh - 1}, cols 0-{gw - 1})"
+        raise ConfigError(
+            "query",
+            f"patch:{query.row},{query.col} is outside the {gh}x{gw} patch grid "
+            f"(rows 0-{gh - 1}, cols 0-{gw - 1})",
         )
     return layout.num_prefix + query.row * gw + query.col
 
@@ -152,8 +168,8 @@ def select_heads(
         return rows, [f"head {h}" for h in range(n_heads)]
     bad = [h for h in heads if h >= n_heads]
     if bad:
-        raise AttnscopeError(
-            f"--heads {','.join(map(str, bad))}: the model has {n_heads} heads (0-{n_heads - 1})"
+        raise ConfigError(
+            "heads", f"{','.join(map(str, bad))}: the model has {n_heads} heads (0-{n_heads - 1})"
         )
     return rows[:, list(heads)], [f"head {h}" for h in heads]
 
@@ -170,8 +186,7 @@ def rollout_step(
     """
     import torch
 
-    if not 0.0 <= discard_ratio < 1.0:
-        raise AttnscopeError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
+    check_fraction("discard_ratio", discard_ratio)
     a = attn.float().mean(1)  # (B, T, T)
     b, t, _ = a.shape
     if discard_ratio > 0:
@@ -224,8 +239,7 @@ def upsample(
     import torch
     import torch.nn.functional as F
 
-    if mode not in UPSAMPLE_MODES:
-        raise AttnscopeError(f"--upsample takes nearest or bilinear, got {mode!r}")
+    check_choice("upsample", mode, UPSAMPLE_MODES)
     arr = np.asarray(maps, dtype=np.float32)
     lead, (gh, gw) = arr.shape[:-2], arr.shape[-2:]
     ch, cw = gh * patch_size[0], gw * patch_size[1]
@@ -316,7 +330,8 @@ class _MapConsumer:
         self.rows: torch.Tensor | None = None
         self.labels: list[str] = []
 
-    def reset(self, layout: TokenLayout) -> None:
+    def begin(self, layout: TokenLayout) -> None:
+        query_index(layout, self.query)  # fail before the forward, with the grid in the message
         self.layout, self.running, self.rows = layout, None, None
 
     def __call__(self, block: BlockTensors) -> None:
@@ -339,8 +354,8 @@ def resolve_layer(layer: int | None, num_blocks: int) -> int:
         return num_blocks - 1
     index = layer + num_blocks if layer < 0 else layer
     if not 0 <= index < num_blocks:
-        raise AttnscopeError(
-            f"--layer {layer} is out of range: the model has {num_blocks} blocks (0-{num_blocks - 1})"
+        raise ConfigError(
+            "layer", f"{layer} is out of range: the model has {num_blocks} blocks (0-{num_blocks - 1})"
         )
     return index
 
@@ -351,7 +366,7 @@ def collect_maps(
     *,
     query: Query | str = "cls",
     layer: int | None = None,
-    heads: Literal["mean", "all"] | Sequence[int] = "mean",
+    heads: HeadSelection | Sequence[int] | str = "mean",
     rollout: bool = False,
     discard_ratio: float = 0.0,
     batch_size: int = 8,
@@ -366,51 +381,36 @@ def collect_maps(
     """
     import torch
 
-    from attnscope.capture import AttentionRecorder
     from attnscope.data import build_eval_transform, make_loader
-    from attnscope.measure import autocast_context
-    from attnscope.models import resolve_device, token_layout
+    from attnscope.measure import forwards
+    from attnscope.models import resolve_device
 
     q = parse_query(query) if isinstance(query, str) else query
-    if rollout and heads != "mean":
-        raise AttnscopeError("--rollout averages the heads; use it with --heads mean")
-    if not 0.0 <= discard_ratio < 1.0:
-        raise AttnscopeError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
+    selection = parse_heads(heads) if isinstance(heads, str) else heads
+    check_map_options(selection, rollout, discard_ratio)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    model = loaded.model.to(dev).eval()
-    num_blocks = len(model.blocks)
+    num_blocks = len(loaded.model.blocks)  # type: ignore[arg-type]
     target = resolve_layer(layer, num_blocks)
-    transform, cfg = build_eval_transform(model, loaded.input_size)
+    transform, cfg = build_eval_transform(loaded.model, loaded.input_size)
     loader = make_loader(paths, transform, batch_size)
-    consumer = _MapConsumer(target, q, heads, rollout, discard_ratio)
-    maps, views, used, skipped = [], [], [], []
+    consumer = _MapConsumer(target, q, selection, rollout, discard_ratio)
+    maps: list[np.ndarray] = []
+    views: list[np.ndarray] = []
+    used: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     layout = None
     done = 0
-    with AttentionRecorder(model, consumer, residual=False) as recorder, torch.inference_mode():
-        for batch in loader:
-            skipped.extend((Path(paths[i]), reason) for i, reason in batch.failures)
-            if batch.images is not None:
-                images = batch.images.to(dev)
-                layout = token_layout(model, (images.shape[-2], images.shape[-1]))
-                query_index(layout, q)  # fail before the forward, with the grid in the message
-                consumer.reset(layout)
-                recorder.reset()
-                with autocast_context(dev, dtype):
-                    try:
-                        model.forward_features(images)
-                    except AssertionError as exc:
-                        size = f"{images.shape[-2]}x{images.shape[-1]}"
-                        raise AttnscopeError(
-                            f"{loaded.name} cannot take {size} inputs ({exc}); use --img-size"
-                        ) from exc
-                recorder.check()
-                assert consumer.rows is not None
-                maps.append(to_grid(consumer.rows, layout))
-                views.append(denormalise(batch.images, cfg["mean"], cfg["std"]))
-                used.extend(Path(paths[i]) for i in batch.indices)
-            done += len(batch.indices) + len(batch.failures)
-            if progress is not None:
-                progress(done, len(paths))
+    for batch, batch_layout in forwards(loaded, loader, consumer, device=dev, dtype=dtype, residual=False):
+        skipped.extend((Path(paths[i]), reason) for i, reason in batch.failures)
+        if batch_layout is not None:
+            layout = batch_layout
+            assert consumer.rows is not None and batch.images is not None
+            maps.append(to_grid(consumer.rows, layout))
+            views.append(denormalise(batch.images, cfg["mean"], cfg["std"]))
+            used.extend(Path(paths[i]) for i in batch.indices)
+        done += len(batch.indices) + len(batch.failures)
+        if progress is not None:
+            progress(done, len(paths))
     if layout is None:
         raise AttnscopeError(f"none of the {len(paths)} images could be read")
     return AttentionMaps(
@@ -426,149 +426,3 @@ def collect_maps(
         discard_ratio=discard_ratio,
         skipped=skipped,
     )
-
-
-# ---------------------------------------------------------------- the `maps` command
-
-
-def _figure_stems(paths: Sequence[Path]) -> list[str]:
-    """One file name per image; two images called `img.jpg` in different folders get -2, -3."""
-    from attnscope.files import slug as _slug
-
-    seen: dict[str, int] = {}
-    stems = []
-    for p in paths:
-        stem = _slug(p.stem)
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return stems
-
-
-def maps_run(
-    *,
-    model: str,
-    checkpoint: Path | None = None,
-    images: Sequence[str] | None = None,
-    out: Path | None = None,
-    overwrite: bool = False,
-    random_init: bool = False,
-    query: Query | str = "cls",
-    layer: int | None = None,
-    heads: Literal["mean", "all"] | Sequence[int] = "mean",
-    rollout: bool = False,
-    discard_ratio: float = 0.0,
-    upsample: UpsampleMode = "nearest",
-    contour: float | None = 0.6,
-    img_size: tuple[int, int] | None = None,
-    max_images: int | None = None,
-    batch_size: int = 8,
-    device: str = "auto",
-    dtype: str = "float32",
-    seed: int = 0,
-    formats: Sequence[str] = ("png",),
-    command: str = "",
-    ui: Any = None,
-) -> Path:
-    """The `maps` command: one overlay figure per image, maps.npz and run.json. Returns the folder."""
-    import io
-
-    import torch
-
-    from attnscope.commands.ui import NullUI
-    from attnscope.data import collect_image_paths
-    from attnscope.models import load_model
-    from attnscope.plots.compare import overlay_figure
-    from attnscope.results import RunWriter, default_run_dir, run_metadata
-
-    ui = ui or NullUI()
-    q = parse_query(query) if isinstance(query, str) else query
-    if upsample not in UPSAMPLE_MODES:
-        raise AttnscopeError(f"--upsample takes nearest or bilinear, got {upsample!r}")
-    if contour is not None and not 0.0 < contour <= 1.0:
-        raise AttnscopeError(f"--contour takes a mass fraction in (0, 1], got {contour}")
-    writer = RunWriter(out or default_run_dir(f"maps-{model}"), overwrite=overwrite)  # refuse before any work
-    paths = collect_image_paths(images, max_images=max_images)
-    torch.manual_seed(seed)
-    with ui.status(f"loading {model}"):
-        loaded = load_model(
-            model, checkpoint=checkpoint, random_init=random_init, seed=seed, img_size=img_size
-        )
-    if random_init:
-        ui.banner(random_weights_warning(model, seed, "maps"))
-    with ui.progress(model) as prog:
-        task = prog.add_task(model, total=len(paths))
-        result = collect_maps(
-            loaded,
-            paths,
-            query=q,
-            layer=layer,
-            heads=heads,
-            rollout=rollout,
-            discard_ratio=discard_ratio,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            progress=lambda done, total: prog.update(task, completed=done),
-        )
-    for path, reason in result.skipped:
-        ui.skip(path, reason)
-
-    label = display_name(model, random_init)
-    cell = (q.row, q.col) if q.kind == "patch" else None
-    stems = _figure_stems(result.paths)
-    for i, (path, stem) in enumerate(zip(result.paths, stems, strict=True)):
-        fig = overlay_figure(
-            result.views[i],
-            result.maps[i],
-            result.labels,
-            result.layout.patch_size,
-            title=f"{label}: {result.describe()} — {path.name}",
-            mode=upsample,
-            threshold=contour,
-            query_cell=cell,
-        )
-        writer.write_figure(stem, fig, list(dict.fromkeys(["png", *formats])))  # PNG always, for viewing
-    buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        maps=result.maps,
-        labels=np.array(result.labels),
-        images=np.array([str(p) for p in result.paths]),
-        files=np.array(stems),
-        grid=np.array(result.layout.grid),
-        patch_size=np.array(result.layout.patch_size),
-    )
-    writer.write_bytes("maps.npz", buf.getvalue())
-    info = loaded.provenance()
-    info.update(
-        {
-            "token_layout": result.layout.as_dict(),
-            "num_blocks": result.num_blocks,
-            "images_used": [str(p) for p in result.paths],
-            "images_skipped": [{"path": str(p), "reason": r} for p, r in result.skipped],
-            "maps": result.describe(),
-        }
-    )
-    config = {
-        "command": "maps",
-        "model": model,
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "images": list(images) if images else None,
-        "random_init": random_init,
-        "query": q.slug(),
-        "layer": result.layer,
-        "heads": heads if isinstance(heads, str) else list(heads),
-        "rollout": rollout,
-        "discard_ratio": discard_ratio,
-        "upsample": upsample,
-        "contour": contour,
-        "img_size": list(img_size) if img_size else None,
-        "max_images": max_images,
-        "batch_size": batch_size,
-        "device": device,
-        "dtype": dtype,
-        "formats": list(formats),
-        "files": {"maps.npz": "maps (images, maps, grid rows, grid cols): each a distribution over patches"},
-    }
-    writer.write_json("run.json", run_metadata(command, config, {model: info}, seed))
-    return writer.out_dir

@@ -210,13 +210,13 @@ def test_findings_sentences_from_numbers():
         in text
     )
     assert (
-        "mae's [cls]→patch attention is closer to uniform in the last block (normalised entropy 0.97 vs 0.81 for dino)."
-        in text
+        "mae's [cls]→patch attention is closer to uniform in the last block "
+        "(normalised entropy 0.97 vs 0.81 for dino)." in text
     )
     assert "dino's [cls] is the more selective" in text
     assert (
-        "dino's patches look farther: mean attention distance 80 px vs 40 px for mae (2.0x) (others: ijepa 60 px)."
-        in text
+        "dino's patches look farther: mean attention distance 80 px vs 40 px for mae (2.0x) "
+        "(others: ijepa 60 px)." in text
     )
     assert "about equally" in text  # 0.5 vs 0.5 residual ratio: no winner is invented
     assert "ijepa" not in sentences[0]
@@ -264,40 +264,50 @@ def test_foreign_non_empty_folder_needs_overwrite(tmp_path):
 def test_per_model_checkpoints_and_families(tmp_path, tiny):
     import torch
 
-    from attnscope.compare import CompareSettings, compare_run
+    from attnscope.commands.compare import CompareConfig, run
 
     paths = {}
     for name, seed in (("test_vit", 1), ("test_vit2", 2)):
         paths[name] = tmp_path / f"{name}.pth"
         torch.save(tiny("vit" if name == "test_vit" else "noclsreg", seed=seed).state_dict(), paths[name])
-    result = compare_run(
-        MODELS,
-        out=tmp_path / "out",
-        settings=CompareSettings(max_images=1, gallery=0),
-        checkpoints=paths,
-        families={"test_vit": "MIM", "test_vit2": "JEA"},
+    result = run(
+        CompareConfig(
+            MODELS,
+            out=tmp_path / "out",
+            max_images=1,
+            gallery=0,
+            checkpoints=paths,
+            families={"test_vit": "MIM", "test_vit2": "JEA"},
+        )
     )
     assert [r.info["weights"] for r in result.runs] == [f"checkpoint:{paths[m].resolve()}" for m in MODELS]
     layers = pd.read_csv(tmp_path / "out" / "layers.csv")
     assert layers.groupby("model")["family"].first().to_dict() == {"test_vit": "MIM", "test_vit2": "JEA"}
     assert not (tmp_path / "out" / "figures" / "gallery.png").exists()
     # a new family needs no recompute (it changes no number); new weights do
-    again = compare_run(
-        MODELS,
-        out=tmp_path / "out",
-        settings=CompareSettings(max_images=1, gallery=0),
-        checkpoints=paths,
-        families={"test_vit": "supervised"},
+    again = run(
+        CompareConfig(
+            MODELS,
+            out=tmp_path / "out",
+            max_images=1,
+            gallery=0,
+            checkpoints=paths,
+            families={"test_vit": "supervised"},
+        )
     )
     assert [r.status for r in again.runs] == ["reused", "reused"]
     assert again.runs[0].plan.family == "supervised"
     # new weights for one model, a random-init baseline for the other: both recomputed
     torch.save(tiny("vit", seed=3).state_dict(), paths["test_vit"])
-    third = compare_run(
-        MODELS,
-        out=tmp_path / "out",
-        settings=CompareSettings(max_images=1, gallery=0, random_init=True),
-        checkpoints={"test_vit": paths["test_vit"]},
+    third = run(
+        CompareConfig(
+            MODELS,
+            out=tmp_path / "out",
+            max_images=1,
+            gallery=0,
+            random_init=True,
+            checkpoints={"test_vit": paths["test_vit"]},
+        )
     )
     assert [r.status for r in third.runs] == ["computed", "computed"]
     assert [r.info["random_init"] for r in third.runs] == [False, True]

@@ -90,13 +90,8 @@ def error_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith("error:")]
 
 
-def test_two_ranks_equal_one_process_odd_count_with_corrupt_and_vanished_files(tmp_path):
-    """7 files (5 readable), positions 0,2,4,6 on rank 0 and 1,3,5 on rank 1.
-
-    Rank 1 also gets a truncated file (1) and one deleted between listing and loading (3):
-    both are skipped and listed, the run ends normally (exit 0), and the tables equal a
-    single process's over the same files.
-    """
+def mixed_images(tmp_path: Path) -> Path:
+    """7 files, 5 readable: b.jpg truncated, d.jpg a link to a file that is gone by load time."""
     images = tmp_path / "images"
     images.mkdir()
     samples = iter(bundled_sample_paths())
@@ -108,6 +103,17 @@ def test_two_ranks_equal_one_process_odd_count_with_corrupt_and_vanished_files(t
             target.symlink_to(tmp_path / "deleted.jpg")  # listed, gone by load time
         else:
             shutil.copy(next(samples), target)
+    return images
+
+
+def test_two_ranks_equal_one_process_odd_count_with_corrupt_and_vanished_files(tmp_path):
+    """7 files (5 readable), positions 0,2,4,6 on rank 0 and 1,3,5 on rank 1.
+
+    Rank 1 also gets a truncated file (1) and one deleted between listing and loading (3):
+    both are skipped and listed, the run ends normally (exit 0), and the tables equal a
+    single process's over the same files.
+    """
+    images = mixed_images(tmp_path)
     single_process("--images", str(images), "--out", str(tmp_path / "one"))
     # the console script, as `torchrun --no-python attnscope ...` runs it
     script = Path(sys.executable).with_name("attnscope")
@@ -128,7 +134,11 @@ def test_two_ranks_equal_one_process_odd_count_with_corrupt_and_vanished_files(t
     assert proc.stderr.count("RANDOM WEIGHTS (seed 0)") == 1 and "rank 0 of 2: 4 of 7 images" in proc.stderr
     assert proc.stdout.count("mean over 5 images") == 1
 
-    # compare shards the same way: its per-model tables equal the single-process entropy run
+
+def test_compare_two_ranks_equal_one_process(tmp_path):
+    """compare shards the same way: its per-model tables equal the single-process entropy run."""
+    images = mixed_images(tmp_path)
+    single_process("--images", str(images), "--out", str(tmp_path / "one"))
     (images / "d.jpg").unlink()  # compare stats every listed file for its reuse hash
     proc = torchrun(
         tmp_path, "-m", "attnscope", "compare", "test_vit", "test_vit2", "--random-init",

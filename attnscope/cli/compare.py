@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -20,10 +21,15 @@ from attnscope.cli.options import (
     SeedOpt,
     WorkersOpt,
     command_line,
-    parse_formats,
     parse_img_size,
 )
 from attnscope.cli.ui import CliUI, handle_errors
+from attnscope.errors import AttnscopeError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from attnscope.commands.compare import Comparison
 
 ModelsArg = Annotated[
     list[str],
@@ -69,6 +75,20 @@ GalleryOpt = Annotated[
 ]
 
 
+def parse_assignments(values: Sequence[str] | None, option: str) -> dict[str, str]:
+    """`["a=x", "b=y"]` -> `{"a": "x", "b": "y"}`; each NAME once, both sides non-empty."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, target = value.partition("=")
+        name, target = name.strip(), target.strip()
+        if not sep or not name or not target:
+            raise AttnscopeError(f"{option} takes NAME=VALUE (e.g. {option} mae=mae.pth), got {value!r}")
+        if name in out:
+            raise AttnscopeError(f"{option} is given twice for {name!r}")
+        out[name] = target
+    return out
+
+
 @handle_errors
 def compare_cmd(
     models: ModelsArg,
@@ -91,7 +111,9 @@ def compare_cmd(
 ) -> None:
     """Compare two or more models on the same images: tables, figures and one report.
 
-    Writes layers.csv and heads.csv (every model, with a family column), summary.csv (one row per model), run.json, figures/ and report.html (self-contained) + report.md. Each model's own run is kept in OUT/runs/ and reused when nothing that changes its numbers changed.
+    Writes layers.csv and heads.csv (every model, with a family column), summary.csv (one row
+    per model), run.json, figures/ and report.html (self-contained) + report.md. Each model's
+    own run is kept in OUT/runs/ and reused when nothing that changes its numbers changed.
 
     Examples:
 
@@ -101,17 +123,21 @@ def compare_cmd(
 
       attnscope compare vit_base_patch16_224 dino --checkpoint vit_base_patch16_224=mae.pth --format pdf
     """
-    from attnscope.compare import CompareSettings, compare_run, parse_assignments
-    from attnscope.results import default_run_dir
+    from rich.markup import escape
 
-    fmts = parse_formats(formats)
-    size = parse_img_size(img_size)
-    checkpoints = parse_assignments(checkpoint, "--checkpoint")
-    families = parse_assignments(family, "--family")
-    settings = CompareSettings(
+    from attnscope.commands.compare import CompareConfig, run
+
+    config = CompareConfig(
+        models=tuple(models),
+        checkpoints=parse_assignments(checkpoint, "--checkpoint"),
+        families=parse_assignments(family, "--family"),
+        reuse=reuse,
+        overwrite=overwrite,
+        formats=tuple(formats or ("png",)),
+        out=out,
         images=tuple(images) if images else None,
         max_images=max_images,
-        img_size=size,
+        img_size=parse_img_size(img_size),
         random_init=random_init,
         seed=seed,
         batch_size=batch_size,
@@ -121,22 +147,9 @@ def compare_cmd(
         gallery=gallery,
     )
     ui = CliUI()
-    result = compare_run(
-        models,
-        out=out or default_run_dir("compare-" + "-vs-".join(models)),
-        settings=settings,
-        checkpoints=checkpoints,
-        families=families,
-        reuse=reuse,
-        overwrite=overwrite,
-        formats=fmts,
-        command=command_line(),
-        ui=ui,
-    )
+    result = run(config, ui, command=command_line())
     if result is None:  # torchrun: a rank other than 0; rank 0 reports
         return
-    from rich.markup import escape
-
     reused = [r.name for r in result.runs if r.status.startswith("reused")]
     if reused:
         ui.print(
@@ -148,7 +161,7 @@ def compare_cmd(
     ui.print(escape(f"report: {result.report_html}"))
 
 
-def _summary_table(result):
+def _summary_table(result: Comparison) -> Table:
     """Headline numbers per model, narrow enough for an 80-column terminal; missing is —."""
     from rich.markup import escape
     from rich.table import Table

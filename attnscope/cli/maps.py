@@ -21,11 +21,9 @@ from attnscope.cli.options import (
     RandomInitOpt,
     SeedOpt,
     command_line,
-    parse_formats,
     parse_img_size,
 )
 from attnscope.cli.ui import CliUI, handle_errors
-from attnscope.errors import AttnscopeError
 
 MapsOutOpt = Annotated[
     Path | None,
@@ -79,7 +77,8 @@ def maps_cmd(
 ) -> None:
     """Attention overlays: one figure per image of where a query token looks.
 
-    Writes one PNG per image (a grid of heads with --heads all), maps.npz with the maps on the patch grid, and run.json.
+    Writes one PNG per image (a grid of heads with --heads all), maps.npz with the maps on the
+    patch grid, and run.json.
 
     Examples:
 
@@ -91,47 +90,32 @@ def maps_cmd(
 
       attnscope maps --model dinov2_reg_vit_base --rollout --discard-ratio 0.9
     """
-    from attnscope.maps import UPSAMPLE_MODES, maps_run, parse_heads, parse_query
+    from rich.markup import escape
 
-    fmts = parse_formats(formats)
-    size = parse_img_size(img_size)
-    q = parse_query(query)
-    head_sel = parse_heads(heads)
-    if upsample not in UPSAMPLE_MODES:
-        raise AttnscopeError(f"--upsample takes nearest or bilinear, got {upsample!r}")
-    if not 0.0 <= contour <= 1.0:
-        raise AttnscopeError(f"--contour takes a mass fraction in [0, 1] (0: none), got {contour}")
-    if not 0.0 <= discard_ratio < 1.0:
-        raise AttnscopeError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
-    if discard_ratio and not rollout:
-        raise AttnscopeError("--discard-ratio only applies with --rollout")
-    if rollout and head_sel != "mean":
-        raise AttnscopeError("--rollout averages the heads; use it with --heads mean")
-    ui = CliUI()
-    out_dir = maps_run(
+    from attnscope.commands.maps import MapsConfig, run
+
+    config = MapsConfig(
         model=model,
         checkpoint=checkpoint,
-        images=images,
+        images=tuple(images) if images else None,
         out=out,
         overwrite=overwrite,
         random_init=random_init,
-        query=q,
+        query=query,
         layer=layer,
-        heads=head_sel,
+        heads=heads,
         rollout=rollout,
         discard_ratio=discard_ratio,
         upsample=upsample,
-        contour=contour or None,
-        img_size=size,
+        contour=contour,
+        img_size=parse_img_size(img_size),
         max_images=max_images,
         batch_size=batch_size,
         device=device,
         dtype=dtype,
         seed=seed,
-        formats=fmts,
-        command=command_line(),
-        ui=ui,
+        formats=tuple(formats or ("png",)),
     )
-    from rich.markup import escape
-
+    ui = CliUI()
+    out_dir, _ = run(config, ui, command=command_line())
     ui.print(escape(f"maps: {out_dir}"))

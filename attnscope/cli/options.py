@@ -16,6 +16,9 @@ _FLAGS: dict[str, str] = {
     "formats": "--format",
     "aggregators": "--aggregator",
     "csv_file": "--csv",
+    "models": "MODELS",  # compare's positional model list
+    "checkpoints": "--checkpoint",  # compare: NAME=PATH, once per model
+    "families": "--family",  # compare: NAME=FAMILY
 }
 
 

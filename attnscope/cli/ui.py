@@ -40,8 +40,11 @@ def handle_errors(func: F) -> F:
         except AttnscopeError as exc:
             if distributed.quiet_on_this_rank(exc):  # under torchrun rank 0 prints it once
                 raise typer.Exit(2) from None
-            if isinstance(exc, ConfigError):  # the library names the field; say the flag
-                raise fail(exc.worded(flag_for)) from None
+            # the library names the field; say the flag (also for rank 0's own error under torchrun,
+            # which reaches here as the RankFailure every rank raises, with the same message)
+            own = exc if isinstance(exc, ConfigError) else exc.__cause__
+            if isinstance(own, ConfigError) and str(own) == str(exc):
+                raise fail(own.worded(flag_for)) from None
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
             raise fail(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from attnscope.commands.steps import list_images, load_with_ui, measure_with_ui
 from attnscope.commands.ui import UI, NullUI
 from attnscope.config import (
     check_at_least,
@@ -19,11 +20,10 @@ from attnscope.config import (
     config_dict,
     normalise_formats,
 )
-from attnscope.models.loading import display_name, random_weights_warning
+from attnscope.models.loading import display_name
 
 if TYPE_CHECKING:
     from attnscope.analysis import AnalysisResult
-    from attnscope.models import LoadedModel
     from attnscope.results import RunWriter
 
 
@@ -61,60 +61,6 @@ class EntropyConfig:
         return {"command": "entropy", **config_dict(self, skip=("seed", "out", "overwrite"))}
 
 
-def load_with_ui(
-    name: str, ui: UI, *, seed: int, load: Any, images: Sequence[str] | None, max_images: int | None
-) -> tuple[LoadedModel, list[Path], list[Path]]:
-    """Load a model (a failure on any rank stops every rank here) and list rank 0's images.
-
-    Returns the model, the images and the non-image files found in the image folders (each
-    one warned about)."""
-    import torch
-
-    from attnscope import distributed
-    from attnscope.data import collect_image_paths
-
-    paths = None
-    ignored: list[Path] = []
-    torch.manual_seed(seed)
-    with distributed.step():
-        with ui.status(f"loading {name}"):
-            loaded = load()
-        if distributed.is_main():
-            paths = collect_image_paths(images, max_images=max_images, ignored=ignored)
-    for path in ignored:
-        ui.skip(path, f"not an image file ({path.suffix or 'no extension'})")
-    return loaded, distributed.broadcast_object(paths), ignored
-
-
-def measure_with_ui(
-    loaded: LoadedModel, paths: Sequence[Path], ui: UI, *, seed: int, **options: Any
-) -> AnalysisResult:
-    """`analysis.measure_model` with the random-weights banner and a progress bar.
-
-    Under torchrun each rank streams its own shard and the sums are all-reduced; the bar
-    follows rank 0's share and only rank 0 shows anything.
-    """
-    from attnscope import distributed
-    from attnscope.analysis import measure_model
-
-    if loaded.random_init:
-        ui.banner(random_weights_warning(loaded.name, seed))
-    shown = distributed.share_size(len(paths))
-    label = loaded.label
-    if distributed.is_distributed():
-        label = f"{loaded.name} (rank 0 of {distributed.world_size()}: {shown} of {len(paths)} images)"
-    with ui.progress(label) as prog:
-        task = prog.add_task(label, total=shown)
-        return measure_model(
-            loaded,
-            paths,
-            seed=seed,
-            progress=lambda done, total: prog.update(task, completed=done),
-            on_skip=ui.skip,
-            **options,
-        )
-
-
 def write_single_run(
     writer: RunWriter, result: AnalysisResult, meta: dict[str, Any], formats: Sequence[str]
 ) -> None:
@@ -149,12 +95,10 @@ def run(
         if main:  # refuse a bad --out before any work
             writer = RunWriter(config.out or default_run_dir(config.model), overwrite=config.overwrite)
     out_dir = distributed.broadcast_object(writer.out_dir if writer is not None else None)
-    loaded, paths, ignored = load_with_ui(
+    loaded = load_with_ui(
         config.model,
         ui,
         seed=config.seed,
-        images=config.images,
-        max_images=config.max_images,
         load=lambda: load_model(
             config.model,
             checkpoint=config.checkpoint,
@@ -164,6 +108,7 @@ def run(
             family=config.family,
         ),
     )
+    paths, ignored = list_images(config.images, config.max_images, ui)
     result = measure_with_ui(
         loaded,
         paths,

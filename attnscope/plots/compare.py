@@ -1,4 +1,4 @@
-"""Figures for comparing models and for attention overlays. DataFrames/arrays in, Figure out.
+"""Figures that compare models: metrics against depth, block x head heatmaps, per-head scatter.
 
 Nothing here saves or prints. Every figure takes the report's one `palette` (model ->
 colour) and `linestyles` (model -> family line style), so a model looks the same in every
@@ -8,7 +8,6 @@ figure of a report.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +28,6 @@ FAMILY_LINESTYLES: dict[str, Any] = {
     "language-supervised": (0, (5, 1, 1, 1)),
     "unknown": "-",
 }
-CONTOUR_COLOUR = "#00e5ff"
 
 
 def _with_note(title: str, note: str) -> str:
@@ -85,7 +83,6 @@ def _draw_metric(
     linestyles: Mapping[str, Any],
     relative_depth: bool,
     absent: Mapping[str, str],
-    fontsize: float = 8,
 ) -> None:
     data = layers[layers["metric"] == metric]
     for model in models:
@@ -95,12 +92,12 @@ def _draw_metric(
         x = _x(d["layer"], depths[model], relative_depth)
         ax.plot(x, d["mean"], ls=linestyles.get(model, "-"), marker="o", ms=2.5, lw=1.6, color=palette[model])
         ax.fill_between(x, d["mean"] - d["std"], d["mean"] + d["std"], color=palette[model], alpha=0.15, lw=0)
-    ax.set_ylabel(_unit(metric), fontsize=fontsize)
+    ax.set_ylabel(_unit(metric), fontsize=8)
     xlabel = "relative depth (block / last block)" if relative_depth else "block"
     if absent:
         # Under the axis, not over the data: a missing model must read as absent, not as a low line.
         xlabel += "\nno line for " + "; ".join(f"{m} ({why})" for m, why in absent.items())
-    ax.set_xlabel(xlabel, fontsize=fontsize)
+    ax.set_xlabel(xlabel, fontsize=8)
     if relative_depth:
         ax.set_xlim(-0.03, 1.03)
     else:
@@ -151,42 +148,8 @@ def depth_panels(
     flat[n].legend(
         handles, labels, loc="center", frameon=False, fontsize=8, title="model (family)", title_fontsize=8
     )
-    fig.suptitle(
-        _with_note("Attention metrics against depth (line: mean over images, band: ± std)", note), fontsize=11
-    )
-    fig.tight_layout()
-    return fig
-
-
-def metric_figure(
-    layers: pd.DataFrame,
-    metric: str,
-    *,
-    palette: Mapping[str, Any],
-    linestyles: Mapping[str, Any],
-    families: Mapping[str, str],
-    relative_depth: bool,
-    absent: Mapping[str, str] | None = None,
-) -> Figure:
-    """One metric against depth, every model, legend outside the axes: a paper-sized figure."""
-    plt, _ = _setup()
-    models = [m for m in palette if m in set(layers["model"])]
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    _draw_metric(
-        ax,
-        layers,
-        metric,
-        models=models,
-        depths=_depths(layers),
-        palette=palette,
-        linestyles=linestyles,
-        relative_depth=relative_depth,
-        absent=absent or {},
-        fontsize=9,
-    )
-    ax.set_title(f"{metric_label(metric)} (mean ± std over images)", fontsize=10)
-    handles, labels = _legend_handles(models, palette, linestyles, families)
-    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+    title = "Attention metrics against depth (line: mean over images, band: ± std)"
+    fig.suptitle(_with_note(title, note), fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -249,6 +212,40 @@ def head_scatter(
     return fig
 
 
+def _missing_panel(ax: Axes, why: str) -> None:
+    """An empty panel that says why the model has no value (never an all-zero heatmap)."""
+    ax.text(
+        0.5,
+        0.5,
+        f"not defined:\n{why}",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        fontsize=8,
+        color="0.35",
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def _heatmap_panel(ax: Axes, grid: pd.DataFrame, norm: Any, metric: str) -> Any:
+    """One model's block x head grid, with the values written in when they fit."""
+    image = ax.imshow(grid.to_numpy(), cmap="viridis", norm=norm, aspect="auto", interpolation="nearest")
+    ax.grid(False)
+    ax.set_xticks(range(grid.shape[1]), [str(h) for h in grid.columns], fontsize=7)
+    step = max(1, grid.shape[0] // 12)
+    ax.set_yticks(range(0, grid.shape[0], step), [str(b) for b in grid.index[::step]], fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("block")
+    if grid.shape[0] <= 16 and grid.shape[1] <= 16:
+        fmt = "{:.0f}" if metric.endswith("_px") else "{:.2f}"
+        for (r, c), v in np.ndenumerate(grid.to_numpy()):
+            colour = "black" if norm(v) > 0.6 else "white"
+            ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=6.5, color=colour)
+    return image
+
+
 def heatmaps_side_by_side(
     heads: pd.DataFrame,
     metric: str,
@@ -288,194 +285,13 @@ def heatmaps_side_by_side(
     image = None
     for ax, model in zip(axes.flat, models, strict=True):
         ax.set_title(model, color=palette[model], fontsize=10, fontweight="bold")
-        if model not in grids:
-            why = (missing_reasons or {}).get(model, "not measured")
-            ax.text(
-                0.5,
-                0.5,
-                f"not defined:\n{why}",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                fontsize=8,
-                color="0.35",
-            )
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.grid(False)
-            continue
-        g = grids[model]
-        image = ax.imshow(g.to_numpy(), cmap="viridis", norm=norm, aspect="auto", interpolation="nearest")
-        ax.grid(False)
-        ax.set_xticks(range(g.shape[1]), [str(h) for h in g.columns], fontsize=7)
-        step = max(1, g.shape[0] // 12)
-        ax.set_yticks(range(0, g.shape[0], step), [str(b) for b in g.index[::step]], fontsize=7)
-        ax.set_xlabel("head")
-        ax.set_ylabel("block")
-        if g.shape[0] <= 16 and g.shape[1] <= 16:
-            fmt = "{:.0f}" if metric.endswith("_px") else "{:.2f}"
-            for (r, c), v in np.ndenumerate(g.to_numpy()):
-                shade = norm(v)
-                ax.text(
-                    c,
-                    r,
-                    fmt.format(v),
-                    ha="center",
-                    va="center",
-                    fontsize=6.5,
-                    color="black" if shade > 0.6 else "white",
-                )
+        if model in grids:
+            image = _heatmap_panel(ax, grids[model], norm, metric)
+        else:
+            _missing_panel(ax, (missing_reasons or {}).get(model, "not measured"))
     if image is not None:
         fig.colorbar(image, ax=list(axes.flat), label=metric_label(metric), fraction=0.05, pad=0.02)
     fig.suptitle(
         _with_note(f"{metric_label(metric)} per block and head (mean over images)", note), fontsize=11
     )
-    return fig
-
-
-# ---------------------------------------------------------------- overlays
-
-
-@dataclass
-class GalleryColumn:
-    """One model's column of the attention gallery."""
-
-    model: str
-    views: np.ndarray  # (K, H, W, 3) uint8
-    maps: np.ndarray  # (K, gh, gw), a distribution over patches per image
-    patch_size: tuple[int, int]
-    what: str  # "[cls]→patch" or "mean patch→patch (no [cls])"
-    names: Sequence[str] = ()
-
-
-def draw_overlay(
-    ax: Axes,
-    view: np.ndarray,
-    grid_map: np.ndarray,
-    patch_size: tuple[int, int],
-    *,
-    mode: str = "nearest",
-    threshold: float | None = 0.6,
-    vmax: float | None = None,
-    alpha: float = 0.6,
-):
-    """Image as the model saw it, the map upsampled over it, and the `threshold`-mass contour."""
-    from attnscope.maps import mass_mask, upsample
-
-    h, w = view.shape[:2]
-    up = upsample(grid_map, patch_size, (h, w), mode)  # type: ignore[arg-type]
-    ax.imshow(view)
-    top = vmax if vmax is not None else float(np.nanmax(grid_map)) or 1.0
-    image = ax.imshow(up, cmap="inferno", vmin=0.0, vmax=top, alpha=alpha, interpolation="nearest")
-    if threshold:
-        mask = upsample(mass_mask(grid_map, threshold).astype(np.float32), patch_size, (h, w), "nearest")
-        if np.nansum(mask) > 0:
-            ax.contour(np.nan_to_num(mask), levels=[0.5], colors=CONTOUR_COLOUR, linewidths=1.3)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    return image
-
-
-def attention_gallery(
-    columns: Sequence[GalleryColumn],
-    *,
-    palette: Mapping[str, Any],
-    threshold: float = 0.6,
-    caption: str = "",
-) -> Figure:
-    """First K images (rows) x models (columns): last-block attention over each model's view."""
-    plt, _ = _setup()
-    k = min(len(c.views) for c in columns)
-    ncols = len(columns) + 1
-    fig, axes = plt.subplots(k, ncols, figsize=(2.3 * ncols, 2.3 * k + 0.5), squeeze=False)
-    for r in range(k):
-        first = columns[0]
-        axes[r, 0].imshow(first.views[r])
-        axes[r, 0].set_xticks([])
-        axes[r, 0].set_yticks([])
-        axes[r, 0].grid(False)
-        name = first.names[r] if r < len(first.names) else f"image {r}"
-        axes[r, 0].set_ylabel(name, fontsize=8)
-        if r == 0:
-            axes[r, 0].set_title(f"input\n(as {first.model} sees it)", fontsize=8)
-        for c, col in enumerate(columns, start=1):
-            draw_overlay(axes[r, c], col.views[r], col.maps[r], col.patch_size, threshold=threshold)
-            if r == 0:
-                axes[r, c].set_title(
-                    f"{col.model}\n{col.what}",
-                    fontsize=8,
-                    color=palette.get(col.model, "black"),
-                    fontweight="bold",
-                )
-    note = (
-        f"Last block, mean over heads. Colour: attention relative to each map's maximum (inferno). "
-        f"Cyan line: smallest set of patches holding {threshold:.0%} of the mass."
-    )
-    import textwrap
-
-    # Wrapped here, not by matplotlib, so the space reserved below the grid fits the lines.
-    width = int(fig.get_figwidth() * 16)
-    lines = [ln for part in (note, caption) if part for ln in textwrap.wrap(part, width)]
-    fig.tight_layout(rect=(0, (0.15 + 0.14 * len(lines)) / fig.get_figheight(), 1, 1))
-    fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=7.5, color="0.25")
-    return fig
-
-
-def overlay_figure(
-    view: np.ndarray,
-    maps: np.ndarray,
-    labels: Sequence[str],
-    patch_size: tuple[int, int],
-    *,
-    title: str,
-    mode: str = "nearest",
-    threshold: float | None = 0.6,
-    query_cell: tuple[int, int] | None = None,
-    ncols: int = 4,
-) -> Figure:
-    """One image: the input, then one overlay per map (heads or their mean), one colour scale."""
-    plt, _ = _setup()
-    from matplotlib.patches import Rectangle
-
-    n = len(maps) + 1
-    cols = min(n, ncols + 1 if len(maps) == 1 else ncols)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(2.7 * cols + 0.8, 2.7 * rows + 0.9), squeeze=False, layout="constrained"
-    )
-    flat = list(axes.flat)
-    flat[0].imshow(view)
-    flat[0].set_title("input (as the model sees it)", fontsize=8)
-    vmax = float(np.nanmax(maps)) or 1.0
-    image = None
-    for ax, grid_map, label in zip(flat[1:], maps, labels, strict=False):
-        image = draw_overlay(ax, view, grid_map, patch_size, mode=mode, threshold=threshold, vmax=vmax)
-        ax.set_title(label, fontsize=8)
-    for ax in flat[: len(maps) + 1]:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.grid(False)
-        if query_cell is not None:
-            r, c = query_cell
-            ph, pw = patch_size
-            ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="#39ff14", lw=1.6))
-    for ax in flat[len(maps) + 1 :]:
-        ax.axis("off")
-    if image is not None:
-        from matplotlib.cm import ScalarMappable
-
-        # A fresh mappable: the overlay's alpha would wash out the colour bar.
-        fig.colorbar(
-            ScalarMappable(norm=image.norm, cmap=image.cmap),
-            ax=flat,
-            label="attention (fraction of patch mass)",
-            shrink=0.85,
-        )
-    notes = []
-    if threshold:
-        notes.append(f"cyan line: smallest set of patches holding {threshold:.0%} of the mass")
-    if query_cell is not None:
-        notes.append("green square: query patch")
-    fig.suptitle(title + ("\n" + "; ".join(notes) if notes else ""), fontsize=9)
     return fig

@@ -1,0 +1,508 @@
+"""`compare`: several models over the same images -> tables, figures and one report.
+
+Each model's single-model run lives in `OUT/runs/<slug>/` with the `config_hash` of
+everything that changes its numbers (`attnscope.compare.config_inputs`); a later compare
+over the same images re-reads it instead of recomputing. The stacked tables, summary,
+figures and report are rebuilt from those runs every time. A fresh run goes through the
+same `load_with_ui` / `measure_with_ui` steps as `entropy`, so its numbers are entropy's.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attnscope.commands.ui import UI, NullUI
+from attnscope.compare import check_models
+from attnscope.config import (
+    check_at_least,
+    check_dtype,
+    check_img_size,
+    normalise_formats,
+    plain,
+)
+from attnscope.errors import AttnscopeError, ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from attnscope.analysis import AnalysisResult
+    from attnscope.compare import Gallery, ModelPlan, ModelRun
+    from attnscope.models import LoadedModel
+
+GALLERY_FILE = "gallery.npz"
+_COMPARE_ENTRIES = frozenset(
+    {"runs", "figures", "layers.csv", "heads.csv", "summary.csv", "run.json", "report.html", "report.md"}
+)
+# What every compared model shares, in run.json's order (after the per-model options).
+_SHARED = (
+    "images",
+    "max_images",
+    "img_size",
+    "random_init",
+    "seed",
+    "batch_size",
+    "num_workers",
+    "device",
+    "dtype",
+    "gallery",
+)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Everything a `compare` run depends on; recorded (with each model's family) in run.json.
+
+    `checkpoints`, `families` and `model_kwargs` are keyed by model name; `model_kwargs`
+    go to `timm.create_model` (tiny models for notebooks and tests). `reuse` re-reads a
+    model's run folder whose configuration hash matches instead of recomputing it.
+    """
+
+    models: tuple[str, ...]
+    checkpoints: Mapping[str, str | Path] = field(default_factory=dict)
+    families: Mapping[str, str] = field(default_factory=dict)
+    model_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    reuse: bool = True
+    overwrite: bool = False
+    formats: tuple[str, ...] = ("png",)
+    out: Path | None = None
+    images: tuple[str, ...] | None = None
+    max_images: int | None = None
+    img_size: tuple[int, int] | None = None
+    random_init: bool = False
+    seed: int = 0
+    batch_size: int = 16
+    num_workers: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    gallery: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "out", Path(self.out) if self.out is not None else None)
+        object.__setattr__(self, "formats", normalise_formats(self.formats))
+        for name in ("checkpoints", "families", "model_kwargs"):
+            object.__setattr__(self, name, dict(getattr(self, name) or {}))
+        check_models(self.models, checkpoints=self.checkpoints, families=self.families)
+        check_dtype(self.dtype)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("num_workers", self.num_workers, 0)
+        check_at_least("max_images", self.max_images, 1)
+        check_at_least("gallery", self.gallery, 0)
+        check_img_size(self.img_size)
+        # no sources means the bundled samples; run.json records that as null
+        object.__setattr__(self, "images", tuple(str(i) for i in self.images) if self.images else None)
+
+    def shared_dict(self) -> dict[str, Any]:
+        """The settings every model shares, as run.json records them."""
+        return {name: plain(getattr(self, name)) for name in _SHARED}
+
+    def inputs(self, plan: ModelPlan, paths: Sequence[Path]) -> dict[str, Any]:
+        """`config_inputs` of one model under this configuration."""
+        from attnscope.compare import config_inputs
+
+        return config_inputs(
+            plan,
+            paths,
+            random_init=self.random_init,
+            seed=self.seed,
+            img_size=self.img_size,
+            dtype=self.dtype,
+        )
+
+
+@dataclass
+class Comparison:
+    """Everything a compare run produced, for the caller to show."""
+
+    out_dir: Path
+    runs: list[ModelRun]
+    layers: pd.DataFrame
+    heads: pd.DataFrame
+    summary: pd.DataFrame
+    findings: list[str]
+    notes: list[str]
+    figures: list[str]
+    report_html: Path
+    report_md: Path
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def is_compare_dir(path: Path) -> bool:
+    """A folder that only holds what `compare` writes (hidden temp files aside)."""
+    if not (path / "runs").is_dir():
+        return False
+    meta = path / "run.json"
+    if meta.is_file():
+        try:
+            if json.loads(meta.read_text(encoding="utf-8")).get("config", {}).get("command") != "compare":
+                return False
+        except (OSError, ValueError):
+            return False
+    return all(p.name in _COMPARE_ENTRIES for p in path.iterdir() if not p.name.startswith("."))
+
+
+def check_out_dir(out: Path, overwrite: bool) -> bool:
+    """Refuse before any work: a non-empty folder that compare did not make needs `overwrite`.
+
+    Returns whether the folder is compare's own (empty, new or a compare folder), in which
+    stale figures may be deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} exists and is not a folder")
+    owned = not out.exists() or not any(out.iterdir()) or is_compare_dir(out)
+    if not owned and not overwrite:
+        raise ConfigError(
+            "overwrite",
+            f"is needed to write into {out}: it is not empty and is not an attnscope compare folder "
+            "(or choose another folder)",
+        )
+    return owned
+
+
+def _remove_stale_figures(folder: Path, written: set[Path]) -> None:
+    """A refreshed compare folder must not keep figures of an earlier model set or format."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and not path.name.startswith(".") and path not in written:
+            path.unlink()
+
+
+# ---------------------------------------------------------------- one model's run folder
+
+
+def _read_gallery(path: Path, expected_hash: str, k: int) -> Gallery | None:
+    import numpy as np
+
+    from attnscope.compare import Gallery
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["config_hash"]) != expected_hash or len(data["maps"]) < k:
+                return None
+            return Gallery(
+                maps=data["maps"][:k],
+                views=data["views"][:k],
+                names=[str(n) for n in data["names"][:k]],
+                query=str(data["query"]),
+                patch_size=(int(data["patch_size"][0]), int(data["patch_size"][1])),
+            )
+    except (OSError, KeyError, ValueError):
+        return None  # a damaged cache is recomputed, not trusted
+
+
+def _gallery_bytes(gallery: Gallery, chash: str) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        maps=gallery.maps.astype(np.float32),
+        views=gallery.views,
+        names=np.array(gallery.names),
+        query=np.array(gallery.query),
+        patch_size=np.array(gallery.patch_size),
+        config_hash=np.array(chash),
+    )
+    return buf.getvalue()
+
+
+def _reusable_run(
+    run_dir: Path, chash: str, name: str
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
+    from attnscope.results import read_run
+
+    meta_path = run_dir / "run.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("config_hash") != chash or name not in meta.get("models", {}):
+            return None
+        return read_run(run_dir)
+    except (OSError, ValueError, AttnscopeError):
+        return None
+
+
+def _load(plan: ModelPlan, config: CompareConfig) -> LoadedModel:
+    from attnscope.models import load_model
+
+    return load_model(
+        plan.name,
+        checkpoint=plan.checkpoint,
+        random_init=config.random_init and plan.checkpoint is None,
+        seed=config.seed,
+        img_size=config.img_size,
+        family=plan.family,
+        model_kwargs=plan.model_kwargs or None,
+    )
+
+
+def _free(loaded: LoadedModel | None) -> None:
+    """Drop a finished model before loading the next: two ViT-H at once do not fit many GPUs."""
+    import torch
+
+    del loaded
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _gallery(loaded: LoadedModel, info: Mapping[str, Any], config: CompareConfig, dev: Any) -> Gallery | None:
+    from attnscope.compare import gallery_maps
+
+    # asking for 4 of 2 images must still hit the cache
+    k = min(config.gallery, len(info["images_used"]))
+    if not k:
+        return None
+    return gallery_maps(loaded, info, k, batch_size=config.batch_size, device=dev, dtype=config.dtype)
+
+
+def _reused(
+    plan: ModelPlan,
+    config: CompareConfig,
+    found: tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]],
+    run_dir: Path,
+    chash: str,
+    dev: torch.device,
+    ui: UI,
+) -> ModelRun:
+    """A matching run folder re-read; only its gallery is drawn again when the cache lacks it."""
+    import torch
+
+    from attnscope.compare import ModelRun
+    from attnscope.results import RunWriter
+
+    layers, heads, meta = found
+    info = dict(meta["models"][plan.name])
+    info["family"] = plan.family  # family never changes a number, so an override needs no rerun
+    k = min(config.gallery, len(info["images_used"]))
+    gallery = _read_gallery(run_dir / GALLERY_FILE, chash, k) if k else None
+    if not k or gallery is not None:
+        return ModelRun(plan, layers, heads, info, chash, "reused", gallery)
+    torch.manual_seed(config.seed)
+    loaded = _load(plan, config)  # rank 0 alone is here: no step() that would wait for the others
+    with ui.status(f"{plan.name}: statistics reused, computing the gallery maps"):
+        gallery = _gallery(loaded, info, config, dev)
+    _free(loaded)
+    if gallery is not None:
+        RunWriter(run_dir, overwrite=True).write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
+    return ModelRun(plan, layers, heads, info, chash, "reused (gallery recomputed)", gallery)
+
+
+def _write_model_run(
+    run_dir: Path,
+    plan: ModelPlan,
+    config: CompareConfig,
+    result: AnalysisResult,
+    gallery: Gallery | None,
+    inputs: dict[str, Any],
+    chash: str,
+    command: str,
+) -> None:
+    """layers.csv, heads.csv, gallery.npz, then run.json: its presence (and hash) marks a reusable run."""
+    from attnscope.results import RunWriter, run_metadata
+
+    writer = RunWriter(run_dir, overwrite=True)
+    writer.write_csv("layers.csv", result.layers)
+    writer.write_csv("heads.csv", result.heads)
+    if gallery is not None:
+        writer.write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
+    block = {
+        "command": "compare",
+        "model": plan.name,
+        "checkpoint": str(plan.checkpoint) if plan.checkpoint else None,
+        "model_kwargs": dict(plan.model_kwargs),
+        **config.shared_dict(),
+    }
+    meta = run_metadata(command, block, {plan.name: result.info}, config.seed)
+    meta["config_hash"] = chash
+    meta["config_inputs"] = inputs
+    writer.write_json("run.json", meta)
+
+
+def _computed(
+    plan: ModelPlan,
+    config: CompareConfig,
+    paths: Sequence[Path],
+    run_dir: Path,
+    inputs: dict[str, Any],
+    chash: str,
+    dev: torch.device,
+    ui: UI,
+    command: str,
+) -> ModelRun | None:
+    """Measure the model as `entropy` does; rank 0 draws the gallery and writes the run folder."""
+    from attnscope import distributed
+    from attnscope.commands.steps import load_with_ui, measure_with_ui
+    from attnscope.compare import ModelRun
+    from attnscope.results import read_run
+
+    loaded = load_with_ui(plan.name, ui, seed=config.seed, load=lambda: _load(plan, config))
+    result = measure_with_ui(
+        loaded,
+        paths,
+        ui,
+        seed=config.seed,
+        device=dev,
+        batch_size=config.batch_size,
+        dtype=config.dtype,
+        num_workers=config.num_workers,
+    )
+    if not distributed.is_main():  # torchrun: the sums are in; rank 0 writes
+        _free(loaded)
+        return None
+    gallery = _gallery(loaded, result.info, config, dev)
+    _free(loaded)
+    _write_model_run(run_dir, plan, config, result, gallery, inputs, chash, command)
+    # Round-trip through the CSV so reused and fresh runs stack to byte-identical tables.
+    layers, heads, _ = read_run(run_dir)
+    return ModelRun(plan, layers, heads, result.info, chash, "computed", gallery)
+
+
+def run_or_reuse(
+    plan: ModelPlan,
+    config: CompareConfig,
+    paths: Sequence[Path],
+    runs_root: Path,
+    dev: torch.device,
+    ui: UI,
+    *,
+    command: str = "",
+) -> ModelRun | None:
+    """The model's run folder under `runs_root`: re-read when its config hash matches, else computed.
+
+    Under torchrun every rank measures its share; rank 0 alone decides reuse, draws the
+    gallery and writes, and the other ranks return None.
+    """
+    from attnscope import distributed
+    from attnscope.compare import config_hash
+
+    run_dir = runs_root / plan.slug
+    main = distributed.is_main()
+    inputs: dict[str, Any] = {}
+    chash = ""
+    found = None
+    with distributed.step():  # torchrun: rank 0's folder decides reuse for every rank
+        if main:
+            inputs = config.inputs(plan, paths)
+            chash = config_hash(inputs)
+            found = _reusable_run(run_dir, chash, plan.name) if config.reuse else None
+    if distributed.broadcast_object(found is not None):
+        # only rank 0 holds the folder it found; the other ranks have nothing to return
+        return _reused(plan, config, found, run_dir, chash, dev, ui) if found is not None else None
+    return _computed(plan, config, paths, run_dir, inputs, chash, dev, ui, command)
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def _run_json(
+    config: CompareConfig, plans: Sequence[ModelPlan], comparison: Comparison, command: str
+) -> dict[str, Any]:
+    from attnscope.results import run_metadata
+
+    block = {
+        "command": "compare",
+        "models": [p.name for p in plans],
+        "checkpoints": {p.name: str(p.checkpoint) for p in plans if p.checkpoint},
+        "families": {p.name: p.family for p in plans},
+        "model_kwargs": {p.name: dict(p.model_kwargs) for p in plans if p.model_kwargs},
+        "reuse": config.reuse,
+        "formats": list(config.formats),
+        **config.shared_dict(),
+    }
+    runs = comparison.runs
+    meta = run_metadata(command, block, {r.name: r.info for r in runs}, config.seed)
+    meta["runs"] = {
+        r.name: {"folder": f"runs/{r.plan.slug}", "config_hash": r.config_hash, "status": r.status}
+        for r in runs
+    }
+    meta["findings"] = comparison.findings
+    meta["notes"] = comparison.notes
+    return meta
+
+
+def _write_comparison(
+    out: Path, config: CompareConfig, plans: Sequence[ModelPlan], runs: list[ModelRun], command: str
+) -> tuple[Comparison, list[Path]]:
+    """Stacked tables, summary, findings, figures, both reports and run.json, in that order."""
+    from attnscope.compare import findings, stack_tables, summary_table
+    from attnscope.report.figures import build_figures
+    from attnscope.report.html import render_html
+    from attnscope.report.markdown import render_markdown
+    from attnscope.results import RunWriter
+
+    layers, heads = stack_tables(runs)
+    summary = summary_table(runs)
+    sentences, notes = findings(summary, {r.name: r.info for r in runs})
+    writer = RunWriter(out, overwrite=True)  # check_out_dir has already decided it may be written
+    writer.write_csv("layers.csv", layers)
+    writer.write_csv("heads.csv", heads)
+    writer.write_csv("summary.csv", summary)
+    figures = build_figures(runs, layers, heads, writer, formats=config.formats)
+    html = render_html(runs, summary, sentences, notes, figures, command=command, out_dir=out)
+    md = render_markdown(runs, summary, sentences, notes, figures, command=command)
+    comparison = Comparison(
+        out_dir=out,
+        runs=runs,
+        layers=layers,
+        heads=heads,
+        summary=summary,
+        findings=sentences,
+        notes=notes,
+        figures=[f.stem for f in figures],
+        report_html=writer.write_text("report.html", html),
+        report_md=writer.write_text("report.md", md),
+    )
+    writer.write_json("run.json", _run_json(config, plans, comparison, command))
+    return comparison, writer.written
+
+
+def run(config: CompareConfig, ui: UI | None = None, *, command: str = "") -> Comparison | None:
+    """Run or reuse each model, then write tables, figures and the report.
+
+    All input is checked before anything is computed or written. Under torchrun every
+    rank measures a share of the images; rank 0 writes and gets the Comparison, the other
+    ranks get None.
+    """
+    from attnscope import distributed
+    from attnscope.commands.steps import list_images
+    from attnscope.compare import plan_models
+    from attnscope.results import default_run_dir
+
+    plans = plan_models(
+        config.models,
+        checkpoints=config.checkpoints,
+        families=config.families,
+        model_kwargs=config.model_kwargs,
+    )
+    dev = distributed.setup(config.device)  # the device; under torchrun also joins the process group
+    main = distributed.is_main()
+    ui = (ui or NullUI()) if main else NullUI()
+    out, owned = None, False
+    with distributed.step():
+        if main:  # refuse a bad out folder before any work
+            out = config.out or default_run_dir("compare-" + "-vs-".join(config.models))
+            owned = check_out_dir(out, config.overwrite)
+    out = distributed.broadcast_object(out)
+    paths, _ = list_images(config.images, config.max_images, ui)
+    runs = [run_or_reuse(p, config, paths, out / "runs", dev, ui, command=command) for p in plans]
+    if not main:
+        return None
+    done = [r for r in runs if r is not None]  # rank 0 has every model's run
+    comparison, written = _write_comparison(out, config, plans, done, command)
+    if owned:  # never delete in a folder the user only let us overwrite
+        _remove_stale_figures(out / "figures", set(written))
+    return comparison

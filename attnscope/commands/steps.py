@@ -1,0 +1,76 @@
+"""Steps every measuring command shares: load a model, list the images, measure with a
+progress bar. Each one behaves the same under torchrun (rank 0 lists and shows; a failure
+on any rank stops every rank at the same step)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attnscope.commands.ui import UI
+from attnscope.models.loading import random_weights_warning
+
+if TYPE_CHECKING:
+    from attnscope.analysis import AnalysisResult
+    from attnscope.models import LoadedModel
+
+
+def load_with_ui(name: str, ui: UI, *, seed: int, load: Callable[[], LoadedModel]) -> LoadedModel:
+    """`load()` seeded, under a status line; a failure on any rank stops every rank here."""
+    import torch
+
+    from attnscope import distributed
+
+    torch.manual_seed(seed)
+    with distributed.step(), ui.status(f"loading {name}"):
+        return load()
+
+
+def list_images(
+    images: Sequence[str] | None, max_images: int | None, ui: UI | None = None
+) -> tuple[list[Path], list[Path]]:
+    """Rank 0 lists the images (its failure stops every rank) and every rank gets its list.
+
+    Also returns the non-image files found in the image folders, each warned about on `ui`."""
+    from attnscope import distributed
+    from attnscope.data import collect_image_paths
+
+    paths = None
+    ignored: list[Path] = []
+    with distributed.step():
+        if distributed.is_main():
+            paths = collect_image_paths(images, max_images=max_images, ignored=ignored)
+    for path in ignored:
+        if ui is not None:
+            ui.skip(path, f"not an image file ({path.suffix or 'no extension'})")
+    return distributed.broadcast_object(paths), ignored
+
+
+def measure_with_ui(
+    loaded: LoadedModel, paths: Sequence[Path], ui: UI, *, seed: int, **options: Any
+) -> AnalysisResult:
+    """`analysis.measure_model` with the random-weights banner and a progress bar.
+
+    Under torchrun each rank streams its own shard and the sums are all-reduced; the bar
+    follows rank 0's share and only rank 0 shows anything.
+    """
+    from attnscope import distributed
+    from attnscope.analysis import measure_model
+
+    if loaded.random_init:
+        ui.banner(random_weights_warning(loaded.name, seed))
+    shown = distributed.share_size(len(paths))
+    label = loaded.label
+    if distributed.is_distributed():
+        label = f"{loaded.name} (rank 0 of {distributed.world_size()}: {shown} of {len(paths)} images)"
+    with ui.progress(label) as prog:
+        task = prog.add_task(label, total=shown)
+        return measure_model(
+            loaded,
+            paths,
+            seed=seed,
+            progress=lambda done, total: prog.update(task, completed=done),
+            on_skip=ui.skip,
+            **options,
+        )

@@ -1,0 +1,142 @@
+"""What both reports say: the models table, the headline summary, the list of files.
+
+Cells are text, or a ("—", why) pair for a metric a model does not have, which the HTML
+and the Markdown writers each render in their own way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from attnscope.compare import ModelRun
+
+
+def _params(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "?"
+    return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.0f} k"
+
+
+def _tokens(layout: Mapping[str, Any]) -> str:
+    if not layout:
+        return "?"
+    gh, gw = layout.get("grid", ["?", "?"])
+    parts = ["1 [cls]"] if layout.get("has_cls") else ["no [cls]"]
+    if layout.get("num_registers"):
+        parts.append(f"{layout['num_registers']} registers")
+    parts.append(f"{gh}×{gw} patches")
+    return " + ".join(parts) + f" = {layout.get('num_tokens', '?')}"
+
+
+def models_rows(runs: Sequence[ModelRun]) -> list[list[str]]:
+    """Rows of the models table (header: MODEL_HEADER)."""
+    rows = []
+    for r in runs:
+        info = r.info
+        layout = info.get("token_layout", {})
+        size = "×".join(str(v) for v in info.get("input_size", []))
+        patch = "×".join(str(v) for v in layout.get("patch_size", []))
+        n_heads = int(r.heads["head"].max()) + 1 if not r.heads.empty else "?"
+        rows.append(
+            [
+                r.name,
+                r.plan.family,
+                str(info.get("timm_name", "")),
+                str(info.get("weights", "")),
+                _params(info.get("num_params")),
+                f"{size} (patch {patch})",
+                _tokens(layout),
+                f"{info.get('num_blocks', '?')} × {n_heads}",
+                str(len(info.get("images_used", []))),
+                r.status,
+            ]
+        )
+    return rows
+
+
+MODEL_HEADER = [
+    "model",
+    "family",
+    "timm name",
+    "weights",
+    "parameters",
+    "input px",
+    "tokens",
+    "blocks × heads",
+    "images",
+    "this run",
+]
+
+
+def _num(v: float, metric: str) -> str:
+    if metric.endswith("_px"):
+        return f"{v:.1f}"
+    return f"{v:.2g}" if 0 < abs(v) < 0.001 else f"{v:.3f}"  # 1.4e-07, not a misleading 0.000
+
+
+def summary_rows(summary: pd.DataFrame, runs: Sequence[ModelRun]) -> tuple[list[str], list[list[Any]]]:
+    """The headline table with one column per model (easier to read across than 15 columns).
+
+    Cells are text, or ("—", why) for a metric the model does not have: missing, never 0.
+    """
+    from attnscope.compare import HEADLINE_METRICS, missing_reason
+    from attnscope.plots.entropy import metric_label
+
+    infos = {r.name: r.info for r in runs}
+    models = [str(m) for m in summary["model"]]
+    header = ["metric", "blocks", *models]
+    rows: list[list[Any]] = []
+    for metric in HEADLINE_METRICS:
+        for which, label in (("last", "last"), ("mean", "mean over blocks")):
+            row: list[Any] = [f"{metric_label(metric)} ({metric})", label]
+            for model, v in zip(models, summary[f"{metric}_{which}"], strict=True):
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    row.append(("—", missing_reason(metric, infos.get(model, {})) or "not measured"))
+                else:
+                    row.append(_num(float(v), metric))
+            rows.append(row)
+    return header, rows
+
+
+FILES = [
+    ("report.html", "this report, one self-contained file (figures embedded)"),
+    ("report.md", "the same report in Markdown, linking figures/*.png"),
+    (
+        "summary.csv",
+        "one row per model: provenance and each headline metric in the last block (`_last`) "
+        "and averaged over blocks (`_mean`); empty = metric not defined for that model",
+    ),
+    ("layers.csv", "every model's per-block table stacked: model, family, layer, metric, mean, std, count"),
+    (
+        "heads.csv",
+        "every model's per-head table stacked: model, family, layer, head, metric, mean, std, count",
+    ),
+    ("run.json", "configuration, versions, each model's provenance, findings"),
+    (
+        "runs/<model>/",
+        "each model's own run (layers.csv, heads.csv, run.json with config_hash, gallery.npz), "
+        "reused by the next compare with the same configuration",
+    ),
+    ("figures/", "every figure as PNG (and as SVG/PDF when those formats were asked for)"),
+]
+
+
+def title(runs: Sequence[ModelRun]) -> str:
+    return "attnscope compare: " + " vs ".join(r.name for r in runs)
+
+
+def image_count(runs: Sequence[ModelRun]) -> int:
+    return max((len(r.info.get("images_used", [])) for r in runs), default=0)
+
+
+def random_models(runs: Sequence[ModelRun]) -> list[str]:
+    """The models with random weights, which every report names in a warning."""
+    return [r.name for r in runs if r.info.get("random_init")]
+
+
+RANDOM_WARNING = "These numbers describe untrained networks and say nothing about pretrained models."

@@ -1,0 +1,215 @@
+"""Every figure of a comparison, drawn and written one at a time, with its title and caption.
+
+Figures share one encoding across the report: a colour per model, a line style per
+family, and x as relative depth when the models have different depths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from attnscope.compare import ModelRun
+    from attnscope.results import RunWriter
+
+
+@dataclass
+class ReportFigure:
+    """One written figure: where its files are and what to say under it."""
+
+    stem: str  # figures/<stem>.<fmt>
+    title: str
+    caption: str
+    files: dict[str, str] = field(default_factory=dict)  # format -> path relative to the report
+    png: bytes = b""
+    group: str = "main"  # "main" (shown) or "metric" (one per metric, folded away in the HTML)
+
+
+def missing_reasons(runs: Sequence[ModelRun], metrics: Sequence[str]) -> dict[str, dict[str, str]]:
+    """metric -> model -> why that model has no rows for it."""
+    from attnscope.compare import missing_reason
+
+    out: dict[str, dict[str, str]] = {}
+    for metric in metrics:
+        for run in runs:
+            if metric not in set(run.layers["metric"]):
+                out.setdefault(metric, {})[run.name] = missing_reason(metric, run.info) or "not measured"
+    return out
+
+
+@dataclass
+class _Encoding:
+    """What every figure of one report shares."""
+
+    models: list[str]
+    palette: dict[str, Any]
+    families: dict[str, str]
+    linestyles: dict[str, Any]
+    relative: bool  # x is block / last block: the models have different depths
+    reasons: dict[str, dict[str, str]]
+    x_note: str
+    random: list[str]
+
+    @property
+    def warn(self) -> str:
+        """The figure's own warning line, so a figure cut out of the report keeps it."""
+        return f"RANDOM WEIGHTS: {', '.join(self.random)}" if self.random else ""
+
+
+def _encoding(runs: Sequence[ModelRun]) -> _Encoding:
+    from attnscope.metrics import ALL_METRICS
+    from attnscope.plots.compare import family_linestyles
+    from attnscope.plots.entropy import model_palette
+
+    models = [r.name for r in runs]
+    families = {r.name: r.plan.family for r in runs}
+    depths = {r.name: int(r.layers["layer"].max()) + 1 for r in runs}
+    relative = len(set(depths.values())) > 1
+    x_note = (
+        "x is relative depth (block / last block) because the models have different depths ("
+        + ", ".join(f"{m} {d}" for m, d in depths.items())
+        + " blocks)."
+        if relative
+        else "x is the block index (0 = first)."
+    )
+    return _Encoding(
+        models=models,
+        palette=model_palette(models),
+        families=families,
+        linestyles=family_linestyles(families),
+        relative=relative,
+        reasons=missing_reasons(runs, ALL_METRICS),
+        x_note=x_note,
+        random=[r.name for r in runs if r.info.get("random_init")],
+    )
+
+
+class _Emitter:
+    """Writes each figure as it is drawn (PNG always, plus `formats`) and keeps its record."""
+
+    def __init__(self, writer: RunWriter, formats: Sequence[str], random: Sequence[str]) -> None:
+        self.writer = writer
+        self.formats = list(dict.fromkeys(["png", *formats]))
+        self.random_note = f" {', '.join(random)}: RANDOM weights." if random else ""
+        self.figures: list[ReportFigure] = []
+
+    def __call__(self, stem: str, fig: Any, title: str, caption: str, group: str = "main") -> None:
+        paths = self.writer.write_figure(f"figures/{stem}", fig, self.formats)
+        files = {p.suffix.lstrip("."): f"figures/{p.name}" for p in paths}
+        png = next(p for p in paths if p.suffix == ".png").read_bytes()
+        caption = (caption.strip() + self.random_note).strip()
+        self.figures.append(ReportFigure(stem, title, caption, files, png, group))
+
+
+def _depth_panels(enc: _Encoding, layers: pd.DataFrame, metrics: Sequence[str], ncols: int = 4) -> Any:
+    from attnscope.plots.compare import depth_panels
+
+    return depth_panels(
+        layers,
+        metrics,
+        palette=enc.palette,
+        linestyles=enc.linestyles,
+        families=enc.families,
+        relative_depth=enc.relative,
+        missing_reasons=enc.reasons,
+        ncols=ncols,
+        note=enc.warn,
+    )
+
+
+def _head_figures(emit: _Emitter, enc: _Encoding, heads: pd.DataFrame) -> None:
+    """Per-head attention distance, then block x head heatmaps of the key metrics."""
+    from attnscope.plots.compare import head_scatter, heatmaps_side_by_side
+    from attnscope.plots.entropy import HEATMAP_METRICS, metric_label
+
+    present = set(heads["metric"])
+    if "attn_distance_px" in present:
+        emit(
+            "heads_attn_distance",
+            head_scatter(heads, palette=enc.palette, note=enc.warn),
+            "Mean attention distance per head",
+            "Each dot is one head's mean attention distance (pixels of that model's input), as in Fig. 7 of "
+            "the ViT paper; the line is the mean over heads.",
+        )
+    for metric in HEATMAP_METRICS:
+        if metric in present:
+            emit(
+                f"heatmaps_{metric}",
+                heatmaps_side_by_side(
+                    heads,
+                    metric,
+                    models=enc.models,
+                    palette=enc.palette,
+                    missing_reasons=enc.reasons.get(metric, {}),
+                    note=enc.warn,
+                ),
+                f"{metric_label(metric)}: block × head",
+                "Mean over images per block (rows) and head (columns); one colour scale for all models.",
+            )
+
+
+def _gallery_figure(emit: _Emitter, enc: _Encoding, runs: Sequence[ModelRun]) -> None:
+    """The first images x models grid, when every model has its gallery maps."""
+    from attnscope.plots.maps import GalleryColumn, attention_gallery
+
+    galleries = {r.name: r.gallery for r in runs if r.gallery is not None}
+    if not runs or len(galleries) < len(runs):
+        return
+    columns = [
+        GalleryColumn(m, g.views, g.maps, g.patch_size, g.what(), g.names) for m, g in galleries.items()
+    ]
+    no_cls = [m for m, g in galleries.items() if g.query != "cls"]
+    caption = (
+        f"{', '.join(no_cls)} {'has' if len(no_cls) == 1 else 'have'} no class token: shown is the mean "
+        "over patch queries of their patch→patch attention."
+        if no_cls
+        else ""
+    )
+    emit(
+        "gallery",
+        attention_gallery(
+            columns, palette=enc.palette, caption=" ".join(t for t in (caption, enc.warn) if t)
+        ),
+        f"Attention gallery: the first {min(len(c.views) for c in columns)} images",
+        "Each model's last-block [cls]→patch attention (mean over heads) over the image as that model "
+        "saw it; cyan line: smallest set of patches holding 60% of the mass (as in DINO's figures). "
+        + caption,
+    )
+
+
+def build_figures(
+    runs: Sequence[ModelRun],
+    layers: pd.DataFrame,
+    heads: pd.DataFrame,
+    writer: RunWriter,
+    *,
+    formats: Sequence[str] = ("png",),
+) -> list[ReportFigure]:
+    """Draw and write every comparison figure (PNG always, plus `formats`), in report order."""
+    from attnscope.compare import HEADLINE_METRICS
+    from attnscope.metrics import ALL_METRICS
+
+    enc = _encoding(runs)
+    emit = _Emitter(writer, formats, enc.random)
+    emit(
+        "depth_panels",
+        _depth_panels(enc, layers, HEADLINE_METRICS),
+        "Headline metrics against depth",
+        "One panel per metric; a line per model (colour: model, line style: family), "
+        "band: ± std over images. " + enc.x_note,
+    )
+    _head_figures(emit, enc, heads)
+    _gallery_figure(emit, enc, runs)
+    present = [m for m in ALL_METRICS if m in set(layers["metric"])]
+    emit(
+        "depth_panels_all",
+        _depth_panels(enc, layers, present),
+        "Every metric against depth",
+        "All metrics of the specification that at least one model has, same encoding as above. " + enc.x_note,
+        group="metric",
+    )
+    return emit.figures
