@@ -155,6 +155,23 @@ def analyze(
     )
 
 
+def provenance(
+    loaded: LoadedModel, layout: TokenLayout, used: Sequence[str], skipped: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """What every run.json says about a model and the images it saw: weights, data config,
+    token layout, blocks, the images used and the ones skipped with why."""
+    info = loaded.provenance()
+    info.update(
+        {
+            "token_layout": layout.as_dict(),
+            "num_blocks": loaded.num_blocks,
+            "images_used": list(used),
+            "images_skipped": [{"path": path, "reason": reason} for path, reason in skipped],
+        }
+    )
+    return info
+
+
 def build_info(
     loaded: LoadedModel,
     layout: TokenLayout,
@@ -168,13 +185,11 @@ def build_info(
     batch_size: int,
 ) -> dict[str, Any]:
     """The provenance block of run.json for one model."""
-    info = loaded.provenance()
+    used_names = [str(paths[i]) for i in sorted(used)]
+    skipped = [(str(paths[i]), r) for i, r in sorted(failures)]
+    info = provenance(loaded, layout, used_names, skipped)
     info.update(
         {
-            "token_layout": layout.as_dict(),
-            "num_blocks": loaded.num_blocks,
-            "images_used": [str(paths[i]) for i in sorted(used)],
-            "images_skipped": [{"path": str(paths[i]), "reason": r} for i, r in sorted(failures)],
             "device": str(device),
             "dtype": dtype,
             "seed": seed,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnscope.errors import ConfigError
+from attnscope.metrics import HEADLINE_METRICS as HEADLINE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,15 +27,7 @@ if TYPE_CHECKING:
 
     from attnscope.models import LoadedModel, ModelSpec
 
-HEADLINE_METRICS: tuple[str, ...] = (
-    "cls_self_attn",
-    "cls_patch_entropy_norm",
-    "cls_patch_eff_frac",
-    "cls_patch_k90_frac",
-    "patch_patch_entropy_norm",
-    "attn_distance_px",
-    "cls_residual_ratio",
-)
+HEADLINE_METRICS: tuple[str, ...] = tuple(HEADLINE)  # the metric registry decides
 
 
 # ---------------------------------------------------------------- inputs
@@ -247,14 +240,12 @@ def stack_tables(runs: Sequence[ModelRun]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def missing_reason(metric: str, info: Mapping[str, Any]) -> str | None:
     """Why `metric` has no rows for a model (None when it should have them)."""
-    from attnscope.metrics import _NEEDS_CLS, _NEEDS_REGISTERS
+    from attnscope.metrics import absent_reason
 
     layout = info.get("token_layout", {})
-    if metric in _NEEDS_CLS and not layout.get("has_cls", True):
-        return "no class token"
-    if metric in _NEEDS_REGISTERS and not layout.get("num_registers", 0):
-        return "no registers"
-    return None
+    return absent_reason(
+        metric, has_cls=bool(layout.get("has_cls", True)), num_registers=int(layout.get("num_registers", 0))
+    )
 
 
 def summary_table(runs: Sequence[ModelRun]) -> pd.DataFrame:

@@ -142,7 +142,7 @@ def _renormalise_rows(rows: torch.Tensor) -> torch.Tensor:
 def query_rows(matrix: torch.Tensor, layout: TokenLayout, query: Query) -> torch.Tensor:
     """Distribution over patches of `query` from (..., T, T) attention or rollout.
 
-    Keys are restricted to the patches and renormalised (as `p_i` in metrics.md), so
+    Keys are restricted to the patches and renormalised (as `p_i` in docs/metrics.md), so
     class-token and register mass never shows up as a patch. Returns (..., N) float32.
     """
     if matrix.shape[-1] != layout.num_tokens or matrix.shape[-2] != layout.num_tokens:

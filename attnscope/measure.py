@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from attnscope.config import check_dtype
-from attnscope.errors import AttnscopeError
+from attnscope.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +56,8 @@ def forward_features(
             return cast(Any, model).forward_features(images)
         except AssertionError as exc:  # timm's input-size checks
             size = f"{images.shape[-2]}x{images.shape[-1]}"
-            raise AttnscopeError(
-                f"{name} cannot take {size} inputs ({exc}); choose another img_size"
+            raise ConfigError(
+                None, f"{name} cannot take {size} inputs ({exc}); choose another {{img_size}}"
             ) from exc
 
 

@@ -178,16 +178,11 @@ def _maps_bytes(result: AttentionMaps, stems: list[str]) -> bytes:
 
 def _info(loaded: LoadedModel, result: AttentionMaps) -> dict[str, Any]:
     """The model's provenance block of run.json."""
-    info = loaded.provenance()
-    info.update(
-        {
-            "token_layout": result.layout.as_dict(),
-            "num_blocks": result.num_blocks,
-            "images_used": [str(p) for p in result.paths],
-            "images_skipped": [{"path": str(p), "reason": r} for p, r in result.skipped],
-            "maps": result.describe(),
-        }
-    )
+    from attnscope.analysis import provenance
+
+    used = [str(p) for p in result.paths]
+    info = provenance(loaded, result.layout, used, [(str(p), r) for p, r in result.skipped])
+    info["maps"] = result.describe()
     return info
 
 

@@ -28,10 +28,6 @@ from attnscope.metrics.registry import (
     metric_spec,
 )
 
-# Transitional: compare.missing_reason reads these until it calls `absent_reason`.
-_NEEDS_CLS = frozenset(name for name in ALL_METRICS if METRICS[name].needs_cls)
-_NEEDS_REGISTERS = frozenset(name for name in ALL_METRICS if METRICS[name].needs_registers)
-
 __all__ = [
     "ALL_METRICS",
     "BLOCK_METRICS",

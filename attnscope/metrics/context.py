@@ -145,7 +145,8 @@ class BlockContext:
         total = self.cls_patch.sum(-1)
         if bool((total <= 0).any()):
             raise AttnscopeError(
-                "[cls]->patch attention: an attention row puts zero mass on the patches (corrupt attention map)"
+                "[cls]->patch attention: an attention row puts zero mass on the patches "
+                "(corrupt attention map)"
             )
         return total
 

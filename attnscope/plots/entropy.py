@@ -5,30 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from attnscope.metrics import METRIC_LABELS
+from attnscope.metrics import METRIC_LABELS, UNIT_INTERVAL_METRICS
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
 HEATMAP_METRICS = ("cls_self_attn", "cls_patch_entropy_norm", "attn_distance_px")
-UNIT_INTERVAL = {
-    "cls_self_attn",
-    "cls_patch_mass",
-    "cls_register_mass",
-    "patch_cls_attn",
-    "patch_self_attn",
-    "patch_register_mass",
-    "cls_patch_entropy_norm",
-    "cls_patch_eff_frac",
-    "cls_patch_k60_frac",
-    "cls_patch_k90_frac",
-    "cls_patch_gini",
-    "cls_patch_max",
-    "patch_patch_entropy_norm",
-    "patch_patch_eff_frac",
-    "attn_nmi",
-}
+UNIT_INTERVAL = frozenset(UNIT_INTERVAL_METRICS)
 
 
 def _setup():
