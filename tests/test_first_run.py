@@ -64,3 +64,13 @@ def test_random_weights_differ_per_model_and_repeat_per_seed():
     assert not torch.equal(mae, dino)
     assert torch.equal(mae, first_weight("mae_vit_base", 0))  # the alias resolves first
     assert not torch.equal(mae, first_weight("mae", 1))
+
+
+def test_entropy_takes_the_model_positionally_or_as_an_option(tmp_path):
+    out = tmp_path / "pos"
+    result = _invoke("entropy", "test_vit", "--random-init", "--max-images", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["config"]["model"] == "test_vit"
+    assert _invoke("entropy", "--max-images", "1").exit_code == 2
+    both = _invoke("entropy", "test_vit", "--model", "test_vit2", "--random-init")
+    assert both.exit_code == 2 and "two models given" in both.output

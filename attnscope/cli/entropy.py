@@ -14,13 +14,15 @@ from attnscope.cli.options import (
     ImagesOpt,
     ImgSizeOpt,
     MaxImagesOpt,
-    ModelOpt,
+    ModelArg,
+    OptionalModelOpt,
     OutOpt,
     OverwriteOpt,
     RandomInitOpt,
     SeedOpt,
     WorkersOpt,
     command_line,
+    one_model,
     parse_img_size,
 )
 from attnscope.cli.ui import CliUI, handle_errors
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
 
 @handle_errors
 def entropy_cmd(
-    model: ModelOpt,
+    model_arg: ModelArg = None,
+    model_opt: OptionalModelOpt = None,
     checkpoint: CheckpointOpt = None,
     images: ImagesOpt = None,
     out: OutOpt = None,
@@ -55,6 +58,8 @@ def entropy_cmd(
 
     Examples:
 
+      attnscope entropy mae_vit_base
+
       attnscope entropy --model mae --images ~/imagenet/val --max-images 500 --out runs/mae
 
       attnscope entropy --model dinov2_vit_base --img-size 224 --device cuda --dtype bfloat16
@@ -64,6 +69,7 @@ def entropy_cmd(
     from attnscope.commands.entropy import EntropyConfig, run
     from attnscope.models import display_name
 
+    model = one_model(model_arg, model_opt)
     config = EntropyConfig(
         model=model,
         checkpoint=checkpoint,

@@ -33,6 +33,31 @@ ModelOpt = Annotated[
         "--model", "-m", help="Alias (see `attnscope models`) or any timm ViT name.", show_default=False
     ),
 ]
+# `attnscope entropy mae` and `attnscope entropy --model mae` say the same thing
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(help="Alias or timm name (or use --model).", show_default=False, metavar="MODEL"),
+]
+OptionalModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Alias (see `attnscope models`) or any timm ViT name.", show_default=False
+    ),
+]
+
+
+def one_model(positional: str | None, option: str | None) -> str:
+    """The model named either way; an error when neither or two different ones are given."""
+    if positional and option and positional != option:
+        raise AttnscopeError(f"two models given: {positional!r} and --model {option!r}; give one")
+    model = positional or option
+    if not model:
+        raise AttnscopeError(
+            "no model given: name one, e.g. `attnscope entropy mae` (see `attnscope models`)"
+        )
+    return model
+
+
 CheckpointOpt = Annotated[
     Path | None,
     typer.Option(
