@@ -1,9 +1,11 @@
-"""`make demo`: the main job on the bundled photographs.
+"""`make demo`: the main job, `attnscope compare mae dino`, on the bundled photographs.
 
-Runs the real CLI. With pretrained weights available (Hub reachable or cached) it runs on
-MAE and DINO; where they cannot be had, it says so in one line and runs the very same
-pipeline with --random-init, which every output labels as random weights. The CLI itself
-never falls back like this: only this demo does, so it always shows what the tool makes.
+Runs the real CLI. With pretrained weights available (in the local Hugging Face cache, or
+the Hub reachable) it compares MAE with DINO. Where they cannot be had, it says so first,
+then compares the same two architectures with random weights (each drawn with its own
+seed, so they differ), which every output labels as random, and prints the command to run
+once the weights are there. The CLI itself never falls back like this: only this demo does,
+so it always shows what the tool makes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 OUT = Path("demo-out")
+MODELS = ["mae", "dino"]
 
 
 def attnscope(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
@@ -28,33 +31,33 @@ def weights_unavailable(proc: subprocess.CompletedProcess) -> bool:
     )
 
 
-def run(command: list[str], out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    proc = attnscope(*command, "--out", str(out))
-    sys.stderr.write(proc.stderr)
-    if weights_unavailable(proc):
-        print("demo: pretrained weights are unavailable here; rerunning with --random-init (random weights)")
-        fallback = out.with_name(out.name + "-random-init")
-        if fallback.exists():
-            shutil.rmtree(fallback)
-        proc = attnscope(*command, "--random-init", "--out", str(fallback), capture=False)
-    if proc.returncode != 0:
-        sys.exit(proc.returncode)
+def fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    return folder
 
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    has_compare = (
-        "compare"
-        in subprocess.run(
-            [sys.executable, "-m", "attnscope", "--help"], capture_output=True, text=True
-        ).stdout
-    )
-    if has_compare:
-        run(["compare", "mae", "dino"], OUT / "mae-vs-dino")
+    real = fresh(OUT / "mae-vs-dino")
+    command = ["compare", *MODELS, "--out", str(real)]
+    proc = attnscope(*command)
+    if weights_unavailable(proc):
+        random = fresh(OUT / "mae-vs-dino-random-init")
+        print(
+            "demo: this compares RANDOM networks (the MAE and DINO architectures with random weights): "
+            "their pretrained weights are not in the local Hugging Face cache and the Hub cannot be "
+            "reached. A real comparison needs the weights in the cache (HF_HOME) or local files "
+            "(--checkpoint mae=PATH --checkpoint dino=PATH).",
+            flush=True,
+        )
+        proc = attnscope("compare", *MODELS, "--random-init", "--out", str(random), capture=False)
+        if proc.returncode == 0:
+            print(f"demo: report of the random networks: {random / 'report.html'}")
+            print(f"demo: once the weights are there, run: attnscope {' '.join(command)}")
     else:
-        run(["entropy", "--model", "mae"], OUT / "mae")
+        sys.stderr.write(proc.stderr)
+    sys.exit(proc.returncode)
 
 
 if __name__ == "__main__":
