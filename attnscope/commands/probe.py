@@ -462,12 +462,9 @@ def _cached_features(ctx: _Context, setup: _Setup, caches: dict[str, FeatureCach
     features, budget = _Features({}), _ram_budget()
     for name, split in setup.splits.items():
         cache = caches[name]
+        shown: set[int] = set()  # skipped positions already reported while extracting
         if complete[name]:
-            index, report, shown = (
-                feat.read_cache_index(cache) if ctx.main else None,
-                feat.ExtractReport(),
-                set(),
-            )
+            index, report = feat.read_cache_index(cache) if ctx.main else None, feat.ExtractReport()
         else:
             index, report, shown = _extract(ctx, setup, name, cache)
         if index is None:  # not rank 0

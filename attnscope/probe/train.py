@@ -900,7 +900,7 @@ def _measure(
     kept = recompute_bn_stats(
         bank, data.train_source, bn_positions, eval_batch, data_parallel=ranks.parallel, keep_inputs=keep
     )
-    measure = {"batch_size": eval_batch, "data_parallel": ranks.parallel}
+    measure: dict[str, Any] = {"batch_size": eval_batch, "data_parallel": ranks.parallel}
     on_train = evaluate_bank(bank, data.train_source, labels, bn_positions, features=kept, **measure)
     del kept  # free the kept features before the other passes
     holdout = np.asarray(data.holdout_positions, dtype=np.int64)
