@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-
-_FIELD = re.compile(r"\{(\w+)\}")
 
 
 class AttnscopeError(Exception):
@@ -17,13 +14,13 @@ class AttnscopeError(Exception):
 
 
 class ConfigError(AttnscopeError):
-    """A setting has a value that cannot work, or a remedy is another setting.
+    """A setting has a value that cannot work, or the remedy is another setting.
 
     The message names settings as the Python API spells them (`batch_size must be at least
-    1, got 0`), because that is what a notebook user typed. `field` is the setting at
-    fault (or None); `detail` may name other settings as `{name}`. The CLI knows which flag
-    each setting comes from and re-words the message in its own terms (`--batch-size ...`),
-    so no library message mentions a command-line flag.
+    1, got 0`), because that is what a notebook user typed: `field` is the setting at fault
+    (or None), and `detail` names any other setting in backquotes (pass `random_init`).
+    The CLI knows which flag each setting comes from and re-words the message in its own
+    terms (`--batch-size ...`, pass --random-init), so no library message names a flag.
     """
 
     def __init__(self, field: str | None, detail: str) -> None:
@@ -32,6 +29,5 @@ class ConfigError(AttnscopeError):
         super().__init__(self.worded(lambda name: name))
 
     def worded(self, spell: Callable[[str], str]) -> str:
-        """The message with every setting spelled by `spell` (a CLI flag, say)."""
-        text = _FIELD.sub(lambda m: spell(m.group(1)), self.detail)
-        return f"{spell(self.field)} {text}" if self.field else text
+        """The message with the setting at fault spelled by `spell` (a CLI flag, say)."""
+        return f"{spell(self.field)} {self.detail}" if self.field else self.detail

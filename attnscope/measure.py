@@ -57,7 +57,7 @@ def forward_features(
         except AssertionError as exc:  # timm's input-size checks
             size = f"{images.shape[-2]}x{images.shape[-1]}"
             raise ConfigError(
-                None, f"{name} cannot take {size} inputs ({exc}); choose another {{img_size}}"
+                None, f"{name} cannot take {size} inputs ({exc}); choose another `img_size`"
             ) from exc
 
 

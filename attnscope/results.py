@@ -65,7 +65,7 @@ class RunWriter:
             raise ConfigError("out", f"{self.out_dir} exists and is not a folder")
         if self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not overwrite:
             raise ConfigError(
-                "out", f"{self.out_dir} is not empty; choose another folder or pass {{overwrite}}"
+                "out", f"{self.out_dir} is not empty; choose another folder or pass `overwrite`"
             )
         self.written: list[Path] = []
 

@@ -6,7 +6,7 @@ Evidence for two requirements of `attnscope probe`:
 1. Training a bank of 25 heads (5 aggregators x 5 learning rates) costs <= 3x training one
    head on the same cached features. A real fp16 cache (ViT-S/16 geometry: 197 tokens x 384,
    written through `extract_shards` + `write_cache_index`, read back with `FeatureStore`) is
-   trained on by `train_bank` exactly as `run_probe` does it, with
+   trained on by `train_bank` exactly as the probe command does it, with
      (1)  one `abmilp` head (the paper's head) at one learning rate,
      (25) cls, mean, cls_mean, abmilp, attentive x 5 learning rates,
      (25g) the same with abmilp_gated in place of cls_mean,
@@ -23,7 +23,7 @@ Evidence for two requirements of `attnscope probe`:
    The bank is timed again at ViT-B width (D 768): attentive has D/64 query heads, so the
    bank's patch scorers, and its cost against one head, grow with the model.
 
-2. A second `run_probe` with the same configuration costs <= 0.2x the first when feature
+2. A second probe run (`commands.probe.run`) with the same configuration costs <= 0.2x the first when feature
    extraction dominates: ViT-S/16 (random init) at 224 px on the built-in digits, a cold
    cache folder, then the same call again.
 
@@ -40,6 +40,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,15 @@ import torch
 
 from attnscope.probe import datasets as ds
 from attnscope.probe import features as feat
-from attnscope.probe.train import DEFAULT_WDS, StoreSource, TensorSource, resolve_recipe, train_bank
+from attnscope.probe.train import (
+    DEFAULT_WDS,
+    BankSpec,
+    StoreSource,
+    TensorSource,
+    TrainingData,
+    resolve_recipe,
+    train_bank,
+)
 
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 BANK = ["cls", "mean", "cls_mean", "abmilp", "attentive"]
@@ -109,9 +118,12 @@ def time_bank(
     recipe = resolve_recipe("default", n_train=n, batch_size=batch, epochs=epochs, lrs=lrs, wds=list(wds))
     start = time.perf_counter()
     result = train_bank(
-        train_source=source, train_labels=labels, train_positions=np.arange(n), holdout_positions=[],
-        eval_source=source, eval_labels=labels, eval_positions=np.arange(0),
-        aggregators=aggregators, num_classes=n_classes, dim=dim, num_prefix=1, has_cls=True, recipe=recipe,
+        TrainingData(
+            train_source=source, train_labels=labels, train_positions=np.arange(n), holdout_positions=[],
+            eval_source=source, eval_labels=labels, eval_positions=np.arange(0),
+        ),
+        BankSpec(aggregators=aggregators, num_classes=n_classes, dim=dim, num_prefix=1, has_cls=True),
+        recipe,
     )  # fmt: skip
     return time.perf_counter() - start, result.seconds
 
@@ -365,7 +377,7 @@ def width_benchmark(args) -> dict:
 
 
 def second_run_benchmark(args) -> dict:
-    from attnscope.probe.run import ProbeConfig, run_probe
+    from attnscope.commands.probe import ProbeConfig, run
 
     root = Path(tempfile.mkdtemp(prefix="attnscope-bench-"))
     n = 120 if args.quick else 400
@@ -375,9 +387,9 @@ def second_run_benchmark(args) -> dict:
     )  # fmt: skip
     try:
         t0 = time.perf_counter()
-        first = run_probe(config)
+        first = run(replace(config, out=root / "first"))[1]  # a whole run: features, heads, run folder
         t1 = time.perf_counter()
-        second = run_probe(config)
+        second = run(replace(config, out=root / "second"))[1]
         t2 = time.perf_counter()
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -171,7 +171,7 @@ def test_probe_features_sharded_over_ranks_equal_one_process(tmp_path, one_threa
 
     The reference runs on one thread like torchrun's ranks (`one_thread`): a BLAS may split
     its sums differently with two, and results.csv is compared exactly below."""
-    args = ["--img-size", "64", "--max-images", "41", "--epochs", "2", "--maps", "0"]
+    args = ["--img-size", "64", "--max-images-per-split", "41", "--epochs", "2", "--maps", "0"]
     result = CliRunner().invoke(
         app, ["probe", *TINY, *args, "--cache-dir", str(tmp_path / "cache1"), "--out", str(tmp_path / "one")]
     )
@@ -310,11 +310,11 @@ def test_step_agreement_reduction_and_timeout(tmp_path):
 STREAM_ARGS = [
     "--img-size",
     "64",
-    "--max-images",
+    "--max-images-per-split",
     "41",
     "--epochs",
     "2",
-    "--batch-size",
+    "--train-batch-size",
     "8",
     "--maps",
     "0",
@@ -400,11 +400,17 @@ BANK = textwrap.dedent(
     def run(recipe, lrs, data_parallel):
         xt, yt = features(31, 0)
         xe, ye = features(19, 1)
-        recipe = train.resolve_recipe(recipe, n_train=27, batch_size=9, epochs=3, lrs=lrs, wds=[0.0, 0.05], micro_batch=3)
+        recipe = train.resolve_recipe(
+            recipe, n_train=27, batch_size=9, epochs=3, lrs=lrs, wds=[0.0, 0.05], micro_batch=3
+        )
         trained = train.train_bank(
-            train_source=Dropping(xt), train_labels=yt, train_positions=np.arange(27), holdout_positions=np.arange(27, 31),
-            eval_source=Dropping(xe), eval_labels=ye, eval_positions=np.arange(19), aggregators=list(AGGREGATORS),
-            num_classes=7, dim=16, num_prefix=2, has_cls=True, recipe=recipe, seed=0, data_parallel=data_parallel,
+            train.TrainingData(
+                train_source=Dropping(xt), train_labels=yt, train_positions=np.arange(27),
+                holdout_positions=np.arange(27, 31), eval_source=Dropping(xe), eval_labels=ye,
+                eval_positions=np.arange(19),
+            ),
+            train.BankSpec(aggregators=list(AGGREGATORS), num_classes=7, dim=16, num_prefix=2, has_cls=True),
+            recipe, seed=0, data_parallel=data_parallel,
         )
         trained.bank.eval()
         with torch.no_grad():
@@ -520,7 +526,8 @@ def test_probe_no_cache_failure_on_one_rank_mid_training_ends_every_rank_with_on
     (tmp_path / "flaky.py").write_text(FLAKY)
     start = time.perf_counter()
     proc = torchrun(
-        tmp_path, "flaky.py", "probe", *TINY, *STREAM_ARGS, "--extract-batch-size", "2", "--out", "run", dist_timeout=600
+        tmp_path, "flaky.py", "probe", *TINY, *STREAM_ARGS, "--batch-size", "2", "--out", "run",
+        dist_timeout=600,
     )  # fmt: skip
     assert proc.returncode != 0
     assert error_lines(proc.stderr) == ["error: rank 1: rank one lost its data disk"], proc.stderr

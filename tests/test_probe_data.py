@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attnscope.errors import AttnscopeError
+from attnscope.cli.ui import user_message
+from attnscope.errors import AttnscopeError, ConfigError
 from attnscope.probe import datasets as ds
 from attnscope.probe import features as feat
 
@@ -73,8 +74,9 @@ def test_train_val_dirs_and_their_errors(tmp_path):
     make_tree(tmp_path / "va2", {"b": 2})
     data = ds.load_probe_data(train=tmp_path / "tr", val=tmp_path / "va2")
     assert data.eval.labels.tolist() == [1, 1]
-    with pytest.raises(AttnscopeError, match="needs --train"):
+    with pytest.raises(ConfigError) as err:  # the library names the field; the CLI says the flags
         ds.load_probe_data(val=tmp_path / "va2")
+    assert "needs --train" in user_message(err.value)
     with pytest.raises(AttnscopeError, match="exclude each other"):
         ds.load_probe_data(data=tmp_path / "tr", csv_file=tmp_path / "x.csv")
     with pytest.raises(AttnscopeError, match="no class sub-folders"):
@@ -140,7 +142,7 @@ def test_named_dataset_offline_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ds, "host_reachable", lambda host, timeout=3.0: False)
     with pytest.raises(AttnscopeError) as err:
         ds.load_probe_data(dataset="cifar10", data_root=tmp_path)
-    msg = str(err.value)
+    msg = user_message(err.value)  # as the CLI words it: the library names the field
     assert "\n" not in msg and "--data-root" in msg and "cifar-10-batches-py" in msg and str(tmp_path) in msg
     with pytest.raises(AttnscopeError, match="unknown dataset"):
         ds.load_probe_data(dataset="imagenet-22k", data_root=tmp_path)
@@ -293,7 +295,8 @@ def test_disk_space_refusal_suggests_no_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(feat.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(AttnscopeError) as err:
         feat.ensure_disk_space(tmp_path / "not" / "yet", 5 * 10**8)
-    assert "--no-cache" in str(err.value) and "476.8 MiB" in str(err.value)
+    msg = user_message(err.value)  # as the CLI words it: the library names the fields
+    assert "--no-cache" in msg and "476.8 MiB" in msg
     assert feat.ensure_disk_space(tmp_path, 0) == 10**6
 
 
@@ -309,3 +312,19 @@ def test_streaming_source_skips_bad_images_once(tmp_path, tiny_loaded):
     assert [len(p) for _, p in batches] == [2, 2, 1] and 2 not in np.concatenate([p for _, p in batches])
     list(stream.iterate(range(6), 4, shuffle=True, rng=np.random.default_rng(0)))
     assert skipped == [tmp_path / "bad.png"] and stream.failures.keys() == {2}
+
+
+def test_probe_library_messages_name_no_command_line_flag():
+    """attnscope.probe names config fields (the CLI words them as flags), never a flag itself."""
+    import ast
+    import re
+
+    import attnscope.probe
+
+    flag = re.compile(r"(?<![\w-])--[a-z]")
+    found = []
+    for path in sorted(Path(attnscope.probe.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and flag.search(node.value):
+                found.append(f"{path.name}:{node.lineno}: {node.value[:60]!r}")
+    assert found == []

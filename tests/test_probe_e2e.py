@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,9 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from attnscope.cli.app import app
+from attnscope.commands.probe import ProbeConfig, run
 from attnscope.probe import features as feat
 from attnscope.probe.heads import AGGREGATORS
-from attnscope.probe.run import ProbeConfig, run_probe
 
 runner = CliRunner()
 TINY = ["--model", "test_vit", "--random-init", "--img-size", "48"]
@@ -31,7 +32,7 @@ def test_every_aggregator_beats_chance_and_a_second_run_reuses_the_cache(tmp_pat
         model="test_vit", random_init=True, img_size=(48, 48), cache_dir=tmp_path / "cache",
         aggregators=AGGREGATORS, max_images=400, epochs=15, lrs=[1e-2, 1e-1], wds=[1e-4], map_images=3,
     )  # fmt: skip
-    first = run_probe(config)
+    _, first = run(replace(config, out=tmp_path / "first"))
     summary = first.summary.set_index("aggregator")
     assert list(summary.index) == list(AGGREGATORS)
     assert (summary["eval_top1"] > 0.25).all(), summary["eval_top1"]  # chance is 0.10 (10 digits)
@@ -52,7 +53,7 @@ def test_every_aggregator_beats_chance_and_a_second_run_reuses_the_cache(tmp_pat
         raise AssertionError("the second run extracted features again")
 
     monkeypatch.setattr(feat, "extract_shards", no_extraction)
-    second = run_probe(config)
+    _, second = run(replace(config, out=tmp_path / "second"))
     assert (
         second.info["cache"]["train"]["extracted"] == 0 and second.info["cache"]["eval"]["reused"] == 359
     )  # the digits eval split
@@ -62,7 +63,7 @@ def test_every_aggregator_beats_chance_and_a_second_run_reuses_the_cache(tmp_pat
 def test_cli_writes_results_summary_maps_figures_and_run_json(tmp_path):
     out = tmp_path / "run"
     result = invoke(
-        "probe", *TINY, "--max-images", "200", "--epochs", "3", "--lrs", "0.01,0.1", "--wds", "0",
+        "probe", *TINY, "--max-images-per-split", "200", "--epochs", "3", "--lrs", "0.01,0.1", "--wds", "0",
         "--aggregator", "cls,mean,abmilp", "--maps", "2", "--cache-dir", str(tmp_path / "cache"),
         "--out", str(out), "--format", "png", "--format", "svg",
     )  # fmt: skip
@@ -107,7 +108,7 @@ def test_paper_recipe_no_class_token_and_streaming(tmp_path):
     # the register stays out of the patch bag.
     out = tmp_path / "run"
     result = invoke(
-        "probe", "--model", "test_vit2", "--random-init", "--img-size", "48", "--max-images", "120",
+        "probe", "--model", "test_vit2", "--random-init", "--img-size", "48", "--max-images-per-split", "120",
         "--recipe", "paper", "--epochs", "3", "--no-cache", "--maps", "1", "--out", str(out),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -162,7 +163,14 @@ def test_cli_refuses_when_the_cache_would_not_fit(tmp_path, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(feat.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     result = invoke(
-        "probe", *TINY, "--max-images", "50", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")
+        "probe",
+        *TINY,
+        "--max-images-per-split",
+        "50",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "o"),
     )
     assert result.exit_code == 2
     assert "feature cache:" in result.output  # the estimate is shown before the refusal
@@ -182,3 +190,41 @@ def test_cli_user_errors_are_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "unknown aggregator" in result.output
     result = invoke("probe", *TINY, "--lrs", "fast", "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and "--lrs" in result.output
+
+
+def test_cli_help_lists_the_registered_aggregators_and_one_meaning_per_flag():
+    result = runner.invoke(app, ["probe", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in AGGREGATORS:
+        assert name in result.output, name
+    for flag in ("--batch-size", "--train-batch-size", "--max-images-per-split"):
+        assert flag in result.output, flag
+    assert "--extract-batch-size" not in result.output  # deprecated spellings are hidden
+    assert "--max-images " not in result.output
+
+
+def test_cli_flags_map_to_config_fields_and_old_spellings_still_work(tmp_path, monkeypatch):
+    import attnscope.commands.probe as command
+    from attnscope.cli.probe import PROBE_FLAGS
+    from attnscope.cli.ui import user_message
+    from attnscope.errors import ConfigError
+
+    seen = []
+    monkeypatch.setattr(command, "run", lambda config, ui, **kw: (seen.append(config), (tmp_path, None))[1])
+    result = invoke(
+        "probe", *TINY, "--batch-size", "8", "--train-batch-size", "32", "--max-images-per-split", "9"
+    )
+    assert result.exit_code == 0, result.output
+    assert (seen[-1].extract_batch_size, seen[-1].batch_size, seen[-1].max_images) == (8, 32, 9)
+    result = invoke("probe", *TINY, "--extract-batch-size", "4", "--max-images", "7")
+    assert result.exit_code == 0 and "deprecated" in result.output
+    assert (seen[-1].extract_batch_size, seen[-1].max_images) == (4, 7)
+    result = invoke("probe", *TINY, "--max-images", "7", "--max-images-per-split", "7")
+    assert result.exit_code == 2 and "--max-images-per-split only" in result.output
+    # run.json keeps the field names; a message about a field names the probe's own flag
+    assert user_message(ConfigError("batch_size", "must be at least 2"), PROBE_FLAGS).startswith(
+        "--train-batch-size "
+    )
+    assert user_message(ConfigError("extract_batch_size", "x"), PROBE_FLAGS).startswith("--batch-size ")
+    result = invoke("probe", *TINY, "--lrs", "0", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "--lrs takes positive numbers" in result.output

@@ -18,13 +18,15 @@ from attnscope.probe.heads import (
     attentive_num_heads,
     parse_aggregators,
 )
+from attnscope.probe.selection import select_hyperparameters
 from attnscope.probe.train import (
     LARS,
     BankAdamW,
+    BankSpec,
     TensorSource,
+    TrainingData,
     cosine_factor,
     resolve_recipe,
-    select_heads,
     train_bank,
 )
 
@@ -62,22 +64,26 @@ def test_selective_heads_solve_the_one_token_task_and_mean_does_not():
     xe, ye, _ = mil_bags(600, seed=2)
     recipe = resolve_recipe("default", n_train=1440, batch_size=128, epochs=12, lrs=[3e-3, 1e-2], wds=[1e-4])
     trained = train_bank(
-        train_source=TensorSource(xt),
-        train_labels=yt,
-        train_positions=np.arange(1440),
-        holdout_positions=np.arange(1440, 1600),
-        eval_source=TensorSource(xe),
-        eval_labels=ye,
-        eval_positions=np.arange(600),
-        aggregators=["mean", "abmilp", "abmilp_gated", "attentive"],
-        num_classes=4,
-        dim=32,
-        num_prefix=3,
-        has_cls=True,
-        recipe=recipe,
+        TrainingData(
+            train_source=TensorSource(xt),
+            train_labels=yt,
+            train_positions=np.arange(1440),
+            holdout_positions=np.arange(1440, 1600),
+            eval_source=TensorSource(xe),
+            eval_labels=ye,
+            eval_positions=np.arange(600),
+        ),
+        BankSpec(
+            aggregators=["mean", "abmilp", "abmilp_gated", "attentive"],
+            num_classes=4,
+            dim=32,
+            num_prefix=3,
+            has_cls=True,
+        ),
+        recipe,
         seed=0,
     )
-    _, summary = select_heads(trained.results)
+    _, summary = select_hyperparameters(trained.results)
     acc = dict(zip(summary["aggregator"], summary["eval_top1"], strict=True))
     for name in ("abmilp", "abmilp_gated", "attentive"):
         assert acc[name] >= 0.95, acc
@@ -89,9 +95,12 @@ def test_trained_abmilp_puts_its_weight_on_the_key_token():
     xt, yt, key = mil_bags(1000, seed=3, registers=0)
     recipe = resolve_recipe("default", n_train=1000, batch_size=100, epochs=10, lrs=[1e-2], wds=[0.0])
     trained = train_bank(
-        train_source=TensorSource(xt), train_labels=yt, train_positions=np.arange(1000), holdout_positions=[],
-        eval_source=TensorSource(xt), eval_labels=yt, eval_positions=np.arange(200),
-        aggregators=["abmilp"], num_classes=4, dim=32, num_prefix=1, has_cls=True, recipe=recipe,
+        TrainingData(
+            train_source=TensorSource(xt), train_labels=yt, train_positions=np.arange(1000),
+            holdout_positions=[], eval_source=TensorSource(xt), eval_labels=yt, eval_positions=np.arange(200),
+        ),
+        BankSpec(aggregators=["abmilp"], num_classes=4, dim=32, num_prefix=1, has_cls=True),
+        recipe,
     )  # fmt: skip
     with torch.no_grad():
         w = trained.bank.patch_weights("abmilp", torch.from_numpy(xt[:200]))[0].numpy()
@@ -233,6 +242,43 @@ def test_parse_aggregators():
         parse_aggregators(" , ")
 
 
+def test_the_registry_is_the_one_list_of_aggregators():
+    """Each aggregator is one registered class carrying what it needs; the torch-free view the
+    CLI help is generated from reads the same registry."""
+    from attnscope.probe.catalog import registered_aggregators
+    from attnscope.probe.heads import AGGREGATORS, Aggregator
+
+    assert list(AGGREGATORS) == ["cls", "mean", "cls_mean", "abmilp", "abmilp_gated", "attentive"]
+    assert registered_aggregators() == [(name, cls.help) for name, cls in AGGREGATORS.items()]
+    # each aggregator's init stream is its position in the former list: initialisation unchanged
+    assert [cls.init_stream for cls in AGGREGATORS.values()] == list(range(6))
+    assert {name for name, cls in AGGREGATORS.items() if cls.needs_cls} == {"cls", "cls_mean"}
+    for cls in AGGREGATORS.values():  # selective means it has weights over the patches
+        assert (cls.patch_weights is not Aggregator.patch_weights) == cls.selective, cls.name
+
+
+def test_a_new_aggregator_is_its_class(monkeypatch):
+    from attnscope.probe import heads
+
+    monkeypatch.setattr(heads, "AGGREGATORS", dict(heads.AGGREGATORS))  # registered for this test only
+
+    @heads.register_aggregator
+    class MaxPool(heads.Aggregator):
+        name = "max"
+        help = "the largest value of each channel over the patches"
+        init_stream = 99
+        shared = True
+
+        def forward(self, cls, patches):
+            return patches.amax(dim=1).unsqueeze(1)
+
+    assert parse_aggregators("max,cls") == ["max", "cls"]
+    bank = HeadBank(["max", "cls"], 2, 8, 3, num_prefix=1, has_cls=True)
+    assert bank(torch.randn(4, 5, 8))["max"].shape == (2, 4, 3)
+    with pytest.raises(TypeError, match="taken"):
+        heads.register_aggregator(MaxPool)
+
+
 # ---------------------------------------------------------------- optimizers
 
 
@@ -332,14 +378,14 @@ def test_selection_uses_holdout_not_eval():
     import pandas as pd
 
     rows = [
-        {"aggregator": "abmilp", "lr": 0.1, "wd": 0.0, "params": 5, "train_top1": 0.9, "holdout_top1": 0.8, "holdout_loss": 1.0,
-         "eval_top1": 0.5, "eval_top5": 0.9, "train_loss": 0.1, "head": 0},
-        {"aggregator": "abmilp", "lr": 0.01, "wd": 0.0, "params": 5, "train_top1": 0.8, "holdout_top1": 0.7, "holdout_loss": 1.0,
-         "eval_top1": 0.6, "eval_top5": 0.9, "train_loss": 0.2, "head": 1},
-        {"aggregator": "cls", "lr": 0.1, "wd": 0.0, "params": 5, "train_top1": 0.9, "holdout_top1": 0.4, "holdout_loss": 1.0,
-         "eval_top1": 0.4, "eval_top5": 0.9, "train_loss": 0.1, "head": 0},
+        {"aggregator": "abmilp", "lr": 0.1, "wd": 0.0, "params": 5, "train_top1": 0.9, "holdout_top1": 0.8,
+         "holdout_loss": 1.0, "eval_top1": 0.5, "eval_top5": 0.9, "train_loss": 0.1, "head": 0},
+        {"aggregator": "abmilp", "lr": 0.01, "wd": 0.0, "params": 5, "train_top1": 0.8, "holdout_top1": 0.7,
+         "holdout_loss": 1.0, "eval_top1": 0.6, "eval_top5": 0.9, "train_loss": 0.2, "head": 1},
+        {"aggregator": "cls", "lr": 0.1, "wd": 0.0, "params": 5, "train_top1": 0.9, "holdout_top1": 0.4,
+         "holdout_loss": 1.0, "eval_top1": 0.4, "eval_top5": 0.9, "train_loss": 0.1, "head": 0},
     ]  # fmt: skip
-    results, summary = select_heads(pd.DataFrame(rows))
+    results, summary = select_hyperparameters(pd.DataFrame(rows))
     ab = summary.set_index("aggregator").loc["abmilp"]
     assert ab["lr"] == 0.1 and ab["eval_top1"] == 0.5 and ab["best_over_grid_eval_top1"] == 0.6
     assert ab["delta_top1_vs_baseline"] == pytest.approx(0.1) and ab["baseline"] == "cls"
@@ -392,9 +438,11 @@ def test_training_accuracy_from_kept_bn_features_equals_a_fresh_pass():
     source = TensorSource(xt)
     common = dict(train_labels=yt, train_positions=np.arange(300), holdout_positions=[], eval_labels=yt)
     trained = train_bank(
-        train_source=source, eval_source=source, eval_positions=np.arange(0), **common,
-        aggregators=["cls", "mean", "cls_mean", "abmilp", "attentive"], num_classes=4, dim=32,
-        num_prefix=3, has_cls=True, recipe=recipe, seed=0,
+        TrainingData(train_source=source, eval_source=source, eval_positions=np.arange(0), **common),
+        BankSpec(aggregators=["cls", "mean", "cls_mean", "abmilp", "attentive"], num_classes=4, dim=32,
+                 num_prefix=3, has_cls=True),
+        recipe,
+        seed=0,
     )  # fmt: skip
     fresh = evaluate_bank(trained.bank, source, yt, np.arange(300), batch_size=max(recipe.micro_batch, 2))
     for name, rows in trained.results.groupby("aggregator", sort=False):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -22,9 +24,21 @@ _FLAGS: dict[str, str] = {
 }
 
 
-def flag_for(field: str) -> str:
-    """The command-line flag that sets the config field `field` (`batch_size` -> `--batch-size`)."""
+def flag_for(field: str, overrides: Mapping[str, str] | None = None) -> str:
+    """The command-line flag that sets the config field `field` (`batch_size` -> `--batch-size`).
+
+    `overrides`: one command's own spellings, for fields whose flag differs in that command."""
+    if overrides and field in overrides:
+        return overrides[field]
     return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+_FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def with_flags(text: str, overrides: Mapping[str, str] | None = None) -> str:
+    """`text` with every config field it names in backquotes (`no_cache`) written as its flag."""
+    return _FIELD.sub(lambda m: flag_for(m[1], overrides), text)
 
 
 ModelOpt = Annotated[

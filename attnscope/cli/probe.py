@@ -1,10 +1,10 @@
-"""`attnscope probe`: parse, call attnscope.probe.run, show the plan, progress and the summary."""
+"""`attnscope probe`: build a ProbeConfig, run `commands.probe`, show the plan, progress and summary."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,12 +21,35 @@ from attnscope.cli.options import (
     SeedOpt,
     WorkersOpt,
     command_line,
-    parse_formats,
     parse_img_size,
+    with_flags,
 )
 from attnscope.cli.ui import CliUI, handle_errors
+from attnscope.commands.probe import ProbeHooks
 from attnscope.errors import AttnscopeError
-from attnscope.models.loading import display_name, random_weights_warning
+from attnscope.models.loading import display_name
+from attnscope.probe.catalog import registered_aggregators
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.table import Table
+
+    from attnscope.commands.probe import BankPlan, FeaturePlan, ProbeConfig, ProbeResult
+    from attnscope.probe.train import Recipe
+
+# ProbeConfig fields whose probe flag differs from the shared spelling (`options.flag_for`):
+# run.json keeps the field names, so results stay comparable across versions.
+PROBE_FLAGS = {
+    "batch_size": "--train-batch-size",
+    "extract_batch_size": "--batch-size",
+    "max_images": "--max-images-per-split",
+    "map_images": "--maps",
+}
+# Deprecated spellings, still accepted (hidden): flag -> (its parameter, the field it sets).
+_ALIASES = {
+    "--extract-batch-size": ("extract_batch_size_alias", "extract_batch_size"),
+    "--max-images": ("max_images_alias", "max_images"),
+}
 
 DataOpt = Annotated[
     str | None,
@@ -76,7 +99,8 @@ ValFractionOpt = Annotated[
 HoldoutOpt = Annotated[
     float,
     typer.Option(
-        help="Share of the training split held out (stratified, seeded) to select lr / wd. 0: select on training accuracy.",
+        help="Share of the training split held out (stratified, seeded) to select lr / wd. "
+        "0: select on training accuracy.",
         min=0.0,
         max=0.9,
     ),
@@ -89,12 +113,21 @@ ShotsOpt = Annotated[
 ]
 MaxImgOpt = Annotated[
     int | None,
-    typer.Option(help="At most N images per split (stratified, seeded).", min=2, show_default=False),
+    typer.Option(
+        "--max-images-per-split",
+        help="At most N images per split (stratified, seeded).",
+        min=2,
+        show_default=False,
+    ),
 ]
 AggregatorOpt = Annotated[
     str,
     typer.Option(
-        "--aggregator", "-a", help="Comma list of: cls, mean, cls_mean, abmilp, abmilp_gated, attentive."
+        "--aggregator",
+        "-a",
+        help="Comma list of: "
+        + "; ".join(f"{name} ({text})" for name, text in registered_aggregators())
+        + ".",
     ),
 ]
 DepthOpt = Annotated[
@@ -106,7 +139,8 @@ DepthOpt = Annotated[
 RecipeOpt = Annotated[
     str,
     typer.Option(
-        help="default: AdamW + lr/wd grid + cosine with warm-up. paper: LARS, base lr 0.1 x batch/256, 90 epochs, 10 warm-up, no wd."
+        help="default: AdamW + lr/wd grid + cosine with warm-up. "
+        "paper: LARS, base lr 0.1 x batch/256, 90 epochs, 10 warm-up, no wd."
     ),
 ]
 EpochsOpt = Annotated[
@@ -118,7 +152,7 @@ EpochsOpt = Annotated[
 TrainBatchOpt = Annotated[
     int | None,
     typer.Option(
-        "--batch-size",
+        "--train-batch-size",
         help="Images per optimizer step. Default 256; paper 16384 (capped at the training set).",
         min=2,
         show_default=False,
@@ -128,7 +162,8 @@ LrsOpt = Annotated[
     str | None,
     typer.Option(
         "--lrs",
-        help="Comma list of learning rates (paper recipe: base lrs, scaled by batch/256). Default: 1e-3,3e-3,1e-2,3e-2,1e-1.",
+        help="Comma list of learning rates (paper recipe: base lrs, scaled by batch/256). "
+        "Default: 1e-3,3e-3,1e-2,3e-2,1e-1.",
         show_default=False,
     ),
 ]
@@ -161,12 +196,112 @@ NoCacheOpt = Annotated[
 ExtractBatchOpt = Annotated[
     int,
     typer.Option(
-        help="Images per backbone forward (feature extraction, or streaming with --no-cache).", min=1
+        "--batch-size",
+        help="Images per backbone forward (feature extraction, or streaming with --no-cache).",
+        min=1,
     ),
 ]
 MapsOpt = Annotated[
-    int, typer.Option("--maps", help="Evaluation images in the AbMILP-vs-[cls] figure (0: none).", min=0)
+    int, typer.Option("--maps", help="Evaluation images in the AbMILP-vs-\\[cls] figure (0: none).", min=0)
 ]
+OldExtractBatchOpt = Annotated[int | None, typer.Option("--extract-batch-size", hidden=True, min=1)]
+OldMaxImgOpt = Annotated[int | None, typer.Option("--max-images", hidden=True, min=2)]
+
+
+@handle_errors(flags=PROBE_FLAGS)
+def probe_cmd(
+    ctx: typer.Context,
+    model: ModelOpt,
+    checkpoint: CheckpointOpt = None,
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = 0,
+    img_size: ImgSizeOpt = None,
+    data: DataOpt = None,
+    train: TrainDirOpt = None,
+    val: ValDirOpt = None,
+    csv: CsvOpt = None,
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    val_fraction: ValFractionOpt = 0.2,
+    holdout_fraction: HoldoutOpt = 0.1,
+    shots: ShotsOpt = None,
+    max_images: MaxImgOpt = None,
+    aggregators: AggregatorOpt = "cls,mean,abmilp",
+    abmilp_depth: DepthOpt = 1,
+    recipe: RecipeOpt = "default",
+    epochs: EpochsOpt = None,
+    batch_size: TrainBatchOpt = None,
+    lrs: LrsOpt = None,
+    wds: WdsOpt = None,
+    prenorm: PrenormOpt = False,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    num_workers: WorkersOpt = 0,
+    extract_batch_size: ExtractBatchOpt = 64,
+    map_images: MapsOpt = 6,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    formats: FormatOpt = None,
+    extract_batch_size_alias: OldExtractBatchOpt = None,
+    max_images_alias: OldMaxImgOpt = None,
+) -> None:
+    """How much accuracy does selective aggregation of patch tokens recover over \\[cls]?
+
+    Trains probe heads (cls, mean, abmilp, ...) on frozen last-block tokens, each at every point of
+    an lr x wd grid, all in one pass over cached features; selects each aggregator's head on a
+    hold-out of the training split and reports its evaluation accuracy.
+
+    Writes results.csv (every head), summary.csv (the selected head per aggregator), maps.csv,
+    run.json and figures/ (accuracy by aggregator, the lr grid, AbMILP weights beside the model's
+    last-block \\[cls] attention).
+
+    Examples:
+
+      attnscope probe --model test_vit --random-init --img-size 64   (built-in digits: no data, no network)
+
+      attnscope probe --model mae --data ~/data/cub --aggregator cls,mean,abmilp,attentive
+
+      attnscope probe --model mae --dataset cifar100 --data-root ~/datasets --shots 10
+
+      attnscope probe --model dinov2_vit_base --img-size 224 --train tr/ --val va/ --prenorm --recipe paper
+    """
+    from attnscope.commands.probe import run
+
+    ui = CliUI()
+    config = _config(ctx, ui)  # the parameters above are named as ProbeConfig's fields
+    view = _ProbeView(ui)
+    try:
+        out_dir, result = run(config, ui, hooks=view, command=command_line())
+    finally:
+        view.close()
+    if result is not None:  # torchrun: rank 0 alone shows the result
+        _show_result(ui, config, result, out_dir)
+
+
+def _config(ctx: typer.Context, ui: CliUI) -> ProbeConfig:
+    """The ProbeConfig of the parsed options, after the CLI's own parsing and aliases."""
+    from attnscope.commands.probe import ProbeConfig
+
+    options = dict(ctx.params)
+    for old, (param, name) in _ALIASES.items():
+        value = options.pop(param)
+        if value is None:
+            continue
+        new = PROBE_FLAGS[name]
+        given = ctx.get_parameter_source(name)  # typer's own click: compare the source by name
+        if given is not None and given.name == "COMMANDLINE":
+            raise AttnscopeError(f"{old} is the old name of {new}; give {new} only")
+        ui.warn(f"{old} is deprecated; use {new}")
+        options[name] = value
+    options.update(
+        img_size=parse_img_size(options["img_size"]),
+        lrs=_floats(options["lrs"], "--lrs"),
+        wds=_floats(options["wds"], "--wds"),
+        formats=tuple(options["formats"] or ("png",)),
+    )
+    return ProbeConfig(**options)
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -189,48 +324,45 @@ def _num(v: float) -> str:
     return f"{v:g}"
 
 
-class _StageProgress:
-    """One rich progress bar per stage (feature extraction per split, then training)."""
+class _ProbeView(ProbeHooks):
+    """Shows the plan, the recipe, a training progress bar and notes (on stderr)."""
 
     def __init__(self, ui: CliUI) -> None:
         self.ui = ui
-        self.stage: str | None = None
-        self.progress = None
-        self.task = None
+        self.bar: Any = None
+        self.task: Any = None
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            if stage == "train":
-                from rich.progress import (
-                    BarColumn,
-                    MofNCompleteColumn,
-                    Progress,
-                    TextColumn,
-                    TimeRemainingColumn,
-                )
+    def plan(self, plan: FeaturePlan) -> None:
+        _show_plan(self.ui, plan)
 
-                self.progress = Progress(
-                    TextColumn("[bold]training heads[/] epoch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=self.ui.err,
-                )  # fmt: skip
-            else:
-                self.progress = self.ui.progress(stage)
-            self.progress.start()
-            self.task = self.progress.add_task(stage, total=total)
-        self.progress.update(self.task, completed=done, total=total)
+    def recipe(self, recipe: Recipe, bank: BankPlan) -> None:
+        _show_recipe(self.ui, recipe, bank)
+
+    def epoch(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]training heads[/] epoch"), BarColumn(), MofNCompleteColumn(),
+                TimeRemainingColumn(), console=self.ui.err,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def note(self, text: str) -> None:
+        self.ui.err.print(f"note: {with_flags(text, PROBE_FLAGS)}", highlight=False)
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-        self.progress = None
+        if self.bar is not None:
+            self.bar.stop()
+        self.bar = None
 
 
-def _show_plan(ui: CliUI, plan: dict[str, Any]) -> None:
+def _show_plan(ui: CliUI, plan: FeaturePlan) -> None:
     from attnscope.probe.features import format_bytes
 
-    d = plan["data"]
+    d = plan.data
     src = (
         d.get("dataset")
         or d.get("data")
@@ -241,57 +373,85 @@ def _show_plan(ui: CliUI, plan: dict[str, Any]) -> None:
     )
     ui.err.print(
         f"data: {src} — {d['num_classes']} classes, {d['train_images']} training images "
-        f"({plan['holdout_images']} held out for selection), {d['eval_images']} evaluation images ({d['eval_split']})",
+        f"({plan.holdout_images} held out for selection), {d['eval_images']} evaluation images "
+        f"({d['eval_split']})",
         highlight=False,
     )
-    lay = plan["token_layout"]
+    lay = plan.token_layout
     ui.err.print(
-        f"features: last block of {plan['model']}, {plan['norm']}; {plan['tokens']} tokens "
-        f"({lay['num_prefix_tokens']} prefix kept out of the patch bag, {lay['grid'][0]}x{lay['grid'][1]} patches) x {plan['dim']}",
+        f"features: last block of {plan.model}, {plan.norm}; {plan.tokens} tokens "
+        f"({lay['num_prefix_tokens']} prefix kept out of the patch bag, {lay['grid'][0]}x{lay['grid'][1]} "
+        f"patches) x {plan.dim}",
         highlight=False,
     )
-    if plan.get("cache") is None:
+    cache = plan.cache
+    if cache is None:
         ui.err.print("features: not cached (--no-cache): the backbone runs every epoch", highlight=False)
         return
-    total = sum(c["bytes"] for c in plan["cache"].values())
-    todo = plan["bytes_to_write"]
+    todo = cache.bytes_to_write
     state = "complete, reused" if todo == 0 else f"{format_bytes(todo)} to extract"
     ui.err.print(
-        f"feature cache: {format_bytes(total)} fp16 ({format_bytes(plan['bytes_per_image'])} per image), {state}; "
-        f"{format_bytes(plan['disk_free'])} free in {plan['cache_dir']}",
+        f"feature cache: {format_bytes(cache.bytes_total)} fp16 ({format_bytes(cache.bytes_per_image)} per "
+        f"image), {state}; {format_bytes(cache.disk_free)} free in {cache.folder}",
         highlight=False,
     )
 
 
-def _show_recipe(ui: CliUI, recipe: Any, info: dict[str, Any]) -> None:
+def _show_recipe(ui: CliUI, recipe: Recipe, bank: BankPlan) -> None:
     opt = "LARS (momentum 0.9, trust 0.001)" if recipe.optimizer == "lars" else "AdamW"
     accum = f" = {recipe.accumulation} x {recipe.micro_batch}" if recipe.accumulation > 1 else ""
     lrs = ", ".join(_num(v) for v in recipe.lrs)
     if recipe.base_lrs:
         lrs += f" (base {', '.join(_num(v) for v in recipe.base_lrs)} x {recipe.batch_size}/256)"
     ui.err.print(
-        f"training: {info['heads']} heads ({len(info['aggregators'])} aggregators x {len(recipe.lrs)} lr x {len(recipe.wds)} wd) "
-        f"in one pass per epoch; recipe {recipe.name}: {opt}, cosine, {recipe.warmup_epochs:g} warm-up epochs",
+        f"training: {bank.heads} heads ({len(bank.aggregators)} aggregators x {len(recipe.lrs)} lr x "
+        f"{len(recipe.wds)} wd) in one pass per epoch; recipe {recipe.name}: {opt}, cosine, "
+        f"{recipe.warmup_epochs:g} warm-up epochs",
         highlight=False,
     )
     auto = (
-        f" (auto: {recipe.epochs * info['steps_per_epoch']} steps, aiming at 1,000 within 10-100 epochs)"
+        f" (auto: {recipe.epochs * bank.steps_per_epoch} steps, aiming at 1,000 within 10-100 epochs)"
         if recipe.epochs_auto
         else ""
     )
-    dp = info.get("data_parallel")
-    if dp:  # torchrun --no-cache: the batch is global, each rank takes a share of it
-        lo, hi = dp["images_per_rank_per_step"]
+    if bank.data_parallel:  # torchrun --no-cache: the batch is global, each rank takes a share of it
+        lo, hi = bank.data_parallel["images_per_rank_per_step"]
         share = f"{lo}" if lo == hi else f"{lo}-{hi}"
-        accum += f", summed over {dp['ranks']} ranks x {share} images (gradients and BatchNorm statistics all-reduced)"
+        accum += (
+            f", summed over {bank.data_parallel['ranks']} ranks x {share} images "
+            "(gradients and BatchNorm statistics all-reduced)"
+        )
     ui.err.print(
-        f"effective batch size {recipe.batch_size}{accum}; {recipe.epochs} epochs{auto} x {info['steps_per_epoch']} steps; "
-        f"learning rates: {lrs}; weight decays: {', '.join(_num(v) for v in recipe.wds)}",
+        f"effective batch size {recipe.batch_size}{accum}; {recipe.epochs} epochs{auto} x "
+        f"{bank.steps_per_epoch} steps; learning rates: {lrs}; weight decays: "
+        f"{', '.join(_num(v) for v in recipe.wds)}",
         highlight=False,
     )
 
 
-def _summary_table(summary, title: str):
+def _show_result(ui: CliUI, config: ProbeConfig, result: ProbeResult, out_dir: Path) -> None:
+    """The summary table, the maps' rank correlations, skipped files and the run folder."""
+    name = display_name(config.model, config.random_init)
+    # images actually measured: a streamed split learns of unreadable files only while reading
+    summary = result.summary
+    n_eval = (
+        int(summary["eval_images"].iloc[0]) if "eval_images" in summary else result.info["splits"]["eval"]
+    )
+    ui.print(_summary_table(summary, f"{name}: probe accuracy on {n_eval} evaluation images"))
+    rhos = [m.spearman for m in result.maps if not math.isnan(m.spearman)]
+    if rhos:
+        shown = ", ".join(f"{r:+.2f}" for r in rhos)
+        ui.print(
+            f"{result.maps[0].aggregator} weights vs last-block \\[cls] attention, Spearman ρ per image: "
+            f"{shown} (mean {sum(rhos) / len(rhos):+.2f})"
+        )
+    skipped = len(result.info["images_skipped"])
+    if skipped:
+        ui.warn(f"{skipped} image(s) skipped; listed in run.json")
+    ui.print(f"results: {out_dir}")
+
+
+def _summary_table(summary: pd.DataFrame, title: str) -> Table:
     from rich import box
     from rich.table import Table
 
@@ -305,7 +465,8 @@ def _summary_table(summary, title: str):
     for _, row in summary.iterrows():
         cells = [
             row["aggregator"], _num(row["lr"]), _num(row["wd"]), f"{int(row['params']):,}",
-            _pct(row["holdout_top1"]) if row["selected_on"] == "holdout" else f"{_pct(row['train_top1'])} (train)",
+            _pct(row["holdout_top1"]) if row["selected_on"] == "holdout"
+            else f"{_pct(row['train_top1'])} (train)",
             _pct(row["eval_top1"]), _pct(row["eval_top5"]), _pct(row["best_over_grid_eval_top1"]),
         ]  # fmt: skip
         if isinstance(baseline, str):
@@ -317,146 +478,3 @@ def _summary_table(summary, title: str):
         "best*: best head of the lr x wd grid on the evaluation split itself (optimistic)"
     )
     return table
-
-
-@handle_errors
-def probe_cmd(
-    model: ModelOpt,
-    checkpoint: CheckpointOpt = None,
-    random_init: RandomInitOpt = False,
-    seed: SeedOpt = 0,
-    img_size: ImgSizeOpt = None,
-    data: DataOpt = None,
-    train: TrainDirOpt = None,
-    val: ValDirOpt = None,
-    csv: CsvOpt = None,
-    dataset: DatasetOpt = None,
-    data_root: DataRootOpt = None,
-    val_fraction: ValFractionOpt = 0.2,
-    holdout_fraction: HoldoutOpt = 0.1,
-    shots: ShotsOpt = None,
-    max_images: MaxImgOpt = None,
-    aggregator: AggregatorOpt = "cls,mean,abmilp",
-    abmilp_depth: DepthOpt = 1,
-    recipe: RecipeOpt = "default",
-    epochs: EpochsOpt = None,
-    batch_size: TrainBatchOpt = None,
-    lrs: LrsOpt = None,
-    wds: WdsOpt = None,
-    prenorm: PrenormOpt = False,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    num_workers: WorkersOpt = 0,
-    extract_batch_size: ExtractBatchOpt = 64,
-    maps: MapsOpt = 6,
-    out: OutOpt = None,
-    overwrite: OverwriteOpt = False,
-    formats: FormatOpt = None,
-) -> None:
-    """How much accuracy does selective aggregation of patch tokens recover over \\[cls]?
-
-    Trains probe heads (cls, mean, abmilp, ...) on frozen last-block tokens, each at every point of an lr x wd grid, all in one pass over cached features; selects each aggregator's head on a hold-out of the training split and reports its evaluation accuracy.
-
-    Writes results.csv (every head), summary.csv (the selected head per aggregator), maps.csv, run.json and figures/ (accuracy by aggregator, the lr grid, AbMILP weights beside the model's last-block \\[cls] attention).
-
-    Examples:
-
-      attnscope probe --model test_vit --random-init --img-size 64   (built-in digits: no data, no network)
-
-      attnscope probe --model mae --data ~/data/cub --aggregator cls,mean,abmilp,attentive
-
-      attnscope probe --model mae --dataset cifar100 --data-root ~/datasets --shots 10
-
-      attnscope probe --model dinov2_vit_base --img-size 224 --train tr/ --val va/ --prenorm --recipe paper
-    """
-    from attnscope.probe.heads import parse_aggregators
-    from attnscope.probe.run import ProbeCallbacks, ProbeConfig, run_probe, write_probe_run
-    from attnscope.results import RunWriter, default_run_dir, run_metadata
-
-    ui = CliUI()
-    fmts = parse_formats(formats)
-    config = ProbeConfig(
-        model=model,
-        checkpoint=checkpoint,
-        random_init=random_init,
-        seed=seed,
-        img_size=parse_img_size(img_size),
-        data=data,
-        train=train,
-        val=val,
-        csv=csv,
-        dataset=dataset,
-        data_root=data_root,
-        val_fraction=val_fraction,
-        holdout_fraction=holdout_fraction,
-        shots=shots,
-        max_images=max_images,
-        aggregators=parse_aggregators(aggregator),
-        abmilp_depth=abmilp_depth,
-        recipe=recipe,
-        epochs=epochs,
-        batch_size=batch_size,
-        lrs=_floats(lrs, "--lrs"),
-        wds=_floats(wds, "--wds"),
-        prenorm=prenorm,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        device=device,
-        dtype=dtype,
-        num_workers=num_workers,
-        extract_batch_size=extract_batch_size,
-        map_images=maps,
-    )
-    if recipe not in ("default", "paper"):
-        raise AttnscopeError(f"--recipe takes default or paper, got {recipe!r}")
-    writer = RunWriter(
-        out or default_run_dir(f"probe-{model}"), overwrite=overwrite
-    )  # refuse before any work
-    if random_init:
-        ui.banner(random_weights_warning(model, seed, "accuracies"))
-    skipped: list[tuple[Path, str]] = []
-
-    def on_skip(path: Path, reason: str) -> None:
-        skipped.append((path, reason))
-        ui.skip(path, reason)
-
-    stages = _StageProgress(ui)
-    callbacks = ProbeCallbacks(
-        on_plan=lambda plan: _show_plan(ui, plan),
-        on_recipe=lambda r, info: (stages.close(), _show_recipe(ui, r, info)),
-        progress=stages,
-        on_skip=on_skip,
-        on_note=lambda text: ui.err.print(f"note: {text}", highlight=False),
-    )
-    try:
-        result = run_probe(config, callbacks)
-    finally:
-        stages.close()
-    if result is None:  # torchrun: a rank other than 0; rank 0 trains, writes and reports
-        return
-    meta = run_metadata(
-        command_line(), {"command": "probe", **config.as_dict(), "formats": fmts}, {model: result.info}, seed
-    )
-    write_probe_run(writer, result, meta, fmts)
-
-    name = display_name(model, random_init)
-    # images actually measured: a streamed (--no-cache) split learns of unreadable files only while reading
-    n_eval = (
-        int(result.summary["eval_images"].iloc[0])
-        if "eval_images" in result.summary
-        else result.info["splits"]["eval"]
-    )
-    ui.print(_summary_table(result.summary, f"{name}: probe accuracy on {n_eval} evaluation images"))
-    if result.maps:
-        rhos = [m.spearman for m in result.maps if not math.isnan(m.spearman)]
-        if rhos:
-            shown = ", ".join(f"{r:+.2f}" for r in rhos)
-            ui.print(
-                f"{result.maps[0].aggregator} weights vs last-block \\[cls] attention, Spearman ρ per image: {shown} "
-                f"(mean {sum(rhos) / len(rhos):+.2f})"
-            )
-    if skipped:
-        ui.warn(f"{len(skipped)} image(s) skipped; listed in run.json")
-    ui.print(f"results: {writer.out_dir}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from attnscope import distributed
-from attnscope.cli.options import flag_for
+from attnscope.cli.options import flag_for, with_flags
 from attnscope.errors import AttnscopeError, ConfigError
 
 console = Console(stderr=False)
@@ -30,8 +30,24 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def handle_errors(func: F) -> F:
-    """User errors become one line and exit 2; Ctrl-C exits 130; bugs keep their traceback."""
+def user_message(exc: AttnscopeError, flags: Mapping[str, str] | None = None) -> str:
+    """What the CLI says for a user error. A `ConfigError` names config fields (its own, and
+    others in backquotes); the CLI says their flags (`flags`: the command's own spellings)."""
+    # under torchrun, rank 0's own error reaches here as the RankFailure every rank raises,
+    # with the same message; it is worded like the error it carries
+    own = exc if isinstance(exc, ConfigError) else exc.__cause__
+    if isinstance(own, ConfigError) and str(own) == str(exc):
+        return with_flags(own.worded(lambda field: flag_for(field, flags)), flags)
+    return str(exc)
+
+
+def handle_errors(func: F | None = None, *, flags: Mapping[str, str] | None = None) -> Any:
+    """User errors become one line and exit 2; Ctrl-C exits 130; bugs keep their traceback.
+
+    `@handle_errors`, or `@handle_errors(flags={field: flag})` for a command whose flags
+    for some config fields differ from the shared ones (`flag_for`)."""
+    if func is None:
+        return functools.partial(handle_errors, flags=flags)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -40,12 +56,7 @@ def handle_errors(func: F) -> F:
         except AttnscopeError as exc:
             if distributed.quiet_on_this_rank(exc):  # under torchrun rank 0 prints it once
                 raise typer.Exit(2) from None
-            # the library names the field; say the flag (also for rank 0's own error under torchrun,
-            # which reaches here as the RankFailure every rank raises, with the same message)
-            own = exc if isinstance(exc, ConfigError) else exc.__cause__
-            if isinstance(own, ConfigError) and str(own) == str(exc):
-                raise fail(own.worded(flag_for)) from None
-            raise fail(str(exc)) from None
+            raise fail(user_message(exc, flags)) from None
         except KeyboardInterrupt:
             raise fail(
                 "interrupted; files already written are complete, nothing was half-written", 130

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 _HUB_HINT = (
-    "pass {checkpoint} (a local weights file) or {random_init} (random weights, to test a pipeline), "
+    "pass `checkpoint` (a local weights file) or `random_init` (random weights, to test a pipeline), "
     "or fill the Hugging Face cache "
     "(HF_HOME / HF_HUB_CACHE) on a machine with access and set HF_HUB_OFFLINE=1"
 )
@@ -63,7 +63,7 @@ def _create_pretrained(timm_name: str, kwargs: dict[str, Any]) -> tuple[nn.Modul
     if cfg is None:
         raise ConfigError(
             None,
-            f"timm has no pretrained weights for {timm_name!r}; pass {{checkpoint}} or {{random_init}}",
+            f"timm has no pretrained weights for {timm_name!r}; pass `checkpoint` or `random_init`",
         )
     cfg_dict = cfg.to_dict()
     hub_id = cfg_dict.get("hf_hub_id")

@@ -98,7 +98,7 @@ def load_model(
     import torch
 
     if checkpoint is not None and random_init:
-        raise ConfigError("checkpoint", "and {random_init} exclude each other")
+        raise ConfigError("checkpoint", "and `random_init` exclude each other")
     spec = resolve_model_spec(name, family)
     kwargs: dict[str, Any] = {**(model_kwargs or {}), "num_classes": 0}
     if img_size is not None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from attnscope.probe.run import MapRecord
+    from attnscope.probe.selection import MapRecord
 
 
 def _setup():

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from attnscope.data import IMAGE_EXTENSIONS, ImageLoadError, load_rgb
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, ConfigError
 
 __all__ = [
     "NAMED_DATASETS",
@@ -42,8 +42,8 @@ __all__ = [
     "stratified_subsample",
 ]
 
-# Purposes get their own random streams so that changing --shots does not move the
-# validation split, and changing --val-fraction does not change which shots are kept.
+# Purposes get their own random streams so that changing `shots` does not move the
+# validation split, and changing `val_fraction` does not change which shots are kept.
 _SPLIT_STREAM, _SHOTS_STREAM, _SUBSAMPLE_STREAM = 11, 12, 13
 _EVAL_DIR_NAMES = ("val", "validation", "test")
 
@@ -338,7 +338,7 @@ def keep_shots(labels: Sequence[int], shots: int, seed: int) -> tuple[np.ndarray
     """K positions per class (seeded, sorted) and the classes that had fewer than K."""
     labels = np.asarray(labels, dtype=np.int64)
     if shots < 1:
-        raise AttnscopeError(f"--shots must be at least 1, got {shots}")
+        raise ConfigError("shots", f"must be at least 1, got {shots}")
     rng = np.random.default_rng([seed, _SHOTS_STREAM])
     chosen, short = [], []
     for c in np.unique(labels):
@@ -375,7 +375,8 @@ def _scan_class_tree(
     dirs = _class_dirs(root)
     if not dirs:
         raise AttnscopeError(
-            f"{root} has no class sub-folders; expected <root>/<class>/<image> or <root>/train/<class>/<image>"
+            f"{root} has no class sub-folders; expected <root>/<class>/<image> or "
+            "<root>/train/<class>/<image>"
         )
     paths: list[Path] = []
     names: list[str] = []
@@ -399,15 +400,19 @@ def _split_from_train(
     source: ImageSource, labels: np.ndarray, val_fraction: float, seed: int, notes: list[str]
 ) -> tuple[LabelledSplit, LabelledSplit]:
     if not 0.0 < val_fraction < 1.0:
-        raise AttnscopeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise ConfigError(
+            "val_fraction", f"must be between 0 and 1 to split off an evaluation set, got {val_fraction}"
+        )
     full = LabelledSplit(source, labels, "train")
     kept, held = stratified_split(labels, val_fraction, seed)
     if len(held) == 0:
         raise AttnscopeError(
-            f"too few images ({len(labels)}) to split off an evaluation set; add images or use --val DIR"
+            f"too few images ({len(labels)}) to split off an evaluation set; add images or give an "
+            "evaluation folder"
         )
     notes.append(
-        f"no evaluation split given: {len(held)} images ({val_fraction:.0%}, stratified, seed {seed}) held out for evaluation"
+        f"no evaluation split given: {len(held)} images ({val_fraction:.0%}, stratified, seed {seed}) "
+        "held out for evaluation"
     )
     ev = full.subset(held)
     ev.name = "split"
@@ -440,7 +445,7 @@ def folder_data(
 
 
 def _detect_tree(root: Path) -> tuple[Path, Path | None, list[str]]:
-    """(train folder, eval folder or None, notes) for `--data DIR`."""
+    """(train folder, eval folder or None, notes) for a `data` folder."""
     notes: list[str] = []
     sub = {p.name.lower(): p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
     if "train" not in sub:
@@ -460,7 +465,7 @@ def csv_data(csv_file: str | Path, *, val_fraction: float = 0.2, seed: int = 0) 
     """`path,label[,split]` rows (header optional); relative paths are relative to the file."""
     csv_file = Path(csv_file).expanduser()
     if not csv_file.is_file():
-        raise AttnscopeError(f"--csv file not found: {csv_file}")
+        raise ConfigError("csv_file", f"{csv_file}: no such file")
     with open(csv_file, newline="", encoding="utf-8-sig") as fh:
         rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
     if rows and rows[0][0].strip().lower() == "path":
@@ -531,7 +536,7 @@ def digits_data(input_size: tuple[int, int], *, val_fraction: float = 0.2, seed:
 class NamedDataset:
     name: str
     cls_name: str
-    folder: str  # what --data-root must contain
+    folder: str  # what the data root must contain
     host: str  # where torchvision downloads it from
     train: tuple[dict[str, Any], ...]
     eval: tuple[dict[str, Any], ...]
@@ -541,24 +546,28 @@ class NamedDataset:
 NAMED_DATASETS: dict[str, NamedDataset] = {
     d.name: d
     for d in (
-        NamedDataset("cifar10", "CIFAR10", "cifar-10-batches-py", "www.cs.toronto.edu", ({"train": True},), ({"train": False},)),
-        NamedDataset("cifar100", "CIFAR100", "cifar-100-python", "www.cs.toronto.edu", ({"train": True},), ({"train": False},)),
-        NamedDataset("stl10", "STL10", "stl10_binary", "ai.stanford.edu", ({"split": "train"},), ({"split": "test"},)),
+        NamedDataset("cifar10", "CIFAR10", "cifar-10-batches-py", "www.cs.toronto.edu",
+                     ({"train": True},), ({"train": False},)),
+        NamedDataset("cifar100", "CIFAR100", "cifar-100-python", "www.cs.toronto.edu",
+                     ({"train": True},), ({"train": False},)),
+        NamedDataset("stl10", "STL10", "stl10_binary", "ai.stanford.edu",
+                     ({"split": "train"},), ({"split": "test"},)),
         # The usual transfer protocol trains on train+val for these two.
-        NamedDataset(
-            "flowers102", "Flowers102", "flowers-102", "www.robots.ox.ac.uk",
-            ({"split": "train"}, {"split": "val"}), ({"split": "test"},),
-        ),
-        NamedDataset("oxford_pets", "OxfordIIITPet", "oxford-iiit-pet", "www.robots.ox.ac.uk", ({"split": "trainval"},), ({"split": "test"},)),
-        NamedDataset("food101", "Food101", "food-101", "data.vision.ee.ethz.ch", ({"split": "train"},), ({"split": "test"},)),
-        NamedDataset(
-            "dtd", "DTD", "dtd", "www.robots.ox.ac.uk",
-            ({"split": "train", "partition": 1}, {"split": "val", "partition": 1}), ({"split": "test", "partition": 1},),
-        ),
+        NamedDataset("flowers102", "Flowers102", "flowers-102", "www.robots.ox.ac.uk",
+                     ({"split": "train"}, {"split": "val"}), ({"split": "test"},)),
+        NamedDataset("oxford_pets", "OxfordIIITPet", "oxford-iiit-pet", "www.robots.ox.ac.uk",
+                     ({"split": "trainval"},), ({"split": "test"},)),
+        NamedDataset("food101", "Food101", "food-101", "data.vision.ee.ethz.ch",
+                     ({"split": "train"},), ({"split": "test"},)),
+        NamedDataset("dtd", "DTD", "dtd", "www.robots.ox.ac.uk",
+                     ({"split": "train", "partition": 1}, {"split": "val", "partition": 1}),
+                     ({"split": "test", "partition": 1},)),
     )
 }  # fmt: skip
-_DATASET_ALIASES = {"pets": "oxford_pets", "oxford-iiit-pet": "oxford_pets", "flowers": "flowers102", "food": "food101",
-                    "cifar-10": "cifar10", "cifar-100": "cifar100", "stl-10": "stl10"}  # fmt: skip
+_DATASET_ALIASES = {
+    "pets": "oxford_pets", "oxford-iiit-pet": "oxford_pets", "flowers": "flowers102", "food": "food101",
+    "cifar-10": "cifar10", "cifar-100": "cifar100", "stl-10": "stl10",
+}  # fmt: skip
 
 
 def resolve_dataset_name(name: str) -> NamedDataset | None:
@@ -605,19 +614,20 @@ def _open_torchvision(spec: NamedDataset, root: Path, kwargs: dict[str, Any]) ->
         pass  # not there (or incomplete): try to download below
     how = (
         f'download it on a machine with network (python -c "import torchvision; '
-        f"torchvision.datasets.{spec.cls_name}('DIR', download=True)\") and pass --data-root DIR "
-        f"(the folder that contains {spec.folder}/)"
+        f"torchvision.datasets.{spec.cls_name}('DIR', download=True)\") and give DIR, the folder "
+        f"that contains {spec.folder}/"
     )
     if not host_reachable(spec.host):
-        raise AttnscopeError(
-            f"{spec.name} is not under {root} and {spec.host} cannot be reached (offline?); {how}"
+        raise ConfigError(
+            "data_root",
+            f"{root} does not hold {spec.name} and {spec.host} cannot be reached (offline?); {how}",
         )
     try:
         root.mkdir(parents=True, exist_ok=True)
         return cls(str(root), download=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - network and archive errors come in many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise AttnscopeError(f"could not download {spec.name} to {root}: {first}; {how}") from None
+        raise ConfigError("data_root", f"{root}: could not download {spec.name} ({first}); {how}") from None
 
 
 def _tv_part(spec: NamedDataset, ds: Any, split: str, fingerprint: str) -> tuple[ImageSource, np.ndarray]:
@@ -696,12 +706,13 @@ def load_probe_data(
     evaluation set never depends on them.
     """
     given = [
-        n for n, v in (("--data", data), ("--train", train), ("--csv", csv_file), ("--dataset", dataset)) if v
+        n for n, v in (("data", data), ("train", train), ("csv_file", csv_file), ("dataset", dataset)) if v
     ]
     if len(given) > 1:
-        raise AttnscopeError(f"{' and '.join(given)} exclude each other; give one data source")
+        others = " and ".join(f"`{n}`" for n in given[1:])
+        raise ConfigError(given[0], f"and {others} exclude each other; give one data source")
     if val is not None and train is None:
-        raise AttnscopeError("--val needs --train (or use --data DIR with train/ and val/ sub-folders)")
+        raise ConfigError("val", "needs `train` (or a `data` folder with train/ and val/ sub-folders)")
     if (
         data is not None
         and resolve_dataset_name(str(data)) is not None
@@ -718,7 +729,7 @@ def load_probe_data(
         root = Path(data).expanduser()
         if not root.is_dir():
             known = ", ".join(NAMED_DATASETS)
-            raise AttnscopeError(f"--data {data}: no such folder (named datasets go to --dataset: {known})")
+            raise ConfigError("data", f"{data}: no such folder (named datasets go to `dataset`: {known})")
         tr, ev, notes = _detect_tree(root)
         result = folder_data(tr, ev, val_fraction=val_fraction, seed=seed)
         result.notes[:0] = notes
@@ -738,13 +749,13 @@ def load_probe_data(
         result.description = {**result.description, "shots": shots}
     if max_images is not None:
         if max_images < 1:
-            raise AttnscopeError(f"--max-images must be at least 1, got {max_images}")
+            raise ConfigError("max_images", f"must be at least 1, got {max_images}")
         for side in ("train", "eval"):
             split: LabelledSplit = getattr(result, side)
             if len(split) > max_images:
                 setattr(result, side, split.subset(stratified_subsample(split.labels, max_images, seed)))
                 result.notes.append(
-                    f"--max-images: {side} split reduced to {max_images} images (stratified, seed {seed})"
+                    f"`max_images`: {side} split reduced to {max_images} images (stratified, seed {seed})"
                 )
     unseen = sorted(set(np.unique(result.eval.labels)) - set(np.unique(result.train.labels)))
     if unseen:

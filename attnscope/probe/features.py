@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, ConfigError
 from attnscope.files import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class TokenExtractor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         import torch
 
-        from attnscope.measure import autocast_context
+        from attnscope.measure import forward_features
 
         images = images.to(self.device)
         captured: list[torch.Tensor] = []
@@ -175,14 +175,8 @@ class TokenExtractor:
         if self.prenorm:
             handle = self.model.blocks[-1].register_forward_hook(lambda m, i, o: captured.append(o))
         try:
-            with torch.inference_mode(), autocast_context(self.device, self.dtype):
-                try:
-                    out = self.model.forward_features(images)
-                except AssertionError as exc:  # timm's input-size checks
-                    size = f"{images.shape[-2]}x{images.shape[-1]}"
-                    raise AttnscopeError(
-                        f"{self.loaded.name} cannot take {size} inputs ({exc}); use --img-size"
-                    ) from exc
+            with torch.inference_mode():
+                out = forward_features(self.model, images, dtype=self.dtype, name=self.loaded.name)
         finally:
             if handle is not None:
                 handle.remove()
@@ -370,8 +364,10 @@ def open_cache(
             }
             write_text_atomic(key_file, json.dumps(doc, indent=2, default=str) + "\n")
     except OSError as exc:
-        raise AttnscopeError(
-            f"cannot create the feature cache in {root}: {exc.strerror or exc}; use --cache-dir or --no-cache"
+        raise ConfigError(
+            "cache_dir",
+            f"cannot hold the feature cache ({root}: {exc.strerror or exc}); choose another folder, "
+            "or set `no_cache`",
         ) from exc
     _remove_stale_tmp(root)
     return cache
@@ -403,9 +399,11 @@ def ensure_disk_space(folder: str | Path, needed: int) -> int:
     where = _existing_ancestor(Path(folder))
     free = disk_free(where)
     if needed > 0 and needed + DISK_RESERVE_BYTES > free:
-        raise AttnscopeError(
-            f"the feature cache needs {format_bytes(needed)} but {where} has {format_bytes(free)} free; "
-            "pass --cache-dir on a larger disk, or --no-cache to stream features through the backbone every epoch"
+        raise ConfigError(
+            "cache_dir",
+            f"is on a disk with {format_bytes(free)} free ({where}) but the feature cache needs "
+            f"{format_bytes(needed)}; choose a folder on a larger disk, or set `no_cache` to stream the "
+            "features through the backbone every epoch",
         )
     return free
 
@@ -583,10 +581,10 @@ class FeatureStore:
 
 
 class StreamSource:
-    """Tokens computed on the fly (`--no-cache`): one backbone forward feeds the whole bank.
+    """Tokens computed on the fly (no cache): one backbone forward feeds the whole bank.
 
-    The backbone takes `batch_size` images per forward (`--extract-batch-size`, which
-    bounds its memory); its outputs are regrouped into the batches `iterate` is asked for.
+    The backbone takes `batch_size` images per forward (which bounds its memory); its
+    outputs are regrouped into the batches `iterate` is asked for.
     """
 
     def __init__(

@@ -2,14 +2,18 @@
 
 A probing run trains a *bank*: every aggregator at every (learning rate, weight decay)
 point of a grid. Heads of one aggregator type are stored stacked, with a leading head
-dimension `H` on every parameter, and computed with one einsum over that dimension, so a
-batch of tokens is read once and 25 heads cost a few times one head, not 25 times.
+dimension `H` on every parameter, and computed with batched products over that dimension,
+so every head of the bank steps on a batch of tokens read once.
 
 The patch bag is `tokens[:, num_prefix:]`: the class token *and* any registers are kept out
 of it (registers are prefix tokens too; treating only index 0 as special would let a
 pooled head attend to registers).
 
-Aggregators (see shared/probe.md):
+Aggregators are registered by name (`@register_aggregator`, like timm's `@register_model`):
+each class says what it needs (`needs_cls`), whether it weights the patches (`selective`),
+its one-line `help` and the random stream its initialisation draws from. `AGGREGATORS`,
+`parse_aggregators`, the CLI help and every "which aggregators exist" list come from that
+registry, so adding an aggregator is its class (and its test):
 
 - `cls`: the class token.
 - `mean`: the mean of the patch tokens.
@@ -26,16 +30,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, ConfigError
 
 __all__ = [
     "AGGREGATORS",
-    "NEEDS_CLS",
     "AbmilpPool",
     "Aggregator",
     "AttentivePool",
@@ -45,30 +49,17 @@ __all__ = [
     "HeadBank",
     "MeanPool",
     "ProbeHeads",
+    "aggregator_class",
     "build_aggregator",
     "parse_aggregators",
+    "register_aggregator",
     "synced_batch_norm",
 ]
 
-AGGREGATORS: tuple[str, ...] = ("cls", "mean", "cls_mean", "abmilp", "abmilp_gated", "attentive")
-NEEDS_CLS = frozenset({"cls", "cls_mean"})
-SELECTIVE = ("abmilp", "abmilp_gated", "attentive")  # aggregators that weight patches
 GATED_HIDDEN = 128
 ATTENTIVE_HEAD_DIM = 64
 BN_EPS = 1e-6  # as MAE's linear-probe BatchNorm
 SumFn = Callable[[Tensor], Tensor]  # a differentiable sum of a 1-D tensor over every process
-
-
-def parse_aggregators(text: str | Sequence[str]) -> list[str]:
-    """'cls, mean,abmilp' -> ['cls', 'mean', 'abmilp']; unknown names fail with the choices."""
-    items = text.split(",") if isinstance(text, str) else [s for t in text for s in t.split(",")]
-    names = list(dict.fromkeys(s.strip().lower() for s in items if s.strip()))
-    if not names:
-        raise AttnscopeError(f"--aggregator needs at least one of: {', '.join(AGGREGATORS)}")
-    bad = [n for n in names if n not in AGGREGATORS]
-    if bad:
-        raise AttnscopeError(f"unknown aggregator {', '.join(bad)}; choose from: {', '.join(AGGREGATORS)}")
-    return names
 
 
 # --------------------------------------------------------------------------- init
@@ -107,16 +98,34 @@ class Aggregator(nn.Module):
     `forward` returns `(B, H, F)`, or `(B, 1, F)` when the aggregator has no parameters
     (`shared`): then one pooled tensor serves every head of the bank. Batch-major, so the
     pooling is one `bmm` over the batch and the result feeds BatchNorm without a copy.
+
+    A concrete aggregator sets the registry's class attributes and is decorated with
+    `@register_aggregator`.
     """
 
-    shared: bool = False
-    needs_cls: bool = False
-    uses_mean: bool = False  # pools from the patch mean (`from_mean`), which HeadBank computes once
+    name: ClassVar[str] = ""  # its name in a probe config and in results.csv
+    help: ClassVar[str] = ""  # one line: what it pools
+    needs_cls: ClassVar[bool] = False  # only for models with a class token
+    selective: ClassVar[bool] = False  # weights the patches (`patch_weights`): drawn in the probe's maps
+    # Its heads' initialisation draws from generator seed * 1000 + init_stream: fixed per
+    # aggregator (never renumber one), so adding an aggregator leaves every other's init unchanged.
+    init_stream: ClassVar[int] = -1
+    shared: ClassVar[bool] = False
+    uses_mean: ClassVar[bool] = False  # pools from the patch mean (`from_mean`), which HeadBank computes once
 
     def __init__(self, num_heads: int, dim: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.dim = dim
+
+    @classmethod
+    def create(
+        cls, num_heads: int, dim: int, *, generator: torch.Generator, abmilp_depth: int = 1
+    ) -> Aggregator:
+        """The bank's constructor: aggregators with parameters draw them from `generator`."""
+        if cls.shared:
+            return cls(num_heads, dim)
+        return cls(num_heads, dim, generator=generator)  # type: ignore[call-arg]
 
     @property
     def out_dim(self) -> int:
@@ -148,9 +157,58 @@ class Aggregator(nn.Module):
         raise NotImplementedError
 
 
+AGGREGATORS: dict[str, type[Aggregator]] = {}  # the registry, in registration order
+_A = TypeVar("_A", bound=type[Aggregator])
+
+
+def register_aggregator(cls: _A) -> _A:
+    """Class decorator: add an aggregator to `AGGREGATORS` under `cls.name`."""
+    streams = {c.init_stream: c.name for c in AGGREGATORS.values()}
+    if not cls.name or not cls.help or cls.init_stream < 0:
+        raise TypeError(f"{cls.__name__} must set name, help and init_stream to be registered")
+    if cls.name in AGGREGATORS or cls.init_stream in streams:
+        raise TypeError(f"{cls.__name__}: name {cls.name!r} or init_stream {cls.init_stream} is taken")
+    AGGREGATORS[cls.name] = cls
+    return cls
+
+
+def aggregator_class(name: str) -> type[Aggregator]:
+    """The registered aggregator called `name`."""
+    try:
+        return AGGREGATORS[name]
+    except KeyError:
+        raise AttnscopeError(f"unknown aggregator {name!r}; choose from: {', '.join(AGGREGATORS)}") from None
+
+
+def parse_aggregators(text: str | Sequence[str]) -> list[str]:
+    """'cls, mean,abmilp' -> ['cls', 'mean', 'abmilp']; unknown names fail with the choices."""
+    items = text.split(",") if isinstance(text, str) else [s for t in text for s in t.split(",")]
+    names = list(dict.fromkeys(s.strip().lower() for s in items if s.strip()))
+    if not names:
+        raise ConfigError("aggregators", f"needs at least one of: {', '.join(AGGREGATORS)}")
+    bad = [n for n in names if n not in AGGREGATORS]
+    if bad:
+        raise ConfigError(
+            "aggregators",
+            f"names an unknown aggregator {', '.join(bad)}; choose from: {', '.join(AGGREGATORS)}",
+        )
+    return names
+
+
+def build_aggregator(
+    name: str, num_heads: int, dim: int, *, abmilp_depth: int = 1, generator: torch.Generator
+) -> Aggregator:
+    """`num_heads` heads of the registered aggregator `name`, initialised from `generator`."""
+    return aggregator_class(name).create(num_heads, dim, generator=generator, abmilp_depth=abmilp_depth)
+
+
+@register_aggregator
 class ClsPool(Aggregator):
-    shared = True
+    name = "cls"
+    help = "the class token"
     needs_cls = True
+    init_stream = 0
+    shared = True
 
     def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
         if cls is None:
@@ -158,7 +216,11 @@ class ClsPool(Aggregator):
         return cls.unsqueeze(1)
 
 
+@register_aggregator
 class MeanPool(Aggregator):
+    name = "mean"
+    help = "the mean of the patch tokens"
+    init_stream = 1
     shared = True
     uses_mean = True
 
@@ -169,15 +231,18 @@ class MeanPool(Aggregator):
         return self.from_mean(cls, patches.mean(dim=1))
 
 
+@register_aggregator
 class ClsMeanPool(Aggregator):
-    shared = True
+    name = "cls_mean"
+    help = "the class token and the patch mean, concatenated"
     needs_cls = True
+    init_stream = 2
+    shared = True
+    uses_mean = True
 
     @property
     def out_dim(self) -> int:
         return 2 * self.dim
-
-    uses_mean = True
 
     def from_mean(self, cls: Tensor | None, mean: Tensor) -> Tensor:
         if cls is None:
@@ -188,13 +253,19 @@ class ClsMeanPool(Aggregator):
         return self.from_mean(cls, patches.mean(dim=1))
 
 
+@register_aggregator
 class AbmilpPool(Aggregator):
     """Selective Aggregation: softmax over per-patch scores, weighted sum of patch tokens."""
+
+    name = "abmilp"
+    help = "Selective Aggregation, the paper's head: a softmax over one score per patch weights the patches"
+    selective = True
+    init_stream = 3
 
     def __init__(self, num_heads: int, dim: int, depth: int = 1, *, generator: torch.Generator) -> None:
         super().__init__(num_heads, dim)
         if depth < 1:
-            raise AttnscopeError(f"--abmilp-depth must be at least 1, got {depth}")
+            raise ConfigError("abmilp_depth", f"must be at least 1, got {depth}")
         self.depth = depth
         self.hidden_w = nn.ParameterList()
         self.hidden_b = nn.ParameterList()
@@ -204,6 +275,12 @@ class AbmilpPool(Aggregator):
             self.hidden_b.append(b)
         # (H, 1, D): per head exactly the weight of one Linear(D, 1), D + 1 parameters with the bias.
         self.score_w, self.score_b = _linear_default(num_heads, 1, dim, generator)
+
+    @classmethod
+    def create(
+        cls, num_heads: int, dim: int, *, generator: torch.Generator, abmilp_depth: int = 1
+    ) -> AbmilpPool:
+        return cls(num_heads, dim, abmilp_depth, generator=generator)
 
     def scores(self, patches: Tensor) -> Tensor:
         """`(B, H, N)` logits. Plain matrix products on a `(B*N, D)` view: einsum would copy
@@ -231,8 +308,14 @@ class AbmilpPool(Aggregator):
         return torch.bmm(self.scores(patches).softmax(dim=-1), patches)
 
 
+@register_aggregator
 class GatedAbmilpPool(Aggregator):
     """Gated attention MIL pooling (Ilse, Tomczak & Welling 2018)."""
+
+    name = "abmilp_gated"
+    help = "gated attention MIL pooling, Ilse et al. 2018"
+    selective = True
+    init_stream = 4
 
     def __init__(
         self, num_heads: int, dim: int, hidden: int = GATED_HIDDEN, *, generator: torch.Generator
@@ -274,9 +357,10 @@ class _GatedScores(torch.autograd.Function):
     """Gated-attention logits of all heads, computed in row chunks.
 
     The hidden activations (tokens x heads x 2 x 128) are the largest tensors of the bank.
-    Plain autograd keeps five full-size intermediates per head group and allocates each
-    afresh every step; here only tanh(Vh) and sigmoid(Uh) are kept, in cache-sized chunks,
-    and backward is written out, which is several times faster on CPUs.
+    Only tanh(Vh) and sigmoid(Uh) are kept for backward, in chunks of at most
+    `_GATED_CHUNK_BYTES`, and backward is written out, so no other tensor of that size is
+    alive at once (plain autograd keeps five per head group). Equals `scores_reference`
+    (tested); benchmarks/README.md has the timings.
     """
 
     @staticmethod
@@ -327,11 +411,11 @@ class Scratch:
     """Named buffers reused from call to call, or fresh tensors when disabled.
 
     A probe step makes a handful of map-sized temporaries (the patch bag, the weights over
-    the patches, the pooled tokens, their gradients), tens of MB each. Fresh CPU tensors of
-    that size are mmap'd and faulted in page by page at every step, which cost more than
-    the matrix products that fill them. Reusing them is only safe when every forward is
-    backpropagated (or run without grad) before the next one, so it is off unless a
-    trainer that guarantees that turns it on (`HeadBank.reuse_buffers`).
+    the patches, the pooled tokens, their gradients); with reuse each exists once per bank
+    instead of once per step (why that matters on CPUs: benchmarks/README.md). Reusing them
+    is only safe when every forward is backpropagated (or run without grad) before the
+    next one, so it is off unless a trainer that guarantees that turns it on
+    (`HeadBank.reuse_buffers`).
     """
 
     def __init__(self) -> None:
@@ -380,9 +464,8 @@ class _SoftmaxPool(torch.autograd.Function):
         k = w.shape[0]
         probs = scratch.get("pool_probs", (b, k, n), patches)
         if k:
-            # batched (K, D) x (D, N) products give the logits in the (B, K, N) layout the
-            # softmax and the weighted sum want (one (BN, D) x (D, K) product plus a
-            # transposed softmax was slower on CPUs)
+            # batched (K, D) x (D, N) products give the logits directly in the (B, K, N)
+            # layout the softmax and the weighted sum read, so no transposed copy is made
             logits = scratch.get("pool_logits", (b, k, n), patches)
             torch.baddbmm(
                 bias.view(1, k, 1).expand(b, k, 1), w.expand(b, k, d), patches.transpose(1, 2), out=logits
@@ -463,6 +546,7 @@ def attentive_num_heads(dim: int) -> int:
     return g
 
 
+@register_aggregator
 class AttentivePool(Aggregator):
     """One learnable query cross-attending to the patches (CAPI-style attentive probe).
 
@@ -473,14 +557,19 @@ class AttentivePool(Aggregator):
     at a cost of O(B N D G) instead of O(B N D^2) per head.
     """
 
+    name = "attentive"
+    help = "one learnable query cross-attending to the patches, a CAPI-style attentive probe"
+    selective = True
+    init_stream = 5
+
     def __init__(self, num_heads: int, dim: int, *, generator: torch.Generator) -> None:
         super().__init__(num_heads, dim)
         self.attn_heads = attentive_num_heads(dim)
         self.head_dim = dim // self.attn_heads
         self.query = nn.Parameter(torch.randn(num_heads, dim, generator=generator) * 0.02)
-        # The key/value projection Linear(D, 2D), stored as its two halves: each half is then
-        # contiguous per query head, which the products below need (slices of one (2D, D)
-        # weight were copied at every step, forward and backward).
+        # The key/value projection Linear(D, 2D), stored as its two halves: each half is
+        # contiguous per query head, so the per-head views the products below take are views,
+        # not copies, in forward and backward.
         kv_w = _trunc_normal((num_heads, 2 * dim, dim), 0.02, generator)
         self.k_w = nn.Parameter(kv_w[:, :dim].clone())
         self.v_w = nn.Parameter(kv_w[:, dim:].clone())
@@ -584,24 +673,6 @@ def synced_batch_norm(bns: Sequence[nn.BatchNorm1d], inputs: Sequence[Tensor], s
     return out
 
 
-def build_aggregator(
-    name: str, num_heads: int, dim: int, *, abmilp_depth: int = 1, generator: torch.Generator
-) -> Aggregator:
-    if name == "cls":
-        return ClsPool(num_heads, dim)
-    if name == "mean":
-        return MeanPool(num_heads, dim)
-    if name == "cls_mean":
-        return ClsMeanPool(num_heads, dim)
-    if name == "abmilp":
-        return AbmilpPool(num_heads, dim, abmilp_depth, generator=generator)
-    if name == "abmilp_gated":
-        return GatedAbmilpPool(num_heads, dim, generator=generator)
-    if name == "attentive":
-        return AttentivePool(num_heads, dim, generator=generator)
-    raise AttnscopeError(f"unknown aggregator {name!r}; choose from: {', '.join(AGGREGATORS)}")
-
-
 # --------------------------------------------------------------------------- heads
 
 
@@ -671,7 +742,7 @@ class HeadBank(nn.Module):
         super().__init__()
         if num_heads < 1:
             raise AttnscopeError("a head bank needs at least one head per aggregator")
-        missing_cls = [a for a in aggregators if a in NEEDS_CLS and not has_cls]
+        missing_cls = [a for a in aggregators if aggregator_class(a).needs_cls and not has_cls]
         if missing_cls:
             raise AttnscopeError(f"{', '.join(missing_cls)} need a class token; this model has none")
         self.names = list(aggregators)
@@ -684,7 +755,7 @@ class HeadBank(nn.Module):
         self.heads = nn.ModuleDict()
         for name in self.names:
             # One generator per aggregator: adding an aggregator leaves the others' init unchanged.
-            g = torch.Generator().manual_seed(int(seed) * 1000 + AGGREGATORS.index(name))
+            g = torch.Generator().manual_seed(int(seed) * 1000 + aggregator_class(name).init_stream)
             agg = build_aggregator(name, num_heads, dim, abmilp_depth=abmilp_depth, generator=g)
             self.heads[name] = ProbeHeads(agg, num_classes, generator=g)
 
@@ -693,10 +764,10 @@ class HeadBank(nn.Module):
 
         Cached tokens arrive as float16; converting the patch slice is one pass that also
         makes it contiguous, shared by every aggregator. With `reuse_buffers` the patch bag
-        is written into the same buffer at every call: a fresh (B, N, D) allocation per step
-        costs more than the conversion itself on CPUs. A graph that still needs the previous
-        call's patches then fails loudly in backward (autograd's in-place check), so the
-        trainer, which backpropagates every forward before the next, switches it on.
+        is written into the same buffer at every call (see `Scratch`). A graph that still
+        needs the previous call's patches then fails loudly in backward (autograd's in-place
+        check), so only the trainer, which backpropagates every forward before the next,
+        switches it on.
         """
         cls = tokens[:, 0].float() if self.has_cls else None
         src = tokens[:, self.num_prefix :]

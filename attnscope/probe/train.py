@@ -8,7 +8,7 @@ Recipes:
 - `paper`: the linear-probe recipe of MAE that "Beyond [cls]" uses: LARS (momentum 0.9,
   trust coefficient 0.001), base lr 0.1 scaled by batch/256, batch 16,384 (capped at the
   training-set size, reached by gradient accumulation), 90 epochs with 10 warm-up, no
-  weight decay. `--lrs` then gives base learning rates.
+  weight decay. `lrs` then gives base learning rates.
 
 Both optimizers below take parameters with a leading head dimension and a per-head
 learning rate and weight decay, which is what lets heads with different hyper-parameters
@@ -31,7 +31,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from attnscope import distributed
-from attnscope.errors import AttnscopeError
+from attnscope.config import check_at_least, check_choice
+from attnscope.errors import AttnscopeError, ConfigError
 from attnscope.probe.heads import HeadBank
 
 if TYPE_CHECKING:
@@ -41,20 +42,25 @@ __all__ = [
     "DEFAULT_LRS",
     "DEFAULT_WDS",
     "LARS",
+    "RECIPES",
     "BankAdamW",
     "BankResult",
+    "BankSpec",
     "FeatureSource",
     "Recipe",
+    "StoreSource",
     "TensorSource",
+    "TrainingData",
     "cosine_factor",
     "evaluate_bank",
+    "grid_values",
     "resolve_recipe",
-    "select_heads",
     "train_bank",
 ]
 
 DEFAULT_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 DEFAULT_WDS: tuple[float, ...] = (1e-4, 5e-2)
+RECIPES: tuple[str, ...] = ("default", "paper")
 DEFAULT_BATCH = 256
 TARGET_STEPS = 1000
 MIN_EPOCHS, MAX_EPOCHS = 10, 100
@@ -128,9 +134,8 @@ class BankAdamW(Optimizer):
             b1, b2 = group["betas"]
             fused = self._fused(params)
             for h in range(heads):
-                # torch's own AdamW update, fused into one pass over each tensor where the
-                # device has the kernel, once per head on that head's slices (the unfused
-                # form made several parameter-sized temporaries and passes per step)
+                # torch's own AdamW update (its fused kernel where the device has one), once
+                # per head on that head's slices with that head's lr and wd
                 part = (lambda t: t) if head_lr is None else (lambda t, h=h: t[h])  # noqa: E731
                 adamw(
                     [part(p) for p in params],
@@ -262,14 +267,17 @@ class Recipe:
         return {**asdict(self), "grid_size": len(self.grid), "accumulation": self.accumulation}
 
 
-def _positive(values: Sequence[float] | None, what: str) -> list[float] | None:
+def grid_values(field: str, values: Sequence[float] | None, *, positive: bool = False) -> list[float] | None:
+    """The distinct values of one axis of the grid (learning rates, weight decays), checked:
+    at least one, each finite and non-negative (positive with `positive`)."""
     if values is None:
         return None
     vals = [float(v) for v in values]
     if not vals:
-        raise AttnscopeError(f"{what} needs at least one value")
-    if any(not math.isfinite(v) or v < 0 for v in vals):
-        raise AttnscopeError(f"{what} takes non-negative numbers, got {values}")
+        raise ConfigError(field, "needs at least one value")
+    if any(not math.isfinite(v) or v < 0 or (positive and v == 0) for v in vals):
+        kind = "positive" if positive else "non-negative"
+        raise ConfigError(field, f"takes {kind} numbers, got {list(values)}")
     return list(dict.fromkeys(vals))
 
 
@@ -286,13 +294,10 @@ def resolve_recipe(
     """Fill in a recipe's defaults for a training split of `n_train` images."""
     if n_train < 2:
         raise AttnscopeError(f"training needs at least 2 images, got {n_train}")
-    if batch_size is not None and batch_size < 2:
-        raise AttnscopeError(f"--batch-size must be at least 2, got {batch_size}")
-    if epochs is not None and epochs < 1:
-        raise AttnscopeError(f"--epochs must be at least 1, got {epochs}")
-    lrs_, wds_ = _positive(lrs, "--lrs"), _positive(wds, "--wds")
-    if lrs_ is not None and 0.0 in lrs_:
-        raise AttnscopeError("--lrs must be positive")
+    check_choice("recipe", name, RECIPES)
+    check_at_least("batch_size", batch_size, 2)
+    check_at_least("epochs", epochs, 1)
+    lrs_, wds_ = grid_values("lrs", lrs, positive=True), grid_values("wds", wds)
     notes: list[str] = []
     if name == "default":
         requested = batch_size or DEFAULT_BATCH
@@ -317,8 +322,8 @@ def resolve_recipe(
             "paper", "lars", n_epochs, PAPER_WARMUP * n_epochs / PAPER_EPOCHS, batch, 0,
             [b * batch / 256 for b in base], wds_ if wds_ is not None else [0.0], base, False, notes,
         )  # fmt: skip
-    else:
-        raise AttnscopeError(f"--recipe takes default or paper, got {name!r}")
+    else:  # pragma: no cover - check_choice above
+        raise AssertionError(name)
     cap = micro_batch or MAX_MICRO_BATCH
     n_micro = math.ceil(recipe.batch_size / cap)
     recipe.micro_batch = math.ceil(recipe.batch_size / n_micro)  # even chunks: no BatchNorm on 1 image
@@ -332,8 +337,8 @@ class FeatureSource(Protocol):
     """Yields `(tokens (b, T, D) on the device, positions (b,))` batches.
 
     Tokens may be float16 (the cache's dtype; the heads convert) and a yielded batch may be
-    overwritten when the next one is requested: sources reuse one buffer, because a fresh
-    100 MB allocation per step costs more than the copy into it on CPUs.
+    overwritten when the next one is requested: sources copy every batch into one reused
+    buffer, so a consumer that keeps a batch must clone it.
     """
 
     def iterate(
@@ -411,6 +416,42 @@ class StoreSource:
 # --------------------------------------------------------------------------- training
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What a bank trains and is measured on: positions into each source; labels by position.
+
+    The hold-out is a set of positions of the training source, kept out of training and
+    used to select hyper-parameters.
+    """
+
+    train_source: FeatureSource
+    train_labels: np.ndarray
+    train_positions: Sequence[int]
+    holdout_positions: Sequence[int]
+    eval_source: FeatureSource
+    eval_labels: np.ndarray
+    eval_positions: Sequence[int]
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """The heads to train: which aggregators, over which token layout, for how many classes."""
+
+    aggregators: Sequence[str]
+    num_classes: int
+    dim: int
+    num_prefix: int  # tokens before the patches (class token and registers)
+    has_cls: bool
+    abmilp_depth: int = 1
+
+    def build(self, num_heads: int, seed: int) -> HeadBank:
+        """A freshly initialised bank with `num_heads` heads per aggregator."""
+        return HeadBank(
+            self.aggregators, num_heads, self.dim, self.num_classes, num_prefix=self.num_prefix,
+            has_cls=self.has_cls, abmilp_depth=self.abmilp_depth, seed=seed,
+        )  # fmt: skip
+
+
 @dataclass
 class BankResult:
     """Every head's accuracies (one row per aggregator x grid point) and the trained bank."""
@@ -465,9 +506,9 @@ def _micro_chunks(n_items: int, micro: int) -> list[int]:
 
 # --------------------------------------------------------------------------- data parallel
 #
-# Under torchrun with `--no-cache` every rank streams its own images through the backbone
-# and the bank is trained data-parallel. Every batch of the single-process plan (the same
-# seeded order, the same micro-batches) is split over the ranks, positions
+# Under torchrun without a cache (`no_cache`) every rank streams its own images through the
+# backbone and the bank is trained data-parallel. Every batch of the single-process plan (the
+# same seeded order, the same micro-batches) is split over the ranks, positions
 # `rank, rank + world, ...` of it, so the ranks' shares are disjoint, unpadded, and add up
 # to the batch one process would take. Per micro-batch the ranks exchange how many images
 # they hold (and whether they failed), which keeps every rank on the same sequence of
@@ -638,7 +679,7 @@ def recompute_bn_stats(
     batch are taken over all ranks, so the result is the single-process one, on every rank.
     `keep_inputs`: also return this rank's `(bank.bn_inputs, positions)` of every batch, so
     `evaluate_bank(features=...)` can score the same images without reading and pooling
-    them again (the bank's pooling is most of a pass's cost).
+    them again.
     """
     ranks = _Ranks.current(data_parallel)
     bns = [m for m in bank.modules() if isinstance(m, torch.nn.BatchNorm1d)]
@@ -729,21 +770,10 @@ def evaluate_bank(
 
 
 def train_bank(
-    *,
-    train_source: FeatureSource,
-    train_labels: np.ndarray,
-    train_positions: Sequence[int],
-    holdout_positions: Sequence[int],
-    eval_source: FeatureSource,
-    eval_labels: np.ndarray,
-    eval_positions: Sequence[int],
-    aggregators: Sequence[str],
-    num_classes: int,
-    dim: int,
-    num_prefix: int,
-    has_cls: bool,
+    data: TrainingData,
+    spec: BankSpec,
     recipe: Recipe,
-    abmilp_depth: int = 1,
+    *,
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
@@ -761,71 +791,24 @@ def train_bank(
     train on the same features (up to float rounding); `recipe.batch_size` stays the
     global batch. Accuracies count every image once over all ranks.
     """
-    import pandas as pd
-
     ranks = _Ranks.current(data_parallel)
     device = torch.device(device)
-    train_positions = np.asarray(train_positions, dtype=np.int64)
-    train_labels = np.asarray(train_labels, dtype=np.int64)
-    eval_labels = np.asarray(eval_labels, dtype=np.int64)
-    if len(train_positions) < 2:
-        raise AttnscopeError(f"only {len(train_positions)} readable training images; need at least 2")
+    positions = np.asarray(data.train_positions, dtype=np.int64)
+    labels = np.asarray(data.train_labels, dtype=np.int64)
+    if len(positions) < 2:
+        raise AttnscopeError(f"only {len(positions)} readable training images; need at least 2")
     torch.manual_seed(seed)
-    rng = np.random.default_rng([seed, 21])
-    grid = recipe.grid
-    bank = HeadBank(
-        aggregators,
-        len(grid),
-        dim,
-        num_classes,
-        num_prefix=num_prefix,
-        has_cls=has_cls,
-        abmilp_depth=abmilp_depth,
-        seed=seed,
-    ).to(device)
+    rng = np.random.default_rng([seed, 21])  # the epochs' orders, then the BatchNorm pass's images
+    bank = spec.build(len(recipe.grid), seed).to(device)
     bank.reuse_buffers = True  # every forward below is backpropagated (or no-grad) before the next one
-    groups = _param_groups(bank, grid)
-    opt: Optimizer = LARS(groups) if recipe.optimizer == "lars" else BankAdamW(groups)
-    params = list(bank.parameters())
-
-    n = len(train_positions)
-    batch = min(recipe.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
-    total_steps = recipe.epochs * steps_per_epoch
-    warmup_steps = round(recipe.warmup_epochs * steps_per_epoch)
-    chunks = _micro_chunks(batch, recipe.micro_batch)
-    micro_sizes = chunks * steps_per_epoch
-    share_batch = math.ceil(recipe.micro_batch / ranks.world)  # images per forward on this rank
-    n_heads = len(bank.names) * len(grid)
-    step = 0
+    loop = _Loop(bank, data.train_source, labels, recipe, len(positions), ranks, device)
     losses: list[float] = []
     start = time.perf_counter()
     for epoch in range(recipe.epochs):
         bank.train()
         # the same seeded order on every rank; each takes its share of every micro-batch
-        order = train_positions[rng.permutation(n)][: steps_per_epoch * batch]
-        plan = _split(order, micro_sizes)
-        epoch_loss, seen, step_images = 0.0, 0, 0
-        for i, (tokens, pos, total) in enumerate(_agreed_batches(train_source, plan, share_batch, ranks)):
-            if i % len(chunks) == 0:
-                for g in opt.param_groups:
-                    g["lr"] = cosine_factor(step, total_steps, warmup_steps)
-                opt.zero_grad(set_to_none=True)
-                step_images = 0
-            if total >= 2:  # BatchNorm cannot train on one image (unreadable images shrink batches)
-                if tokens is None:
-                    tokens = _empty_tokens(bank, device)
-                target = torch.from_numpy(train_labels[pos]).to(device)
-                loss = _bank_loss_sum(bank(tokens, sync=ranks.sync), target)
-                (loss / batch).backward()  # per image 1/batch: the mean over the planned (global) batch
-                epoch_loss += float(loss.detach()) / n_heads
-                seen += len(pos)
-                step_images += total
-            if (i + 1) % len(chunks) == 0 and step_images:  # the same decision on every rank
-                if ranks.parallel:
-                    _sum_gradients(params)
-                opt.step()
-                step += 1
+        order = positions[rng.permutation(len(positions))][: loop.steps_per_epoch * loop.batch]
+        epoch_loss, seen = loop.epoch(order)
         if ranks.parallel:
             epoch_loss, seen = ranks.all_reduce(
                 torch.tensor([epoch_loss, float(seen)], dtype=torch.float64)
@@ -834,28 +817,108 @@ def train_bank(
         if progress is not None:
             progress(epoch + 1, recipe.epochs, losses[-1])
     seconds = time.perf_counter() - start
+    measured = _measure(bank, data, recipe, rng, ranks)
+    return BankResult(_results_table(bank, recipe.grid, *measured), bank, recipe, losses, loop.step, seconds)
 
+
+class _Loop:
+    """The optimizer, batch plan and learning-rate schedule of one training run.
+
+    An optimizer step is `batch` images (the global batch under data-parallel training) in
+    `chunks` micro-batches whose gradients accumulate; the schedule is per step.
+    """
+
+    def __init__(
+        self,
+        bank: HeadBank,
+        source: FeatureSource,
+        labels: np.ndarray,
+        recipe: Recipe,
+        n_train: int,
+        ranks: _Ranks,
+        device: torch.device,
+    ) -> None:
+        self.bank, self.source, self.labels, self.ranks, self.device = bank, source, labels, ranks, device
+        groups = _param_groups(bank, recipe.grid)
+        self.opt: Optimizer = LARS(groups) if recipe.optimizer == "lars" else BankAdamW(groups)
+        self.params = list(bank.parameters())
+        self.batch = min(recipe.batch_size, n_train)
+        self.steps_per_epoch = max(1, n_train // self.batch)
+        self.total_steps = recipe.epochs * self.steps_per_epoch
+        self.warmup_steps = round(recipe.warmup_epochs * self.steps_per_epoch)
+        self.chunks = _micro_chunks(self.batch, recipe.micro_batch)
+        self.share_batch = math.ceil(recipe.micro_batch / ranks.world)  # images per forward on this rank
+        self.n_heads = len(bank.names) * len(recipe.grid)
+        self.step = 0
+
+    def epoch(self, order: np.ndarray) -> tuple[float, int]:
+        """One pass over `order` (whole batches): (summed loss per head, images seen), this rank's."""
+        bank, opt, ranks, per_step = self.bank, self.opt, self.ranks, len(self.chunks)
+        plan = _split(order, self.chunks * self.steps_per_epoch)
+        epoch_loss, seen, step_images = 0.0, 0, 0
+        for i, (tokens, pos, total) in enumerate(_agreed_batches(self.source, plan, self.share_batch, ranks)):
+            if i % per_step == 0:
+                for g in opt.param_groups:
+                    g["lr"] = cosine_factor(self.step, self.total_steps, self.warmup_steps)
+                opt.zero_grad(set_to_none=True)
+                step_images = 0
+            if total >= 2:  # BatchNorm cannot train on one image (unreadable images shrink batches)
+                if tokens is None:
+                    tokens = _empty_tokens(bank, self.device)
+                target = torch.from_numpy(self.labels[pos]).to(self.device)
+                loss = _bank_loss_sum(bank(tokens, sync=ranks.sync), target)
+                (loss / self.batch).backward()  # per image 1/batch: the mean over the planned (global) batch
+                epoch_loss += float(loss.detach()) / self.n_heads
+                seen += len(pos)
+                step_images += total
+            if (i + 1) % per_step == 0 and step_images:  # the same decision on every rank
+                if ranks.parallel:
+                    _sum_gradients(self.params)
+                opt.step()
+                self.step += 1
+        return epoch_loss, seen
+
+
+Scores = dict[str, dict[str, Any]]  # evaluate_bank's result
+
+
+def _measure(
+    bank: HeadBank, data: TrainingData, recipe: Recipe, rng: np.random.Generator, ranks: _Ranks
+) -> tuple[Scores, Scores | None, Scores]:
+    """Scores on the training split, the hold-out (None when empty) and the evaluation split,
+    after the BatchNorm statistics are recomputed over the training split."""
+    positions = np.asarray(data.train_positions, dtype=np.int64)
+    labels = np.asarray(data.train_labels, dtype=np.int64)
     eval_batch = max(recipe.micro_batch, 2)
-    bn_positions = train_positions
+    bn_positions = positions
     if len(bn_positions) > BN_PASS_IMAGES:
-        bn_positions = np.sort(rng.choice(train_positions, BN_PASS_IMAGES, replace=False))
+        bn_positions = np.sort(rng.choice(positions, BN_PASS_IMAGES, replace=False))
     # Keep the pooled features of the BatchNorm pass (unless they are large) to score the
     # training images from them: one pass over the training split instead of two. The
     # decision depends only on sizes every rank knows, so all ranks take the same path.
     keep = bank.bn_input_bytes(len(bn_positions)) <= BN_KEEP_BYTES
     kept = recompute_bn_stats(
-        bank, train_source, bn_positions, eval_batch, data_parallel=ranks.parallel, keep_inputs=keep
+        bank, data.train_source, bn_positions, eval_batch, data_parallel=ranks.parallel, keep_inputs=keep
     )
-    measure = {"batch_size": eval_batch, "data_parallel": ranks.parallel}
-    on_train = evaluate_bank(bank, train_source, train_labels, bn_positions, features=kept, **measure)
-    del kept
-    holdout_positions = np.asarray(holdout_positions, dtype=np.int64)
-    on_hold = (
-        evaluate_bank(bank, train_source, train_labels, holdout_positions, **measure)
-        if len(holdout_positions)
-        else None
-    )
-    on_eval = evaluate_bank(bank, eval_source, eval_labels, eval_positions, **measure)
+    measure: dict[str, Any] = {"batch_size": eval_batch, "data_parallel": ranks.parallel}
+    on_train = evaluate_bank(bank, data.train_source, labels, bn_positions, features=kept, **measure)
+    del kept  # free the kept features before the other passes
+    holdout = np.asarray(data.holdout_positions, dtype=np.int64)
+    on_hold = evaluate_bank(bank, data.train_source, labels, holdout, **measure) if len(holdout) else None
+    eval_labels = np.asarray(data.eval_labels, dtype=np.int64)
+    on_eval = evaluate_bank(bank, data.eval_source, eval_labels, data.eval_positions, **measure)
+    return on_train, on_hold, on_eval
+
+
+def _results_table(
+    bank: HeadBank,
+    grid: Sequence[tuple[float, float]],
+    on_train: Scores,
+    on_hold: Scores | None,
+    on_eval: Scores,
+) -> pd.DataFrame:
+    """One row per (aggregator, grid point): its hyper-parameters, size and scores."""
+    import pandas as pd
 
     rows = []
     for name in bank.names:
@@ -877,8 +940,7 @@ def train_bank(
                     "head": h,
                 }
             )
-    results = pd.DataFrame(rows)
-    return BankResult(results, bank, recipe, losses, step, seconds)
+    return pd.DataFrame(rows)
 
 
 def _sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
@@ -893,55 +955,3 @@ def _sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     for p, g in zip(params, grads, strict=True):
         p.grad = total[offset : offset + g.numel()].view_as(p)
         offset += g.numel()
-
-
-def select_heads(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(results with a `selected` column, summary with one row per aggregator).
-
-    Each aggregator's head is chosen on the hold-out (else on training accuracy).
-
-    `best_over_grid_eval_top1` is the best evaluation accuracy of any head of that
-    aggregator: an optimistic number (selected on the evaluation split itself), reported
-    separately because that is what papers that pick the best epoch on ImageNet val report.
-    """
-    import pandas as pd
-
-    results = results.copy()
-    results["selected"] = False
-    rows = []
-    for name, group in results.groupby("aggregator", sort=False):
-        if group["holdout_top1"].notna().any():
-            key, loss, selected_on = "holdout_top1", "holdout_loss", "holdout"
-        else:
-            key, loss, selected_on = "train_top1", "train_loss", "train"
-        ranked = group.sort_values(
-            [key, loss, "lr", "wd"], ascending=[False, True, True, True], kind="stable"
-        )
-        best = ranked.iloc[0]
-        results.loc[best.name, "selected"] = True
-        rows.append(
-            {
-                "aggregator": name,
-                "lr": best["lr"],
-                "wd": best["wd"],
-                "params": int(best["params"]),
-                "selected_on": selected_on,
-                "holdout_top1": best["holdout_top1"],
-                "train_top1": best["train_top1"],
-                "eval_top1": best["eval_top1"],
-                "eval_top5": best["eval_top5"],
-                "best_over_grid_eval_top1": group["eval_top1"].max(),
-                **({"eval_images": int(best["eval_images"])} if "eval_images" in best else {}),
-                "head": int(best["head"]),
-            }
-        )
-    summary = pd.DataFrame(rows)
-    names = list(summary["aggregator"])
-    baseline = "cls" if "cls" in names else ("mean" if "mean" in names else None)
-    summary["baseline"] = baseline
-    if baseline is not None:
-        base = float(summary.loc[summary["aggregator"] == baseline, "eval_top1"].iloc[0])
-        summary["delta_top1_vs_baseline"] = summary["eval_top1"] - base
-    else:
-        summary["delta_top1_vs_baseline"] = np.nan
-    return results, summary

@@ -1,0 +1,723 @@
+"""`probe`: which aggregation of frozen ViT tokens classifies best, and what it selects.
+
+`run(config, ui)` is the whole job, one step after the other: load the model and the
+data, plan the feature caches, extract (or stream) the features, plan the training, train
+the head bank, select each aggregator's hyper-parameters, draw the selection maps, then
+write the run folder (results.csv, summary.csv, maps.csv, figures/, run.json last). The
+science of each step lives in `attnscope.probe`.
+
+What a person sees goes through `ui` (the random-weights banner, extraction progress,
+skipped files) and `ProbeHooks` (the plan before extraction, the recipe before training,
+training progress, notes); the CLI implements both, the defaults show nothing.
+
+Under torchrun each rank extracts its share of the features into the shared cache, rank 0
+writes the cache index once all have finished, then trains and writes alone. Without a
+cache (`no_cache`) there is no extraction to share: every rank streams its share of every
+training batch through the backbone and the head bank is trained data-parallel
+(`train_bank(data_parallel=True)`); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attnscope.commands.ui import UI, NullUI
+from attnscope.config import (
+    check_at_least,
+    check_choice,
+    check_dtype,
+    check_fraction,
+    check_img_size,
+    config_dict,
+    normalise_formats,
+)
+from attnscope.errors import AttnscopeError, ConfigError
+from attnscope.models.loading import display_name, random_weights_warning
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from attnscope.models import LoadedModel
+    from attnscope.probe.datasets import LabelledSplit, ProbeData
+    from attnscope.probe.features import CacheIndex, ExtractReport, FeatureCache, TokenExtractor
+    from attnscope.probe.heads import HeadBank
+    from attnscope.probe.selection import MapRecord
+    from attnscope.probe.train import BankResult, FeatureSource, Recipe
+    from attnscope.results import RunWriter
+
+__all__ = ["BankPlan", "CachePlan", "FeaturePlan", "ProbeConfig", "ProbeHooks", "ProbeResult", "run"]
+
+DEFAULT_AGGREGATORS = ("cls", "mean", "abmilp")
+_HOLDOUT_STREAM = 31  # random stream of the hold-out split
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Everything a probe run depends on; recorded as run.json's `config`."""
+
+    model: str = "mae"
+    checkpoint: Path | None = None
+    random_init: bool = False
+    seed: int = 0
+    img_size: tuple[int, int] | None = None
+    # e.g. {"depth": 2} for tiny test backbones
+    model_kwargs: dict[str, Any] | None = field(default=None, hash=False)
+    data: str | Path | None = None  # a folder tree (or a named dataset)
+    train: Path | None = None
+    val: Path | None = None
+    csv: Path | None = None
+    dataset: str | None = None
+    data_root: Path | None = None
+    val_fraction: float = 0.2  # evaluation share when the data has no evaluation split
+    holdout_fraction: float = 0.1  # training share held out to select lr / wd
+    shots: int | None = None  # training images kept per class
+    max_images: int | None = None  # images kept per split (stratified)
+    aggregators: tuple[str, ...] = DEFAULT_AGGREGATORS
+    abmilp_depth: int = 1
+    recipe: str = "default"
+    epochs: int | None = None
+    batch_size: int | None = None  # training: images per optimizer step
+    lrs: tuple[float, ...] | None = None
+    wds: tuple[float, ...] | None = None
+    prenorm: bool = False
+    cache_dir: Path | None = None
+    no_cache: bool = False
+    device: str = "auto"
+    dtype: str = "float32"
+    num_workers: int = 0
+    extract_batch_size: int = 64  # images per backbone forward
+    map_images: int = 6
+    shard_images: int | None = None  # images per cache shard (default: about 512 MiB)
+    formats: tuple[str, ...] = ("png",)
+    out: Path | None = field(default=None, compare=False)
+    overwrite: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from attnscope.probe.heads import parse_aggregators
+        from attnscope.probe.train import RECIPES, grid_values
+
+        check_img_size(self.img_size)
+        check_fraction("val_fraction", self.val_fraction)
+        check_fraction("holdout_fraction", self.holdout_fraction)
+        for name, low in _AT_LEAST.items():
+            check_at_least(name, getattr(self, name), low)
+        check_choice("recipe", self.recipe, RECIPES)
+        check_dtype(self.dtype)
+        grid_values("lrs", self.lrs, positive=True)
+        grid_values("wds", self.wds)
+        set_ = object.__setattr__  # frozen: normalise in place once, here
+        set_(self, "aggregators", tuple(parse_aggregators(self.aggregators)))
+        set_(self, "img_size", tuple(self.img_size) if self.img_size is not None else None)
+        set_(self, "lrs", tuple(self.lrs) if self.lrs is not None else None)
+        set_(self, "wds", tuple(self.wds) if self.wds is not None else None)
+        set_(self, "formats", normalise_formats(self.formats))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"command": "probe", **config_dict(self, skip=("out", "overwrite"))}
+
+
+_AT_LEAST = {
+    "shots": 1,
+    "max_images": 1,
+    "abmilp_depth": 1,
+    "epochs": 1,
+    "batch_size": 2,
+    "extract_batch_size": 1,
+    "num_workers": 0,
+    "map_images": 0,
+    "shard_images": 1,
+}
+
+
+# --------------------------------------------------------------------------- what is shown
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """The feature cache of a run, before extraction."""
+
+    folder: Path
+    bytes_total: int  # both splits, fp16
+    bytes_per_image: int
+    bytes_to_write: int  # what is not cached yet
+    disk_free: int
+
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    """What the features will be, shown before extraction starts."""
+
+    model: str
+    data: dict[str, Any]  # `ProbeData.summary()`
+    holdout_images: int
+    tokens: int
+    dim: int
+    token_layout: dict[str, Any]
+    norm: str
+    cache: CachePlan | None  # None: not cached, streamed through the backbone every epoch
+
+
+@dataclass(frozen=True)
+class BankPlan:
+    """The head bank about to be trained; run.json's `bank` (with the steps and losses)."""
+
+    aggregators: list[str]
+    heads: int
+    train_images: int
+    holdout_images: int
+    eval_images: int
+    steps_per_epoch: int
+    # data-parallel: {"ranks", "images_per_rank_per_step": [fewest, most]}; the batch is global
+    data_parallel: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.data_parallel is None:
+            del out["data_parallel"]
+        return out
+
+
+class ProbeHooks:
+    """Probe events the generic `UI` has no method for. These do nothing; the CLI overrides them."""
+
+    def plan(self, plan: FeaturePlan) -> None:
+        """Before extraction (and before the disk-space check)."""
+
+    def recipe(self, recipe: Recipe, bank: BankPlan) -> None:
+        """Before training."""
+
+    def epoch(self, done: int, total: int) -> None:
+        """After each training epoch."""
+
+    def note(self, text: str) -> None:
+        """A remark, also kept in run.json's notes; config fields are named in backquotes."""
+
+
+@dataclass
+class ProbeResult:
+    """What `run` returns on rank 0: the tables it wrote, run.json's model entry, the maps."""
+
+    results: pd.DataFrame  # every head
+    summary: pd.DataFrame  # the selected head per aggregator
+    info: dict[str, Any]  # run.json's entry for the model
+    maps: list[MapRecord] = field(default_factory=list)
+    bank: HeadBank | None = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run(
+    config: ProbeConfig, ui: UI | None = None, *, hooks: ProbeHooks | None = None, command: str = ""
+) -> tuple[Path, ProbeResult | None]:
+    """Probe one model and write its run folder; returns the folder and the result (None
+    on the torchrun ranks other than 0)."""
+    from attnscope import distributed
+    from attnscope.results import RunWriter, default_run_dir, run_metadata
+
+    device = distributed.setup(config.device)
+    main = distributed.is_main()
+    writer = None
+    with distributed.step():
+        if main:  # refuse a bad `out` before any work
+            writer = RunWriter(
+                config.out or default_run_dir(f"probe-{config.model}"), overwrite=config.overwrite
+            )
+    out_dir = distributed.broadcast_object(writer.out_dir if writer is not None else None)
+    ctx = _Context(
+        config, (ui or NullUI()) if main else NullUI(), (hooks or ProbeHooks()) if main else ProbeHooks(),
+        device, main, data_parallel=config.no_cache and distributed.is_distributed(),
+    )  # fmt: skip
+    result = _probe(ctx)
+    if result is None or writer is None:
+        return out_dir, None
+    meta = run_metadata(command, config.as_dict(), {config.model: result.info}, config.seed)
+    write_probe_run(writer, result, meta, config.formats)
+    return writer.out_dir, result
+
+
+@dataclass
+class _Context:
+    """What every step of one run shares."""
+
+    config: ProbeConfig
+    ui: UI
+    hooks: ProbeHooks
+    device: torch.device
+    main: bool  # rank 0 (or the only process): reports, trains (with a cache) and writes
+    data_parallel: bool  # torchrun without a cache: every rank trains on its share of each batch
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.hooks.note(text)
+
+
+@dataclass
+class _Setup:
+    """The loaded model and data."""
+
+    loaded: LoadedModel
+    extractor: TokenExtractor
+    data: ProbeData
+    aggregators: list[str]  # those this model can take
+    fit_all: np.ndarray  # training positions used to fit the heads ...
+    hold_all: np.ndarray  # ... and held out to select them (before unreadable images are dropped)
+    tokens: int
+    dim: int
+
+    @property
+    def splits(self) -> dict[str, LabelledSplit]:
+        return {"train": self.data.train, "eval": self.data.eval}
+
+
+@dataclass
+class _Features:
+    """Where the heads read their features from, and which images could not be read."""
+
+    sources: dict[str, FeatureSource]
+    failures: dict[str, dict[int, str]] = field(default_factory=dict)
+    cache_info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Training:
+    """The planned training: the readable positions of each part, the recipe, the bank."""
+
+    fit: np.ndarray
+    hold: np.ndarray
+    eval: np.ndarray
+    recipe: Recipe
+    bank: BankPlan
+
+
+def _probe(ctx: _Context) -> ProbeResult | None:
+    """The steps of one run; None on a rank other than 0."""
+    from attnscope import distributed
+    from attnscope.probe import features as feat
+
+    config, t0 = ctx.config, time.perf_counter()
+    if config.random_init:
+        ctx.ui.banner(random_weights_warning(config.model, config.seed, "accuracies"))
+    # torchrun: a failure on any rank while loading and planning stops every rank here, with one message
+    with distributed.step():
+        setup = _load(ctx)
+        ctx.timings["load"] = time.perf_counter() - t0
+        caches, plan = _plan_features(ctx, setup)
+        ctx.hooks.plan(plan)
+        if plan.cache is not None:
+            feat.ensure_disk_space(plan.cache.folder, plan.cache.bytes_to_write)
+    t1 = time.perf_counter()
+    features = _streamed_features(ctx, setup) if config.no_cache else _cached_features(ctx, setup, caches)
+    ctx.timings["features"] = time.perf_counter() - t1
+    if features is None:  # torchrun: the caches are complete; rank 0 alone trains the heads and writes
+        return None
+    training = _plan_training(ctx, setup, features)
+    t2 = time.perf_counter()
+    trained = _train(ctx, setup, features, training)
+    ctx.timings["train"] = time.perf_counter() - t2
+    if config.no_cache:
+        features.failures = _stream_failures(ctx, setup, features)
+    if not ctx.main:  # data-parallel: every rank holds the same bank; rank 0 alone reports and writes
+        return None
+    return _report(ctx, setup, features, training, trained, t0)
+
+
+def _load(ctx: _Context) -> _Setup:
+    """The model (frozen, with its token extractor), the aggregators it can take, the data and
+    the hold-out split."""
+    import torch
+
+    from attnscope.models import load_model
+    from attnscope.probe import features as feat
+    from attnscope.probe.datasets import load_probe_data, stratified_split
+
+    config = ctx.config
+    torch.manual_seed(config.seed)
+    loaded = load_model(
+        config.model, checkpoint=config.checkpoint, random_init=config.random_init, seed=config.seed,
+        img_size=config.img_size, model_kwargs=config.model_kwargs,
+    )  # fmt: skip
+    extractor = feat.TokenExtractor(loaded, prenorm=config.prenorm, device=ctx.device, dtype=config.dtype)
+    aggregators = _usable_aggregators(ctx, loaded.name, extractor.layout.has_cls)
+    if config.prenorm and not extractor.has_token_norm:
+        ctx.note(f"{loaded.name} has no per-token final norm; `prenorm` changes nothing")
+    data = load_probe_data(
+        data=config.data, train=config.train, val=config.val, csv_file=config.csv, dataset=config.dataset,
+        data_root=config.data_root, input_size=loaded.input_size, val_fraction=config.val_fraction,
+        shots=config.shots, max_images=config.max_images, seed=config.seed,
+    )  # fmt: skip
+    for text in data.notes:
+        ctx.note(text)
+    fit_all, hold_all = stratified_split(
+        data.train.labels, config.holdout_fraction, config.seed, _HOLDOUT_STREAM
+    )
+    tokens, dim = extractor.token_shape()
+    return _Setup(loaded, extractor, data, aggregators, fit_all, hold_all, tokens, dim)
+
+
+def _usable_aggregators(ctx: _Context, model: str, has_cls: bool) -> list[str]:
+    """The configured aggregators without those that need a class token the model lacks."""
+    from attnscope.probe.heads import aggregator_class
+
+    wanted = list(ctx.config.aggregators)
+    dropped = [a for a in wanted if aggregator_class(a).needs_cls and not has_cls]
+    if not dropped:
+        return wanted
+    ctx.note(f"{model} has no class token: {', '.join(dropped)} dropped (mean is its linear baseline)")
+    kept = [a for a in wanted if a not in dropped]
+    if not kept:
+        raise ConfigError(
+            "aggregators", f"leave nothing {model} can use (it has no class token); try mean,abmilp"
+        )
+    return kept
+
+
+def _plan_features(ctx: _Context, setup: _Setup) -> tuple[dict[str, FeatureCache], FeaturePlan]:
+    """Open (or find) the feature cache of each split, keyed by everything that changes its
+    tokens, and say how much of it is still to extract."""
+    from attnscope.probe import features as feat
+
+    config, loaded, extractor = ctx.config, setup.loaded, setup.extractor
+    caches: dict[str, FeatureCache] = {}
+    cache_plan = None
+    if not config.no_cache:
+        cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else feat.default_cache_dir()
+        to_write = 0
+        for name, split in setup.splits.items():
+            material = feat.feature_key_material(
+                loaded, transform_config=extractor.transform_config, prenorm=config.prenorm,
+                dtype=config.dtype, seed=config.seed, item_ids=split.source.item_ids(),
+                model_kwargs=config.model_kwargs,
+            )  # fmt: skip
+            cache = feat.open_cache(
+                cache_dir, f"{loaded.spec.arch}-{name}", material, len(split), setup.tokens, setup.dim,
+                config.shard_images,
+            )  # fmt: skip
+            caches[name] = cache
+            if not cache.is_complete():
+                to_write += len(cache.pending(range(len(split)))) * cache.bytes_per_image
+        cache_plan = CachePlan(
+            cache_dir, sum(c.total_bytes() for c in caches.values()), setup.tokens * setup.dim * 2, to_write,
+            feat.disk_free(cache_dir),
+        )  # fmt: skip
+    plan = FeaturePlan(
+        loaded.name, setup.data.summary(), len(setup.hold_all), setup.tokens, setup.dim,
+        extractor.layout.as_dict(), extractor.norm_label, cache_plan,
+    )  # fmt: skip
+    return caches, plan
+
+
+def _streamed_features(ctx: _Context, setup: _Setup) -> _Features:
+    """No cache: the heads read tokens computed on the fly, every epoch."""
+    from attnscope import distributed
+    from attnscope.probe.features import StreamSource
+
+    config = ctx.config
+    sources: dict[str, FeatureSource] = {}
+    for name, split in setup.splits.items():
+        # torchrun: each rank reports the skips it meets (only rank 0 shows them), and rank 0 the
+        # other ranks' after training (`_stream_failures`)
+        sources[name] = StreamSource(
+            setup.extractor, split.source, batch_size=config.extract_batch_size,
+            num_workers=config.num_workers, on_skip=ctx.ui.skip,
+        )  # fmt: skip
+    ctx.note("`no_cache`: features are streamed through the backbone every epoch")
+    if ctx.data_parallel:
+        ctx.note(
+            f"torchrun: each of the {distributed.world_size()} ranks streams its share of every batch; "
+            "the heads are trained data-parallel (gradients and BatchNorm statistics summed over the ranks)"
+        )
+    return _Features(sources)
+
+
+def _cached_features(ctx: _Context, setup: _Setup, caches: dict[str, FeatureCache]) -> _Features | None:
+    """Extract what the caches lack (each torchrun rank its share), then read them back: into
+    RAM while half the available memory holds them, memory-mapped beyond. None on a rank
+    other than 0, which has nothing left to do."""
+    import torch
+
+    from attnscope import distributed
+    from attnscope.probe import features as feat
+    from attnscope.probe.train import StoreSource, TensorSource
+
+    # torchrun: every rank extracts into the same caches and follows rank 0's view of them
+    keys = distributed.all_gather({n: c.key for n, c in caches.items()})
+    if any(k != keys[0] for k in keys):
+        raise distributed.RankFailure(
+            "the ranks see different images or settings (feature cache keys differ); the data must be "
+            "at the same path on every node",
+            [],
+        )
+    complete = distributed.broadcast_object({n: c.is_complete() for n, c in caches.items()})
+    features, budget = _Features({}), _ram_budget()
+    for name, split in setup.splits.items():
+        cache = caches[name]
+        shown: set[int] = set()  # skipped positions already reported while extracting
+        if complete[name]:
+            index, report = feat.read_cache_index(cache) if ctx.main else None, feat.ExtractReport()
+        else:
+            index, report, shown = _extract(ctx, setup, name, cache)
+        if index is None:  # not rank 0
+            continue
+        for pos, reason in sorted(index.failures.items()):
+            if pos not in shown:  # a reused cache still lists what it skipped; so do other ranks' shares
+                ctx.ui.skip(split.source.path(pos), reason)
+        features.failures[name] = dict(index.failures)
+        in_ram = cache.total_bytes() <= budget
+        budget -= cache.total_bytes() if in_ram else 0  # both splits share the one budget
+        store = feat.FeatureStore(cache, index)
+        features.sources[name] = (
+            TensorSource(torch.from_numpy(store.load_all()), ctx.device)
+            if in_ram
+            else StoreSource(store, ctx.device)
+        )
+        features.cache_info[name] = {
+            "path": str(cache.root), "key": cache.key, "extracted": report.extracted,
+            "reused": len(split) - len(index.failures) - report.extracted,
+            "shards_written": report.shards_written,
+            "bytes": cache.total_bytes(), "read_into_ram": in_ram,
+        }  # fmt: skip
+    return features if ctx.main else None
+
+
+def _extract(
+    ctx: _Context, setup: _Setup, name: str, cache: FeatureCache
+) -> tuple[CacheIndex | None, ExtractReport, set[int]]:
+    """Extract this rank's share of split `name` (all of it outside torchrun) into `cache`;
+    rank 0 then writes its index. Returns (index or None, every rank's report summed, the
+    skipped positions this rank already reported)."""
+    from attnscope import distributed
+    from attnscope.probe import features as feat
+
+    config, split = ctx.config, setup.splits[name]
+    share = distributed.shard_positions(len(split))  # torchrun: this rank's share
+    positions = range(len(split)) if share is None else share
+    with distributed.step():
+        with _progress(ctx.ui, f"features {name}", bool(cache.pending(positions))) as progress:
+            report = feat.extract_shards(
+                setup.extractor, split.source, cache, positions, batch_size=config.extract_batch_size,
+                num_workers=config.num_workers, progress=progress, on_skip=ctx.ui.skip,
+            )  # fmt: skip
+    shown = set(report.failures)
+    # torchrun: past the step every rank has finished its shards, so the index is complete
+    reports = distributed.all_gather(report)
+    report = feat.ExtractReport(
+        sum(r.extracted for r in reports), {p: r for x in reports for p, r in x.failures.items()},
+        max(r.seconds for r in reports), sum(r.shards_written for r in reports),
+    )  # fmt: skip
+    with distributed.step():
+        index = feat.write_cache_index(cache) if ctx.main else None
+    return index, report, shown
+
+
+@contextlib.contextmanager
+def _progress(ui: UI, label: str, show: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A `(done, total)` callback driving a progress bar labelled `label` (None when not `show`)."""
+    if not show:
+        yield None
+        return
+    with ui.progress(label) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _plan_training(ctx: _Context, setup: _Setup, features: _Features) -> _Training:
+    """The readable images of each part, the recipe (shown before training) and the bank."""
+    import numpy as np
+
+    from attnscope import distributed
+    from attnscope.probe.train import resolve_recipe
+
+    config = ctx.config
+
+    def readable(name: str, positions: Sequence[int]) -> np.ndarray:
+        bad = features.failures.get(name, {})
+        return np.asarray([p for p in positions if int(p) not in bad], dtype=np.int64)
+
+    # data-parallel: every rank plans the same; an error here is the same on all of them, shown once
+    with distributed.step() if ctx.data_parallel else contextlib.nullcontext():
+        fit, hold = readable("train", setup.fit_all), readable("train", setup.hold_all)
+        ev = readable("eval", range(len(setup.data.eval)))
+        if len(ev) == 0:
+            raise AttnscopeError("none of the evaluation images could be read")
+        if len(hold) == 0 and config.holdout_fraction > 0:
+            ctx.note(
+                "the hold-out is empty (too few training images): heads are selected on training accuracy"
+            )
+        elif 0 < len(hold) < 50:
+            ctx.note(f"the hold-out has only {len(hold)} images: hyper-parameter selection is noisy")
+        if config.holdout_fraction == 0:
+            ctx.note("`holdout_fraction` 0: heads are selected on training accuracy")
+        recipe = resolve_recipe(
+            config.recipe, n_train=len(fit), batch_size=config.batch_size, epochs=config.epochs,
+            lrs=config.lrs, wds=config.wds,
+        )  # fmt: skip
+        for text in recipe.notes:
+            ctx.note(text)
+        parallel = None
+        if ctx.data_parallel:
+            world = distributed.world_size()
+            # the batch (and the lrs the paper recipe scales with it) is global: the sum of the ranks' shares
+            share = [recipe.batch_size // world, -(-recipe.batch_size // world)]
+            parallel = {"ranks": world, "images_per_rank_per_step": share}
+        bank = BankPlan(
+            setup.aggregators, len(setup.aggregators) * len(recipe.grid), len(fit), len(hold), len(ev),
+            recipe.steps_per_epoch(len(fit)), parallel,
+        )  # fmt: skip
+        ctx.hooks.recipe(recipe, bank)
+    return _Training(fit, hold, ev, recipe, bank)
+
+
+def _train(ctx: _Context, setup: _Setup, features: _Features, training: _Training) -> BankResult:
+    from attnscope.probe.train import BankSpec, TrainingData, train_bank
+
+    data, layout = setup.data, setup.extractor.layout
+    return train_bank(
+        TrainingData(
+            features.sources["train"], data.train.labels, training.fit, training.hold,
+            features.sources["eval"], data.eval.labels, training.eval,
+        ),
+        BankSpec(setup.aggregators, data.num_classes, setup.dim, layout.num_prefix, layout.has_cls,
+                 ctx.config.abmilp_depth),
+        training.recipe,
+        seed=ctx.config.seed,
+        device=ctx.device,
+        progress=lambda done, total, loss: ctx.hooks.epoch(done, total),
+        data_parallel=ctx.data_parallel,
+    )  # fmt: skip
+
+
+def _stream_failures(ctx: _Context, setup: _Setup, features: _Features) -> dict[str, dict[int, str]]:
+    """Every image a streaming source could not read, over all ranks, sorted by position.
+
+    Data-parallel: each rank met the unreadable images of its own shares; rank 0 reports
+    those the others met."""
+    from attnscope import distributed
+
+    failures = features.failures
+    own = {name: dict(features.sources[name].failures) for name in setup.splits}  # type: ignore[attr-defined]
+    for theirs in distributed.all_gather(own) if ctx.data_parallel else [own]:
+        for name, split in setup.splits.items():
+            for pos, reason in sorted(theirs[name].items()):
+                if ctx.main and pos not in own[name] and pos not in failures.get(name, {}):
+                    ctx.ui.skip(split.source.path(pos), reason)
+                failures.setdefault(name, {})[pos] = reason
+    return {name: dict(sorted(f.items())) for name, f in failures.items()}
+
+
+def _report(
+    ctx: _Context, setup: _Setup, features: _Features, training: _Training, trained: BankResult, t0: float
+) -> ProbeResult:
+    """Each aggregator's selected head, the selection maps and the provenance for run.json."""
+    from attnscope.probe.selection import select_hyperparameters, selection_maps
+
+    results, summary = select_hyperparameters(trained.results)
+    t3 = time.perf_counter()
+    maps = selection_maps(
+        trained.bank, summary, setup.extractor, setup.data.eval, setup.data.classes,
+        features.sources["eval"], training.eval, count=ctx.config.map_images, seed=ctx.config.seed,
+    )  # fmt: skip
+    if maps and not setup.extractor.layout.has_cls:
+        ctx.notes.append("maps: the model has no class token, so only the selective weights are shown")
+    ctx.timings["maps"] = time.perf_counter() - t3
+    ctx.timings["total"] = time.perf_counter() - t0
+    info = _provenance(ctx, setup, features, training, trained, maps)
+    results.insert(0, "model", setup.loaded.name)
+    summary.insert(0, "model", setup.loaded.name)
+    return ProbeResult(results, summary, info, maps, trained.bank)
+
+
+def _provenance(
+    ctx: _Context,
+    setup: _Setup,
+    features: _Features,
+    training: _Training,
+    trained: BankResult,
+    maps: list[MapRecord],
+) -> dict[str, Any]:
+    """run.json's entry for the model: where its features came from and how the heads were trained."""
+    from attnscope import distributed
+
+    config, loaded, extractor = ctx.config, setup.loaded, setup.extractor
+    blocks = len(loaded.model.blocks)
+    transform = {k: (list(v) if isinstance(v, tuple) else v) for k, v in extractor.transform_config.items()}
+    info = loaded.provenance()
+    info.update(
+        {
+            "token_layout": extractor.layout.as_dict(),
+            "num_blocks": blocks,
+            "features": {
+                "layer": f"last block (blocks.{blocks - 1})",
+                "prenorm": config.prenorm,
+                "norm": extractor.norm_label,
+                "tokens": setup.tokens,
+                "dim": setup.dim,
+                "transform": transform,
+                "forward_dtype": config.dtype,
+            },  # fmt: skip
+            "data": setup.data.summary(),
+            "splits": {"train": len(training.fit), "holdout": len(training.hold), "eval": len(training.eval)},
+            "cache": features.cache_info or None,
+            "recipe": training.recipe.as_dict(),
+            "bank": {**training.bank.as_dict(), "steps": trained.steps, "epoch_losses": trained.losses},
+            "bn_stats": "recomputed over the training split after the last step"
+            + (" (statistics of each batch summed over the ranks)" if ctx.data_parallel else ""),
+            "images_skipped": [
+                {"split": name, "item": split.source.describe(p), "reason": r}
+                for name, split in setup.splits.items()
+                for p, r in sorted(features.failures.get(name, {}).items())
+            ],
+            "maps": [
+                {"item": m.item, "label": m.label, "aggregator": m.aggregator, "spearman": m.spearman}
+                for m in maps
+            ],
+            "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
+            "device": str(ctx.device),
+            "notes": ctx.notes,
+            **distributed.describe(),
+        }
+    )
+    return info
+
+
+def _ram_budget() -> int:
+    """Half of the memory available now (a cache that fits is read into RAM once)."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 2 * 2**30
+
+
+def write_probe_run(
+    writer: RunWriter, result: ProbeResult, meta: dict[str, Any], formats: Sequence[str] = ("png",)
+) -> None:
+    """results.csv, summary.csv, maps.csv, figures/, then run.json last (it marks a finished run)."""
+    from attnscope.plots.probe import accuracy_by_aggregator, accuracy_by_lr, selection_maps
+    from attnscope.probe.selection import maps_table
+
+    writer.write_csv("results.csv", result.results)
+    writer.write_csv("summary.csv", result.summary)
+    label = display_name(result.info["name"], bool(result.info.get("random_init")))
+    num_classes = result.info["data"]["num_classes"]
+    writer.write_figure(
+        "figures/accuracy_by_aggregator",
+        accuracy_by_aggregator(result.results, result.summary, label=label, num_classes=num_classes),
+        formats,
+    )
+    writer.write_figure("figures/accuracy_by_lr", accuracy_by_lr(result.results, label=label), formats)
+    if result.maps:
+        writer.write_csv("maps.csv", maps_table(result.maps))
+        writer.write_figure(
+            "figures/selection_vs_cls_attention", selection_maps(result.maps, label=label), formats
+        )
+    writer.write_json("run.json", meta)

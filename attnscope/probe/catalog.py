@@ -1,0 +1,37 @@
+"""The aggregator registry as the CLI's help text sees it, without importing torch.
+
+probe/heads.py registers each aggregator with `@register_aggregator` on a class whose
+`name` and `help` are string literals. Those classes are torch modules, and the CLI's
+help must not load torch, so `registered_aggregators` reads the two attributes from
+heads.py's source instead of importing it. tests/test_probe_heads.py checks that this
+view and the imported registry agree.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+__all__ = ["registered_aggregators"]
+
+_HEADS = Path(__file__).with_name("heads.py")
+
+
+def registered_aggregators() -> list[tuple[str, str]]:
+    """(name, one-line help) of every registered aggregator, in registration order."""
+    found = []
+    for node in ast.parse(_HEADS.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef) and any(_is_register(d) for d in node.decorator_list):
+            attrs = {
+                target.id: stmt.value.value
+                for stmt in node.body
+                if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant)
+                for target in stmt.targets
+                if isinstance(target, ast.Name)
+            }
+            found.append((str(attrs["name"]), str(attrs["help"])))
+    return found
+
+
+def _is_register(decorator: ast.expr) -> bool:
+    return isinstance(decorator, ast.Name) and decorator.id == "register_aggregator"

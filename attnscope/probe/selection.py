@@ -1,0 +1,244 @@
+"""What a trained bank is read for: each aggregator's selected head, and what the probe selects.
+
+`select_hyperparameters` picks each aggregator's (lr, wd) head on the hold-out (not on the
+evaluation split). `selection_maps` draws, for a few evaluation images, a selective head's
+weights over the patches beside the model's own last-block [cls] attention (`MapRecord`);
+`maps_table` is their maps.csv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from attnscope.capture import BlockTensors
+    from attnscope.data import ImageBatch
+    from attnscope.models import TokenLayout
+    from attnscope.probe.datasets import LabelledSplit
+    from attnscope.probe.features import TokenExtractor
+    from attnscope.probe.heads import HeadBank
+    from attnscope.probe.train import FeatureSource
+
+__all__ = ["MapRecord", "maps_table", "select_hyperparameters", "selection_maps"]
+
+_MAPS_STREAM = 32  # random stream of the images drawn for the maps
+
+
+def select_hyperparameters(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(results with a `selected` column, summary with one row per aggregator).
+
+    Each aggregator's head (its lr and wd) is chosen on the hold-out (else on training
+    accuracy); ties go to the lower hold-out loss, then the smaller lr and wd.
+
+    `best_over_grid_eval_top1` is the best evaluation accuracy of any head of that
+    aggregator: an optimistic number (selected on the evaluation split itself), reported
+    separately because that is what papers that pick the best epoch on ImageNet val report.
+    """
+    import pandas as pd
+
+    results = results.copy()
+    results["selected"] = False
+    rows = []
+    for name, group in results.groupby("aggregator", sort=False):
+        if group["holdout_top1"].notna().any():
+            key, loss, selected_on = "holdout_top1", "holdout_loss", "holdout"
+        else:
+            key, loss, selected_on = "train_top1", "train_loss", "train"
+        ranked = group.sort_values(
+            [key, loss, "lr", "wd"], ascending=[False, True, True, True], kind="stable"
+        )
+        best = ranked.iloc[0]
+        results.loc[best.name, "selected"] = True
+        rows.append(
+            {
+                "aggregator": name,
+                "lr": best["lr"],
+                "wd": best["wd"],
+                "params": int(best["params"]),
+                "selected_on": selected_on,
+                "holdout_top1": best["holdout_top1"],
+                "train_top1": best["train_top1"],
+                "eval_top1": best["eval_top1"],
+                "eval_top5": best["eval_top5"],
+                "best_over_grid_eval_top1": group["eval_top1"].max(),
+                **({"eval_images": int(best["eval_images"])} if "eval_images" in best else {}),
+                "head": int(best["head"]),
+            }
+        )
+    summary = pd.DataFrame(rows)
+    names = list(summary["aggregator"])
+    baseline = "cls" if "cls" in names else ("mean" if "mean" in names else None)
+    summary["baseline"] = baseline
+    if baseline is not None:
+        base = float(summary.loc[summary["aggregator"] == baseline, "eval_top1"].iloc[0])
+        summary["delta_top1_vs_baseline"] = summary["eval_top1"] - base
+    else:
+        summary["delta_top1_vs_baseline"] = np.nan
+    return results, summary
+
+
+# --------------------------------------------------------------------------- maps
+
+
+@dataclass
+class MapRecord:
+    """One evaluation image: a selective head's weights and [cls]'s attention over its patches."""
+
+    item: str
+    label: str
+    predicted: str
+    image: np.ndarray  # (H, W, 3) in [0, 1], as the model saw it
+    grid: tuple[int, int]
+    aggregator: str
+    weights: np.ndarray  # (gh, gw), sums to 1
+    cls_attention: np.ndarray | None  # (gh, gw) head mean of the last block, renormalised over patches
+    spearman: float
+
+
+def selection_maps(
+    bank: HeadBank,
+    summary: pd.DataFrame,
+    extractor: TokenExtractor,
+    split: LabelledSplit,
+    classes: Sequence[str],
+    source: FeatureSource,
+    positions: Sequence[int],
+    *,
+    count: int,
+    seed: int,
+) -> list[MapRecord]:
+    """For `count` evaluation images drawn (seeded) from `positions`: the weights of the first
+    selective aggregator of the bank (its selected head) beside the model's last-block [cls]
+    attention on the same preprocessed image. Empty when `count` is 0 or the bank has no
+    selective aggregator; without a class token `cls_attention` is None."""
+    from attnscope.data import collate_images
+    from attnscope.probe.features import ProbeImageDataset
+    from attnscope.probe.heads import AGGREGATORS
+
+    chosen = next((n for n, c in AGGREGATORS.items() if c.selective and n in bank.names), None)
+    if count <= 0 or chosen is None:
+        return []
+    head = int(summary.loc[summary["aggregator"] == chosen, "head"].iloc[0])
+    rng = np.random.default_rng([seed, _MAPS_STREAM])
+    picks = np.sort(rng.choice(positions, size=min(count, len(positions)), replace=False))
+    weights, preds = _head_weights(bank, chosen, head, source, picks)
+    dataset = ProbeImageDataset(split.source, extractor.transform)
+    batch = collate_images([dataset[int(p)] for p in picks if int(p) in weights])
+    if batch.images is None:
+        return []
+    cls_attn = _cls_attention(extractor, batch) if extractor.layout.has_cls else {}
+    gh, gw = extractor.layout.grid
+    records = []
+    for i, p in enumerate(batch.indices):
+        w, c = weights[int(p)], cls_attn.get(int(p))
+        records.append(
+            MapRecord(
+                item=split.source.describe(int(p)),
+                label=classes[int(split.labels[p])],
+                predicted=classes[preds[int(p)]],
+                image=_as_seen(extractor, batch.images[i]),
+                grid=(gh, gw),
+                aggregator=chosen,
+                weights=w.reshape(gh, gw),
+                cls_attention=None if c is None else c.reshape(gh, gw),
+                spearman=_spearman(w, c),
+            )
+        )
+    return records
+
+
+def _head_weights(
+    bank: HeadBank, name: str, head: int, source: FeatureSource, picks: np.ndarray
+) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """Per position: head `head` of aggregator `name`'s weights over the patches, and its prediction."""
+    import torch
+
+    bank.eval()
+    weights: dict[int, np.ndarray] = {}
+    preds: dict[int, int] = {}
+    with torch.no_grad():
+        for tokens, pos in source.iterate(picks, len(picks)):
+            w = bank.patch_weights(name, tokens)[head].float().cpu().numpy()
+            predicted = bank(tokens)[name][head].argmax(-1).cpu().numpy()
+            for i, p in enumerate(pos):
+                weights[int(p)] = w[i]
+                preds[int(p)] = int(predicted[i])
+    return weights, preds
+
+
+class _LastBlockClsAttention:
+    """`measure.forwards` consumer: the last block's [cls] attention over the patches,
+    averaged over heads, one `(B, N)` tensor per forward."""
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+        self.layout: TokenLayout | None = None
+        self.maps: list[torch.Tensor] = []
+
+    def begin(self, layout: TokenLayout) -> None:
+        self.layout = layout
+
+    def __call__(self, block: BlockTensors) -> None:
+        if block.index == self.last:
+            assert self.layout is not None
+            self.maps.append(block.attn[:, :, 0, self.layout.patch_slice].float().mean(1).cpu())
+
+
+def _cls_attention(extractor: TokenExtractor, batch: ImageBatch) -> dict[int, np.ndarray]:
+    """Per image of `batch`: the model's own last-block [cls] attention over the patches
+    (float32 forward), renormalised to sum to 1 over the patches."""
+    from attnscope.measure import forwards
+
+    grab = _LastBlockClsAttention(len(extractor.model.blocks) - 1)
+    for _ in forwards(extractor.loaded, [batch], grab, device=extractor.device, residual=False):
+        pass
+    attn = grab.maps[-1].numpy()
+    out = {}
+    for i, p in enumerate(batch.indices):
+        a = attn[i]
+        out[int(p)] = a / a.sum() if a.sum() > 0 else a
+    return out
+
+
+def _as_seen(extractor: TokenExtractor, image: torch.Tensor) -> np.ndarray:
+    """A normalised `(3, H, W)` input back to an `(H, W, 3)` picture in [0, 1]."""
+    config = extractor.transform_config
+    mean = np.asarray(config.get("mean", (0.5, 0.5, 0.5)), dtype=np.float32)[:, None, None]
+    std = np.asarray(config.get("std", (0.5, 0.5, 0.5)), dtype=np.float32)[:, None, None]
+    return np.clip(image.numpy() * std + mean, 0, 1).transpose(1, 2, 0)
+
+
+def _spearman(weights: np.ndarray, cls_attention: np.ndarray | None) -> float:
+    """Rank correlation of the two maps over the patches (NaN when either is constant)."""
+    from scipy.stats import spearmanr
+
+    if cls_attention is None or np.ptp(weights) <= 0 or np.ptp(cls_attention) <= 0:
+        return float("nan")
+    return float(spearmanr(weights, cls_attention).statistic)
+
+
+def maps_table(maps: Sequence[MapRecord]) -> pd.DataFrame:
+    """maps.csv: one row per mapped image."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "item": m.item,
+                "label": m.label,
+                "predicted": m.predicted,
+                "aggregator": m.aggregator,
+                "spearman_vs_cls_attention": m.spearman,
+                "max_weight": float(m.weights.max()),
+                "uniform_weight": 1.0 / m.weights.size,
+            }
+            for m in maps
+        ]
+    )
