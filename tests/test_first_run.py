@@ -74,3 +74,13 @@ def test_entropy_takes_the_model_positionally_or_as_an_option(tmp_path):
     assert _invoke("entropy", "--max-images", "1").exit_code == 2
     both = _invoke("entropy", "test_vit", "--model", "test_vit2", "--random-init")
     assert both.exit_code == 2 and "two models given" in both.output
+
+
+def test_probe_usage_line_offline_is_one_line_and_writes_nothing(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    result = _invoke("probe", "--aggregator", "abmilp", "--out", str(out), "--cache-dir", str(cache))
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "vit_base_patch16_224.mae" in lines[0]  # the paper's model by default
+    assert "--checkpoint" in lines[0] and "--random-init" in lines[0]
+    assert not out.exists() and not cache.exists()

@@ -14,7 +14,6 @@ from attnscope.cli.options import (
     DtypeOpt,
     FormatOpt,
     ImgSizeOpt,
-    ModelOpt,
     OutOpt,
     OverwriteOpt,
     RandomInitOpt,
@@ -208,10 +207,20 @@ OldExtractBatchOpt = Annotated[int | None, typer.Option("--extract-batch-size", 
 OldMaxImgOpt = Annotated[int | None, typer.Option("--max-images", hidden=True, min=2)]
 
 
+ProbeModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Alias (see `attnscope models`) or any timm ViT name. Default: the paper's MAE ViT-B/16.",
+    ),
+]
+
+
 @handle_errors(flags=PROBE_FLAGS)
 def probe_cmd(
     ctx: typer.Context,
-    model: ModelOpt,
+    model: ProbeModelOpt = "mae_vit_base",
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
     seed: SeedOpt = 0,
