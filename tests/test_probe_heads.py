@@ -487,3 +487,29 @@ def test_softmax_pool_matches_autograd_in_float64(reuse):
         softmax_pool(patches, [(w * 2, bias)], with_mean=False, scratch=scratch)
         with pytest.raises(RuntimeError, match="modified inplace"):
             stale.sum().backward()
+
+
+def test_selection_at_the_edge_of_the_grid_is_noted_with_the_next_grid():
+    import pandas as pd
+
+    from attnscope.probe.selection import grid_edge_notes, select_hyperparameters
+
+    def table(best_lr: float) -> pd.DataFrame:
+        rows = []
+        for lr in (1e-3, 1e-2, 1e-1):
+            for wd in (0.0, 1e-4):
+                acc = 0.9 if (lr == best_lr and wd == 0.0) else 0.5
+                rows.append(
+                    dict(aggregator="abmilp", lr=lr, wd=wd, params=1, holdout_top1=acc, holdout_loss=1.0,
+                         train_top1=1.0, train_loss=0.0, eval_top1=acc, eval_top5=1.0, head=len(rows))
+                )  # fmt: skip
+        return pd.DataFrame(rows)
+
+    top = grid_edge_notes(*select_hyperparameters(table(1e-1)))
+    assert top == [
+        "abmilp: the selected lr 0.1 is the largest of the grid (0.001, 0.01, 0.1), so the best one "
+        "may lie beyond it; try `lrs` 0.1,1,10"
+    ]  # wd 0 is the smallest, but nothing lies below it
+    low = grid_edge_notes(*select_hyperparameters(table(1e-3)))
+    assert len(low) == 1 and "smallest" in low[0] and low[0].endswith("try `lrs` 1e-05,0.0001,0.001")
+    assert grid_edge_notes(*select_hyperparameters(table(1e-2))) == []

@@ -619,9 +619,11 @@ def _report(
     ctx: _Context, setup: _Setup, features: _Features, training: _Training, trained: BankResult, t0: float
 ) -> ProbeResult:
     """Each aggregator's selected head, the selection maps and the provenance for run.json."""
-    from attnscope.probe.selection import select_hyperparameters, selection_maps
+    from attnscope.probe.selection import grid_edge_notes, select_hyperparameters, selection_maps
 
     results, summary = select_hyperparameters(trained.results)
+    for text in grid_edge_notes(results, summary):
+        ctx.note(text)
     t3 = time.perf_counter()
     maps = selection_maps(
         trained.bank, summary, setup.extractor, setup.data.eval, setup.data.classes,

@@ -31,6 +31,37 @@ __all__ = ["MapRecord", "maps_table", "select_hyperparameters", "selection_maps"
 _MAPS_STREAM = 32  # random stream of the images drawn for the maps
 
 
+def grid_edge_notes(results: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """A note for each aggregator whose selected lr or wd sits at an edge of its grid.
+
+    The best value may then lie outside the grid; the note proposes the next grid, one
+    geometric step further (the step of the grid's last two values at that edge)."""
+    notes = []
+    for row in summary.itertuples():
+        group = results[results["aggregator"] == row.aggregator]
+        for field, column in (("lrs", "lr"), ("wds", "wd")):
+            grid = sorted(set(float(v) for v in group[column]))
+            chosen = float(getattr(row, column))
+            if len(grid) < 2 or chosen not in (grid[0], grid[-1]):
+                continue
+            top = chosen == grid[-1]
+            if not top and chosen <= 0:
+                continue  # nothing lies below a weight decay of 0
+            inner = grid[-2] if top else grid[1]
+            suggestion = ""
+            if inner > 0 and chosen > 0:
+                step = chosen / inner
+                powers = range(3) if top else (2, 1, 0)
+                suggestion = f"; try `{field}` " + ",".join(f"{chosen * step**k:.3g}" for k in powers)
+            side = "largest" if top else "smallest"
+            notes.append(
+                f"{row.aggregator}: the selected {column} {chosen:g} is the {side} "
+                f"of the grid ({', '.join(f'{v:g}' for v in grid)}), so the best one may lie beyond it"
+                + suggestion
+            )
+    return notes
+
+
 def select_hyperparameters(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(results with a `selected` column, summary with one row per aggregator).
 
