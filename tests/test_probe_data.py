@@ -288,6 +288,42 @@ def test_extraction_is_resumable_atomic_and_indexed(tmp_path, tiny_loaded):
     assert doc["key"] == cache.key and doc["dtype"] == "float16"
 
 
+def test_interrupted_extraction_keeps_every_commit_whatever_the_shard_size(tmp_path, tiny_loaded):
+    """Commits come every few images (or seconds) even when a shard could hold the whole split;
+    Ctrl-C says how much is committed and a rerun extracts only the rest."""
+    paths = [write_image(tmp_path / "img" / f"{i}.png", i) for i in range(12)]
+    source = ds.FileSource(paths)
+    ex = feat.TokenExtractor(tiny_loaded)
+    cache = feat.open_cache(tmp_path / "cache", "tiny", material_for(tiny_loaded, source, ex), 12, 5, 64)
+    assert cache.shard_images >= 12  # one shard could hold everything
+    calls = {"n": 0}
+    real_call = feat.TokenExtractor.__call__
+
+    def dying(self, images):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after 4 batches of 2 images
+            raise KeyboardInterrupt
+        return real_call(self, images)
+
+    feat.TokenExtractor.__call__ = dying
+    try:
+        with pytest.raises(feat.ExtractionInterrupted, match="8 of 12 images"):
+            feat.extract_shards(ex, source, cache, range(12), batch_size=2, commit_images=4)
+    finally:
+        feat.TokenExtractor.__call__ = real_call
+    assert sorted(cache.done_positions()) == list(range(8))
+    report = feat.extract_shards(ex, source, cache, range(12), batch_size=2, commit_images=4)
+    assert report.extracted == 4  # only the rest
+    feat.write_cache_index(cache)
+    resumed = feat.FeatureStore(cache).load_all()
+
+    fresh = feat.open_cache(tmp_path / "fresh", "tiny", material_for(tiny_loaded, source, ex), 12, 5, 64)
+    feat.extract_shards(ex, source, fresh, range(12), batch_size=2, commit_seconds=0.0)
+    assert len(fresh.shards()) == 6  # a commit after every batch when the time limit is 0
+    feat.write_cache_index(fresh)
+    np.testing.assert_array_equal(resumed, feat.FeatureStore(fresh).load_all())
+
+
 def test_disk_space_refusal_suggests_no_cache(tmp_path, monkeypatch):
     import collections
 

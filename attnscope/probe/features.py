@@ -424,6 +424,10 @@ class ExtractReport:
     shards_written: int = 0
 
 
+COMMIT_IMAGES = 64  # a shard is committed at the latest after this many images ...
+COMMIT_SECONDS = 30.0  # ... or this much time, so an interruption loses little work
+
+
 def extract_shards(
     extractor: TokenExtractor,
     source: ImageSource,
@@ -434,51 +438,93 @@ def extract_shards(
     num_workers: int = 0,
     progress: ProgressFn | None = None,
     on_skip: SkipFn | None = None,
+    commit_images: int = COMMIT_IMAGES,
+    commit_seconds: float = COMMIT_SECONDS,
 ) -> ExtractReport:
-    """Extract the positions `indices` that no complete shard holds yet into new shards.
+    """Extract the positions `indices` that no committed shard holds yet into new shards.
 
-    Each shard is filled in a temporary memory-mapped file, renamed into place, and only
-    then gets its meta file; an interruption therefore loses at most the shard in flight,
-    and the next call continues with the positions still missing.
+    Tokens are kept in memory and committed as a shard (array renamed into place, then its
+    meta file) every `commit_images` images (at most the cache's shard size) or
+    `commit_seconds`, whichever comes first. An interruption therefore loses at most that
+    much work, and the next call continues with the positions still missing; a shard
+    without its meta file is never trusted. Ctrl-C raises `ExtractionInterrupted`, which
+    says how much is committed.
     """
-    import torch
-
     todo = cache.pending(indices)
     report = ExtractReport()
     if not todo:
         return report
     start = time.perf_counter()
-    total, done = len(todo), 0
-    for first in range(0, len(todo), cache.shard_images):
-        chunk = todo[first : first + cache.shard_images]
-        name = f"shard-{chunk[0]:09d}-{chunk[-1]:09d}"
-        row_of = {p: r for r, p in enumerate(chunk)}
-        failures: dict[int, str] = {}
-        target = cache.root / f"{name}.npy"
-        with atomic_path(target) as tmp:
-            arr = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.float16, shape=(len(chunk), cache.tokens, cache.dim)
-            )
-            for batch in make_source_loader(source, extractor.transform, chunk, batch_size, num_workers):
-                for pos, reason in batch.failures:
-                    failures[pos] = reason
-                    if on_skip is not None:
-                        on_skip(source.path(pos), reason)
-                if batch.images is not None:
-                    tokens = extractor(batch.images).to("cpu", dtype=torch.float16).numpy()
-                    arr[[row_of[p] for p in batch.indices]] = tokens
-                done += len(batch.indices) + len(batch.failures)
-                if progress is not None:
-                    progress(done, total)
-            arr.flush()
-            del arr
-        meta = {"positions": chunk, "failures": {str(k): v for k, v in failures.items()}}
-        write_text_atomic(cache.root / f"{name}.json", json.dumps(meta) + "\n")
-        report.extracted += len(chunk) - len(failures)
-        report.failures.update(failures)
-        report.shards_written += 1
+    limit = max(1, min(commit_images, cache.shard_images))
+    buffer = _ShardBuffer(cache)
+    done, last_commit = 0, time.monotonic()
+    try:
+        for batch in make_source_loader(source, extractor.transform, todo, batch_size, num_workers):
+            for pos, reason in batch.failures:
+                if on_skip is not None:
+                    on_skip(source.path(pos), reason)
+            buffer.add(extractor, batch)
+            done += len(batch.indices) + len(batch.failures)
+            if len(buffer) >= limit or time.monotonic() - last_commit >= commit_seconds:
+                buffer.commit(report)
+                last_commit = time.monotonic()
+            if progress is not None:
+                progress(done, len(todo))
+        buffer.commit(report)
+    except KeyboardInterrupt:
+        committed = len(cache.done_positions())
+        raise ExtractionInterrupted(
+            f"interrupted: {committed} of {cache.num_items} images' features are committed in "
+            f"{cache.root}; the same command continues from there"
+        ) from None
     report.seconds = time.perf_counter() - start
     return report
+
+
+class ExtractionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during extraction, with a message saying what is committed."""
+
+
+class _ShardBuffer:
+    """The tokens extracted since the last commit, in position order of arrival."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        self.cache = cache
+        self.positions: list[int] = []
+        self.rows: list[np.ndarray] = []
+        self.failures: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def add(self, extractor: TokenExtractor, batch: Any) -> None:
+        import torch
+
+        zeros = np.zeros((self.cache.tokens, self.cache.dim), dtype=np.float16)
+        for pos, reason in batch.failures:  # a failed image keeps a row of zeros it never serves
+            self.positions.append(int(pos))
+            self.rows.append(zeros)
+            self.failures[int(pos)] = reason
+        if batch.images is not None:
+            tokens = extractor(batch.images).to("cpu", dtype=torch.float16).numpy()
+            self.positions.extend(int(p) for p in batch.indices)
+            self.rows.extend(tokens)
+
+    def commit(self, report: ExtractReport) -> None:
+        """Write the buffer as one shard: the array first, its meta file last."""
+        if not self.positions:
+            return
+        order = np.argsort(self.positions, kind="stable")
+        positions = [self.positions[i] for i in order]
+        name = f"shard-{positions[0]:09d}-{positions[-1]:09d}"
+        with atomic_path(self.cache.root / f"{name}.npy") as tmp:
+            np.save(tmp, np.stack([self.rows[i] for i in order]), allow_pickle=False)
+        meta = {"positions": positions, "failures": {str(k): v for k, v in self.failures.items()}}
+        write_text_atomic(self.cache.root / f"{name}.json", json.dumps(meta) + "\n")
+        report.extracted += len(positions) - len(self.failures)
+        report.failures.update(self.failures)
+        report.shards_written += 1
+        self.positions, self.rows, self.failures = [], [], {}
 
 
 @dataclass
