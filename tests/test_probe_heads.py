@@ -513,3 +513,17 @@ def test_selection_at_the_edge_of_the_grid_is_noted_with_the_next_grid():
     low = grid_edge_notes(*select_hyperparameters(table(1e-3)))
     assert len(low) == 1 and "smallest" in low[0] and low[0].endswith("try `lrs` 1e-05,0.0001,0.001")
     assert grid_edge_notes(*select_hyperparameters(table(1e-2))) == []
+
+
+def test_smallest_weight_decay_at_the_edge_suggests_going_to_zero():
+    import pandas as pd
+
+    from attnscope.probe.selection import grid_edge_notes, select_hyperparameters
+
+    rows = [
+        dict(aggregator="mean", lr=1e-2, wd=wd, params=1, holdout_top1=acc, holdout_loss=1.0,
+             train_top1=1.0, train_loss=0.0, eval_top1=acc, eval_top5=1.0, head=k)
+        for k, (wd, acc) in enumerate([(1e-4, 0.9), (5e-2, 0.5)])
+    ]  # fmt: skip
+    (note,) = grid_edge_notes(*select_hyperparameters(pd.DataFrame(rows)))
+    assert "wd 0.0001 is the smallest" in note and note.endswith("try `wds` 0,1e-05,0.0001")

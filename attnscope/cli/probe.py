@@ -349,12 +349,9 @@ class _ProbeView(ProbeHooks):
 
     def epoch(self, done: int, total: int) -> None:
         if self.bar is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from attnscope.cli.progress import make_progress
 
-            self.bar = Progress(
-                TextColumn("[bold]training heads[/] epoch"), BarColumn(), MofNCompleteColumn(),
-                TimeRemainingColumn(), console=self.ui.err,
-            )  # fmt: skip
+            self.bar = make_progress("training heads (epochs)", self.ui.err, unit="ep")
             self.bar.start()
             self.task = self.bar.add_task("train", total=total)
         self.bar.update(self.task, completed=done, total=total)

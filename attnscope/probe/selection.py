@@ -50,9 +50,12 @@ def grid_edge_notes(results: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
             inner = grid[-2] if top else grid[1]
             suggestion = ""
             if inner > 0 and chosen > 0:
-                step = chosen / inner
-                powers = range(3) if top else (2, 1, 0)
-                suggestion = f"; try `{field}` " + ",".join(f"{chosen * step**k:.3g}" for k in powers)
+                # one grid step further, at most a factor of 10 per step
+                step = min(chosen / inner, 10.0) if top else max(chosen / inner, 0.1)
+                values = [chosen * step**k for k in (range(3) if top else (2, 1, 0))]
+                if column == "wd" and not top:
+                    values = [0.0, chosen * step, chosen]  # weight decay can go all the way to 0
+                suggestion = f"; try `{field}` " + ",".join(f"{v:.3g}" for v in values)
             side = "largest" if top else "smallest"
             notes.append(
                 f"{row.aggregator}: the selected {column} {chosen:g} is the {side} "
