@@ -89,4 +89,3 @@ def test_kill_9_at_random_moments_then_resume_equals_one_uninterrupted_run(tmp_p
     resumed = np.load(tmp_path / "killed-all.npy")
     # batches of the resumed run may be composed differently: fp16 tokens agree to rounding
     np.testing.assert_allclose(resumed.astype(np.float32), expected.astype(np.float32), atol=2e-3, rtol=2e-3)
-    assert not [p for p in (tmp_path / "killed").rglob(".*")]  # no temporary file left behind
