@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from attnscope import __version__
+from attnscope.cli.cache import cache_app
 from attnscope.cli.compare import compare_cmd
 from attnscope.cli.entropy import entropy_cmd
 from attnscope.cli.maps import maps_cmd
@@ -54,6 +55,7 @@ app.command("entropy")(entropy_cmd)
 app.command("compare")(compare_cmd)
 app.command("maps")(maps_cmd)
 app.command("probe")(probe_cmd)
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:
