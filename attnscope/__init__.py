@@ -17,10 +17,13 @@ __all__ = [
     "AnalysisResult",
     "AttentionRecorder",
     "AttnscopeError",
+    "ConfigError",
+    "METRICS",
     "MetricAccumulator",
     "TokenLayout",
     "analyze",
     "block_metrics",
+    "list_model_specs",
     "load_model",
     "token_layout",
     "__version__",
@@ -31,20 +34,22 @@ _LAZY = {
     "AnalysisResult": "attnscope.analysis",
     "analyze": "attnscope.analysis",
     "AttentionRecorder": "attnscope.capture",
+    "METRICS": "attnscope.metrics",
     "MetricAccumulator": "attnscope.metrics",
     "block_metrics": "attnscope.metrics",
     "TokenLayout": "attnscope.models",
+    "list_model_specs": "attnscope.models",
     "load_model": "attnscope.models",
     "token_layout": "attnscope.models",
 }
 
-from attnscope.errors import AttnscopeError  # noqa: E402
+from attnscope.errors import AttnscopeError, ConfigError  # noqa: E402
 
 if TYPE_CHECKING:
     from attnscope.analysis import AnalysisResult, analyze
     from attnscope.capture import AttentionRecorder
-    from attnscope.metrics import MetricAccumulator, block_metrics
-    from attnscope.models import TokenLayout, load_model, token_layout
+    from attnscope.metrics import METRICS, MetricAccumulator, block_metrics
+    from attnscope.models import TokenLayout, list_model_specs, load_model, token_layout
 
 
 def __getattr__(name: str) -> Any:
@@ -54,3 +59,8 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    # the lazy names too, so tab completion and dir(attnscope) show the public API
+    return sorted(set(globals()) | set(__all__))

@@ -65,3 +65,11 @@ def test_unsupported_input_names_the_argument():
         image_source(42)
     with pytest.raises(ConfigError, match="got dict"):
         image_source({"a": 1})
+
+
+def test_public_names_are_listed_and_resolve():
+    import attnscope
+
+    for name in attnscope.__all__:
+        assert name in dir(attnscope)
+        assert getattr(attnscope, name) is not None
