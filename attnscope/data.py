@@ -12,11 +12,11 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -440,7 +440,8 @@ def image_source(
         kind = "dataset" if isinstance(images, Dataset) else "images"
         source = MemoryImages(images, preprocessed, kind)
         if max_images is not None:
-            source.items = Subset(images, range(min(max_images, len(images))))
+            # Subset only indexes and measures it: torch's stub asks for a Dataset subclass
+            source.items = Subset(cast(Dataset, images), range(min(max_images, len(cast(Sized, images)))))
         return source
     raise ConfigError(
         "images",

@@ -217,10 +217,12 @@ def bank_benchmark(args) -> dict:
         paired_loop = sorted(b / a for a, b in zip(loop["1 abmilp head"], loop[bank_name], strict=True))
         ratio = statistics.median(paired)
         ratio_g = med[gated_name] / one
-        print(f"\nRATIO bank(25: cls, mean, cls_mean, abmilp, attentive) / one abmilp head = {ratio:.2f}  (target <= 3)"
-              f"  [median of the {len(paired)} rounds' ratios; range {paired[0]:.2f}-{paired[-1]:.2f}]")  # fmt: skip
+        print(f"\nRATIO bank(25: cls, mean, cls_mean, abmilp, attentive) / one abmilp head = "
+              f"{ratio:.2f}  (target <= 3)  [median of the {len(paired)} rounds' ratios; "
+              f"range {paired[0]:.2f}-{paired[-1]:.2f}]")  # fmt: skip
         print(f"RATIO same, training loop alone (per step; what longer recipes approach) = "
-              f"{statistics.median(paired_loop):.2f}  [range {paired_loop[0]:.2f}-{paired_loop[-1]:.2f}]")  # fmt: skip
+              f"{statistics.median(paired_loop):.2f}  "
+              f"[range {paired_loop[0]:.2f}-{paired_loop[-1]:.2f}]")  # fmt: skip
         if "attentive x1" in med:
             print(f"RATIO same bank / one attentive head = {med[bank_name] / med['attentive x1']:.2f}")
         print(f"RATIO bank(25 with abmilp_gated) / one abmilp head = {ratio_g:.2f}")
@@ -317,9 +319,13 @@ def products_floor(args, one_step_s: float, bank_step_s: float) -> dict:
     for name, sec in secs.items():
         print(f"  {name:40s} {sec * 1e3:6.1f}")
     print(
-        f"  {'sum':40s} {floor * 1e3:6.1f}   measured step: bank {bank_step_s * 1e3:.1f}, one abmilp head {one_step_s * 1e3:.1f}"
+        f"  {'sum':40s} {floor * 1e3:6.1f}   measured step: bank {bank_step_s * 1e3:.1f}, "
+        f"one abmilp head {one_step_s * 1e3:.1f}"
     )
-    print(f"RATIO floor / one abmilp head's step = {floor / one_step_s:.2f}; the bank's other work adds {(bank_step_s - floor) * 1e3:.1f} ms")  # fmt: skip
+    print(
+        f"RATIO floor / one abmilp head's step = {floor / one_step_s:.2f}; "
+        f"the bank's other work adds {(bank_step_s - floor) * 1e3:.1f} ms"
+    )
     return {
         "parts_ms": {k: v * 1e3 for k, v in secs.items()},
         "floor_ms": floor * 1e3,
@@ -345,7 +351,10 @@ def width_benchmark(args) -> dict:
         BANK_NAME: (BANK, LRS),
     }
     out: dict[str, dict] = {}
-    print(f"\n== the same bank at two widths: {n} images x {tokens} tokens in RAM, 100 classes, batch 256, 2 epochs; median of {rounds}")  # fmt: skip
+    print(
+        f"\n== the same bank at two widths: {n} images x {tokens} tokens in RAM, 100 classes, batch 256, "
+        f"2 epochs; median of {rounds}"
+    )
     print(
         f"{'width':28s} {'patch scorers':>13s} {'bank s':>7s} {'x one abmilp':>13s} {'x one attentive':>16s}"
     )
@@ -371,7 +380,8 @@ def width_benchmark(args) -> dict:
         out[str(dim)] = row
         label = f"D {dim} ({'ViT-S' if dim == 384 else 'ViT-B'}, {dim // 64} query heads)"
         print(
-            f"{label:28s} {row['patch_scorers']:13d} {med[BANK_NAME]:7.2f} {row['bank_vs_one_abmilp']:13.2f} {row['bank_vs_one_attentive']:16.2f}"
+            f"{label:28s} {row['patch_scorers']:13d} {med[BANK_NAME]:7.2f} "
+            f"{row['bank_vs_one_abmilp']:13.2f} {row['bank_vs_one_attentive']:16.2f}"
         )
     return out
 
@@ -394,11 +404,15 @@ def second_run_benchmark(args) -> dict:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     a, b = t1 - t0, t2 - t1
-    print(f"\n== second probe run with a warm cache: vit_small_patch16_224 (random init) at 224 px, built-in digits, "
-          f"{first.info['splits']['train'] + first.info['splits']['holdout']} train + {first.info['splits']['eval']} eval images, 5 epochs")  # fmt: skip
+    print(
+        f"\n== second probe run with a warm cache: vit_small_patch16_224 (random init) at 224 px, "
+        f"built-in digits, {first.info['splits']['train'] + first.info['splits']['holdout']} train + "
+        f"{first.info['splits']['eval']} eval images, 5 epochs"
+    )
     print(f"first run  {a:7.1f}s  stages {first.info['timings_s']}")
     print(
-        f"second run {b:7.1f}s  stages {second.info['timings_s']}  (extracted {second.info['cache']['train']['extracted']} images)"
+        f"second run {b:7.1f}s  stages {second.info['timings_s']}  "
+        f"(extracted {second.info['cache']['train']['extracted']} images)"
     )
     print(f"RATIO second / first = {b / a:.3f}  (target <= 0.2)")
     return {

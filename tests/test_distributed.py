@@ -259,8 +259,12 @@ PROTOCOL = textwrap.dedent(
     acc = None  # rank 1: a shard without readable images has no accumulator
     if r == 0:
         acc = MetricAccumulator("m", 1, 2, ["cls_self_attn"], [])
-        acc.state[("head", 0, "cls_self_attn")] = torch.tensor([[2.0, 2.0], [1.0, 3.0], [0.5, 4.5]], dtype=torch.float64)
-    total, layout, used, failures = reduce_statistics(acc, "layout" if r == 0 else None, [r * 2], [(r * 2 + 1, "bad")])
+        acc.state[("head", 0, "cls_self_attn")] = torch.tensor(
+            [[2.0, 2.0], [1.0, 3.0], [0.5, 4.5]], dtype=torch.float64
+        )
+    total, layout, used, failures = reduce_statistics(
+        acc, "layout" if r == 0 else None, [r * 2], [(r * 2 + 1, "bad")]
+    )
     out["reduced"] = {str(k): v.tolist() for k, v in total.state.items()}
     out["used"], out["failures"] = used, failures
     other = MetricAccumulator("m", 1, 2, ["cls_self_attn"] if r == 0 else ["attn_nmi"], [])
@@ -278,7 +282,9 @@ PROTOCOL = textwrap.dedent(
             distributed.barrier()
             out["timeout"] = "no error"
         except Exception as exc:
-            out["timeout"] = distributed.comm_failure_message(exc) or f"unrecognised {type(exc).__name__}: {exc}"
+            out["timeout"] = (
+                distributed.comm_failure_message(exc) or f"unrecognised {type(exc).__name__}: {exc}"
+            )
         json.dump(out, open(f"rank{r}.json", "w"))
         os._exit(0)
     json.dump(out, open(f"rank{r}.json", "w"))

@@ -70,7 +70,7 @@ def handle_errors(func: F | None = None, *, flags: Mapping[str, str] | None = No
                 raise fail(lost) from None
             raise
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def make_progress(label: str):

@@ -22,10 +22,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from attnscope.commands.ui import UI, NullUI
 from attnscope.config import (
@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     import torch
 
     from attnscope.models import LoadedModel
-    from attnscope.probe.datasets import LabelledSplit, ProbeData
-    from attnscope.probe.features import CacheIndex, ExtractReport, FeatureCache, TokenExtractor
+    from attnscope.probe.datasets import LabelledSplit, Positions, ProbeData
+    from attnscope.probe.features import CacheIndex, ExtractReport, FeatureCache, StreamSource, TokenExtractor
     from attnscope.probe.heads import HeadBank
     from attnscope.probe.selection import MapRecord
     from attnscope.probe.train import BankResult, FeatureSource, Recipe
@@ -540,7 +540,7 @@ def _plan_training(ctx: _Context, setup: _Setup, features: _Features) -> _Traini
 
     config = ctx.config
 
-    def readable(name: str, positions: Sequence[int]) -> np.ndarray:
+    def readable(name: str, positions: Positions) -> np.ndarray:
         bad = features.failures.get(name, {})
         return np.asarray([p for p in positions if int(p) not in bad], dtype=np.int64)
 
@@ -605,7 +605,8 @@ def _stream_failures(ctx: _Context, setup: _Setup, features: _Features) -> dict[
     from attnscope import distributed
 
     failures = features.failures
-    own = {name: dict(features.sources[name].failures) for name in setup.splits}  # type: ignore[attr-defined]
+    # called with `no_cache` only: every source is a StreamSource
+    own = {name: dict(cast("StreamSource", features.sources[name]).failures) for name in setup.splits}
     for theirs in distributed.all_gather(own) if ctx.data_parallel else [own]:
         for name, split in setup.splits.items():
             for pos, reason in sorted(theirs[name].items()):
@@ -651,7 +652,7 @@ def _provenance(
     from attnscope import distributed
 
     config, loaded, extractor = ctx.config, setup.loaded, setup.extractor
-    blocks = len(loaded.model.blocks)
+    blocks = len(cast(Sized, loaded.model.blocks))
     transform = {k: (list(v) if isinstance(v, tuple) else v) for k, v in extractor.transform_config.items()}
     info = loaded.provenance()
     info.update(

@@ -8,7 +8,7 @@ figure of a report.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
 # Fixed per family (not per report), so MIM is solid and JEA dashed in every report.
 FAMILY_LINESTYLES: dict[str, Any] = {
@@ -101,7 +102,8 @@ def _draw_metric(
     if relative_depth:
         ax.set_xlim(-0.03, 1.03)
     else:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        # a linear axis's default major locator is an AutoLocator, a MaxNLocator
+        cast("MaxNLocator", ax.xaxis.get_major_locator()).set_params(integer=True)
     _set_ylim(ax, metric, data)
 
 

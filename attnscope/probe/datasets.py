@@ -16,7 +16,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from PIL import Image
@@ -30,6 +30,7 @@ __all__ = [
     "FileSource",
     "ImageSource",
     "LabelledSplit",
+    "Positions",
     "ProbeData",
     "SubsetSource",
     "TorchvisionSource",
@@ -46,6 +47,10 @@ __all__ = [
 # validation split, and changing `val_fraction` does not change which shots are kept.
 _SPLIT_STREAM, _SHOTS_STREAM, _SUBSAMPLE_STREAM = 11, 12, 13
 _EVAL_DIR_NAMES = ("val", "validation", "test")
+
+# Positions into a split: a list of ints, or the int64 array the splitting functions below
+# return; every consumer reads them through np.asarray or int().
+Positions: TypeAlias = Sequence[int] | np.ndarray
 
 
 # --------------------------------------------------------------------------- sources
@@ -119,7 +124,7 @@ class DigitsSource(ImageSource):
         # sklearn stores ink intensity 0..16; draw dark ink on white paper like a scan.
         gray = 255.0 - self.images[i] * (255.0 / 16.0)
         img = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), mode="L")
-        img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
+        img = img.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
         return img.convert("RGB")
 
     def describe(self, i: int) -> str:
@@ -238,7 +243,7 @@ class LabelledSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, positions: Sequence[int]) -> LabelledSplit:
+    def subset(self, positions: Positions) -> LabelledSplit:
         positions = [int(p) for p in positions]
         return LabelledSplit(SubsetSource(self.source, positions), self.labels[positions], self.name)
 
@@ -295,7 +300,7 @@ def _largest_remainder(
 
 
 def stratified_split(
-    labels: Sequence[int], fraction: float, seed: int, stream: int = _SPLIT_STREAM
+    labels: Sequence[int] | np.ndarray, fraction: float, seed: int, stream: int = _SPLIT_STREAM
 ) -> tuple[np.ndarray, np.ndarray]:
     """(kept, split-off) positions: about `fraction` of every class split off, seeded.
 
@@ -318,7 +323,7 @@ def stratified_split(
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(split)) if split else np.zeros(0, np.int64)
 
 
-def stratified_subsample(labels: Sequence[int], n: int, seed: int) -> np.ndarray:
+def stratified_subsample(labels: Sequence[int] | np.ndarray, n: int, seed: int) -> np.ndarray:
     """At most `n` positions, class proportions preserved, seeded; sorted."""
     labels = np.asarray(labels, dtype=np.int64)
     if n >= len(labels):
@@ -334,7 +339,7 @@ def stratified_subsample(labels: Sequence[int], n: int, seed: int) -> np.ndarray
     return np.sort(np.concatenate(chosen))
 
 
-def keep_shots(labels: Sequence[int], shots: int, seed: int) -> tuple[np.ndarray, list[int]]:
+def keep_shots(labels: Sequence[int] | np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, list[int]]:
     """K positions per class (seeded, sorted) and the classes that had fewer than K."""
     labels = np.asarray(labels, dtype=np.int64)
     if shots < 1:

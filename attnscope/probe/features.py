@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -37,9 +37,10 @@ from attnscope.files import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
+    from torch.utils.data import Dataset
 
     from attnscope.models import LoadedModel, TokenLayout
-    from attnscope.probe.datasets import ImageSource
+    from attnscope.probe.datasets import ImageSource, Positions
 
 FORMAT_VERSION = 1
 SHARD_TARGET_BYTES = 512 * 2**20  # big enough for few files, small enough to rewrite on resume
@@ -104,7 +105,7 @@ class ProbeImageDataset:
 def make_source_loader(
     source: ImageSource,
     transform: Callable[[Any], torch.Tensor],
-    positions: Sequence[int],
+    positions: Positions,
     batch_size: int,
     num_workers: int = 0,
 ):
@@ -114,7 +115,8 @@ def make_source_loader(
     from attnscope.data import collate_images
 
     return DataLoader(
-        Subset(ProbeImageDataset(source, transform), [int(p) for p in positions]),
+        # Subset only indexes and measures it: torch's stub asks for a Dataset subclass
+        Subset(cast("Dataset[Any]", ProbeImageDataset(source, transform)), [int(p) for p in positions]),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -173,7 +175,9 @@ class TokenExtractor:
         captured: list[torch.Tensor] = []
         handle = None
         if self.prenorm:
-            handle = self.model.blocks[-1].register_forward_hook(lambda m, i, o: captured.append(o))
+            # timm keeps the blocks in a Sequential (ViT) or a ModuleList (EVA, BEiT)
+            blocks = cast("torch.nn.Sequential | torch.nn.ModuleList", self.model.blocks)
+            handle = blocks[-1].register_forward_hook(lambda m, i, o: captured.append(o))
         try:
             with torch.inference_mode():
                 out = forward_features(self.model, images, dtype=self.dtype, name=self.loaded.name)
@@ -291,7 +295,7 @@ class FeatureCache:
 
     def shards(self) -> list[ShardMeta]:
         """Complete shards (meta present and the array beside it)."""
-        found = []
+        found: list[ShardMeta] = []
         if not self.root.is_dir():
             return found
         for meta_path in sorted(self.root.glob("shard-*.json")):
@@ -604,7 +608,7 @@ class FeatureStore:
             self._arrays[k] = np.load(self.cache.root / f"{name}.npy", mmap_mode="r")
         return self._arrays[k]
 
-    def gather(self, positions: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    def gather(self, positions: Positions, out: np.ndarray | None = None) -> np.ndarray:
         """(len, T, D) float16 for `positions`, in that order (written into `out` if it is
         large enough; then the first len rows of it are returned)."""
         positions = np.asarray(positions, dtype=np.int64)
@@ -651,7 +655,7 @@ class StreamSource:
 
     def iterate(
         self,
-        positions: Sequence[int],
+        positions: Positions,
         batch_size: int,
         *,
         shuffle: bool = False,

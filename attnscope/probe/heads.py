@@ -29,8 +29,8 @@ registry, so adding an aggregator is its class (and its test):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import ClassVar, TypeVar
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import ClassVar, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,7 @@ class Aggregator(nn.Module):
         """The bank's constructor: aggregators with parameters draw them from `generator`."""
         if cls.shared:
             return cls(num_heads, dim)
+        # an aggregator with parameters takes the generator, which the base signature cannot say
         return cls(num_heads, dim, generator=generator)  # type: ignore[call-arg]
 
     @property
@@ -665,6 +666,7 @@ def synced_batch_norm(bns: Sequence[nn.BatchNorm1d], inputs: Sequence[Tensor], s
         out.append((x - mean.to(x.dtype)) * torch.rsqrt(var + bn.eps).to(x.dtype))
         if update and bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
             with torch.no_grad():
+                assert bn.num_batches_tracked is not None  # kept whenever track_running_stats is
                 bn.num_batches_tracked.add_(1)
                 f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
                 bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
@@ -752,7 +754,8 @@ class HeadBank(nn.Module):
         self.dim = dim
         self.num_classes = num_classes
         self._scratch = Scratch()
-        self.heads = nn.ModuleDict()
+        # a ModuleDict (registers the heads' parameters) whose values are all ProbeHeads
+        self.heads = cast("MutableMapping[str, ProbeHeads]", nn.ModuleDict())
         for name in self.names:
             # One generator per aggregator: adding an aggregator leaves the others' init unchanged.
             g = torch.Generator().manual_seed(int(seed) * 1000 + aggregator_class(name).init_stream)
@@ -851,6 +854,7 @@ class HeadBank(nn.Module):
             for (name, agg, _, _), pooled in zip(linear, groups, strict=True):
                 out[name] = agg.from_pooled(pooled)
             for name, agg in mean_users:
+                assert mean is not None  # asked for (with_mean) since there are mean users
                 out[name] = agg.from_mean(cls, mean)
         return {name: out[name] for name in self.names}
 

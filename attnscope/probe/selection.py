@@ -8,9 +8,9 @@ weights over the patches beside the model's own last-block [cls] attention (`Map
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from attnscope.capture import BlockTensors
     from attnscope.data import ImageBatch
     from attnscope.models import TokenLayout
-    from attnscope.probe.datasets import LabelledSplit
+    from attnscope.probe.datasets import LabelledSplit, Positions
     from attnscope.probe.features import TokenExtractor
     from attnscope.probe.heads import HeadBank
     from attnscope.probe.train import FeatureSource
@@ -143,7 +143,7 @@ def selection_maps(
     split: LabelledSplit,
     classes: Sequence[str],
     source: FeatureSource,
-    positions: Sequence[int],
+    positions: Positions,
     *,
     count: int,
     seed: int,
@@ -199,7 +199,9 @@ def _head_weights(
     preds: dict[int, int] = {}
     with torch.no_grad():
         for tokens, pos in source.iterate(picks, len(picks)):
-            w = bank.patch_weights(name, tokens)[head].float().cpu().numpy()
+            patch_weights = bank.patch_weights(name, tokens)
+            assert patch_weights is not None  # `name` is a selective aggregator: it weights the patches
+            w = patch_weights[head].float().cpu().numpy()
             predicted = bank(tokens)[name][head].argmax(-1).cpu().numpy()
             for i, p in enumerate(pos):
                 weights[int(p)] = w[i]
@@ -230,7 +232,7 @@ def _cls_attention(extractor: TokenExtractor, batch: ImageBatch) -> dict[int, np
     (float32 forward), renormalised to sum to 1 over the patches."""
     from attnscope.measure import forwards
 
-    grab = _LastBlockClsAttention(len(extractor.model.blocks) - 1)
+    grab = _LastBlockClsAttention(len(cast(Sized, extractor.model.blocks)) - 1)
     for _ in forwards(extractor.loaded, [batch], grab, device=extractor.device, residual=False):
         pass
     attn = grab.maps[-1].numpy()

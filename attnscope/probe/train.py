@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from attnscope.probe.heads import HeadBank
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from attnscope.probe.datasets import Positions
 
 __all__ = [
     "DEFAULT_LRS",
@@ -110,6 +112,13 @@ class BankAdamW(Optimizer):
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
+    # Optimizer.step's overloads, which mypy checks an override against
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         from torch.optim.adamw import adamw
@@ -136,7 +145,7 @@ class BankAdamW(Optimizer):
             for h in range(heads):
                 # torch's own AdamW update (its fused kernel where the device has one), once
                 # per head on that head's slices with that head's lr and wd
-                part = (lambda t: t) if head_lr is None else (lambda t, h=h: t[h])  # noqa: E731
+                part: Callable[..., Tensor] = (lambda t: t) if head_lr is None else (lambda t, h=h: t[h])  # noqa: E731
                 adamw(
                     [part(p) for p in params],
                     [part(p.grad) for p in params],
@@ -189,6 +198,13 @@ class LARS(Optimizer):
             "trust_coefficient": trust_coefficient,
         }
         super().__init__(params, defaults)
+
+    # Optimizer.step's overloads, which mypy checks an override against
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -343,7 +359,7 @@ class FeatureSource(Protocol):
 
     def iterate(
         self,
-        positions: Sequence[int],
+        positions: Positions,
         batch_size: int,
         *,
         shuffle: bool = False,
@@ -353,7 +369,7 @@ class FeatureSource(Protocol):
 
 
 def _chunks(
-    positions: Sequence[int], batch_size: int, shuffle: bool, rng: np.random.Generator | None, drop_last: bool
+    positions: Positions, batch_size: int, shuffle: bool, rng: np.random.Generator | None, drop_last: bool
 ) -> Iterator[np.ndarray]:
     """The batches of positions every FeatureSource yields: optionally shuffled, in order."""
     pos = np.asarray(positions, dtype=np.int64)
@@ -377,7 +393,7 @@ class TensorSource:
 
     def iterate(
         self,
-        positions: Sequence[int],
+        positions: Positions,
         batch_size: int,
         *,
         shuffle: bool = False,
@@ -400,7 +416,7 @@ class StoreSource:
 
     def iterate(
         self,
-        positions: Sequence[int],
+        positions: Positions,
         batch_size: int,
         *,
         shuffle: bool = False,
@@ -426,11 +442,11 @@ class TrainingData:
 
     train_source: FeatureSource
     train_labels: np.ndarray
-    train_positions: Sequence[int]
-    holdout_positions: Sequence[int]
+    train_positions: Positions
+    holdout_positions: Positions
     eval_source: FeatureSource
     eval_labels: np.ndarray
-    eval_positions: Sequence[int]
+    eval_positions: Positions
 
 
 @dataclass(frozen=True)
@@ -467,7 +483,8 @@ class BankResult:
 def _param_groups(bank: HeadBank, grid: Sequence[tuple[float, float]]) -> list[dict[str, Any]]:
     lrs = torch.tensor([lr for lr, _ in grid], dtype=torch.float32)
     wds = torch.tensor([wd for _, wd in grid], dtype=torch.float32)
-    decay, no_decay = [], []
+    decay: list[Tensor] = []
+    no_decay: list[Tensor] = []
     for p in bank.parameters():
         # Per head a parameter has p.ndim - 1 dimensions; like MAE and timm, only matrices
         # are decayed (not biases, not the attentive query).
@@ -665,7 +682,7 @@ def _empty_tokens(bank: HeadBank, device: torch.device) -> Tensor:
 def recompute_bn_stats(
     bank: HeadBank,
     source: FeatureSource,
-    positions: Sequence[int],
+    positions: Positions,
     batch_size: int,
     *,
     data_parallel: bool = False,
@@ -713,7 +730,7 @@ def evaluate_bank(
     bank: HeadBank,
     source: FeatureSource,
     labels: np.ndarray,
-    positions: Sequence[int],
+    positions: Positions,
     batch_size: int,
     *,
     data_parallel: bool = False,
@@ -755,11 +772,11 @@ def evaluate_bank(
                 sums[i, 2] += loss.view(h, -1).sum(-1).cpu().double()
             count += len(pos)
     total = ranks.all_reduce(torch.cat([sums.reshape(-1), torch.tensor([float(count)], dtype=torch.float64)]))
-    sums, count = total[:-1].view_as(sums).numpy(), int(total[-1])
+    summed, count = total[:-1].view_as(sums).numpy(), int(total[-1])
     out = {}
     for i, name in enumerate(bank.names):
         acc = {
-            key: sums[i, j] / count if count else np.full(h, np.nan)
+            key: summed[i, j] / count if count else np.full(h, np.nan)
             for j, key in enumerate(("top1", "top5", "loss"))
         }
         if not k:
