@@ -457,30 +457,46 @@ def _show_result(ui: CliUI, config: ProbeConfig, result: ProbeResult, out_dir: P
     ui.print(f"results: {out_dir}")
 
 
+def _with_interval(row: Any, column: str, prefix: str) -> str:
+    """'69.5' over '63..76' (percent), or the value alone when there is no interval."""
+    value = 100 * float(row[column])
+    sign = "+" if column.startswith("delta") else ""
+    low, high = row.get(f"{prefix}_low"), row.get(f"{prefix}_high")
+    if low is None or high is None or low != low:
+        return f"{value:{sign}.1f}"
+    return f"{value:{sign}.1f}\n[dim]{100 * low:{sign}.0f}..{100 * high:{sign}.0f}[/]"
+
+
 def _summary_table(summary: pd.DataFrame, title: str) -> Table:
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD)
+    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     baseline = summary["baseline"].iloc[0] if len(summary) else None
     table.add_column("aggregator", no_wrap=True)
     for col in ("lr", "wd", "params", "hold", "top-1", "top-5", "best*"):
         table.add_column(col, justify="right", no_wrap=True)
     if isinstance(baseline, str):
-        table.add_column(f"Δ {baseline}", justify="right", no_wrap=True)
+        table.add_column(f"Δ {baseline}", justify="right", no_wrap=True, min_width=8)
     for _, row in summary.iterrows():
         cells = [
             row["aggregator"], _num(row["lr"]), _num(row["wd"]), f"{int(row['params']):,}",
             _pct(row["holdout_top1"]) if row["selected_on"] == "holdout"
             else f"{_pct(row['train_top1'])} (train)",
-            _pct(row["eval_top1"]), _pct(row["eval_top5"]), _pct(row["best_over_grid_eval_top1"]),
+            _with_interval(row, "eval_top1", "eval_top1_ci"), _pct(row["eval_top5"]),
+            _pct(row["best_over_grid_eval_top1"]),
         ]  # fmt: skip
         if isinstance(baseline, str):
-            delta = 100 * float(row["delta_top1_vs_baseline"])
-            cells.append("—" if row["aggregator"] == baseline else f"{delta:+.1f}")
+            delta = (
+                "—"
+                if row["aggregator"] == baseline
+                else _with_interval(row, "delta_top1_vs_baseline", "delta_ci")
+            )
+            cells.append(delta)
         table.add_row(*cells)
     table.caption = (
-        "hold: hold-out top-1 used for selection; top-1 / top-5: evaluation split (%); "
+        "hold: hold-out top-1 used for selection; top-1 / top-5: evaluation split (%), under top-1 "
+        "its 95% bootstrap interval over the evaluation images (under the gain: the paired one); "
         "best*: best head of the lr x wd grid on the evaluation split itself (optimistic)"
     )
     return table

@@ -622,7 +622,7 @@ def _report(
     """Each aggregator's selected head, the selection maps and the provenance for run.json."""
     from attnscope.probe.selection import grid_edge_notes, select_hyperparameters, selection_maps
 
-    results, summary = select_hyperparameters(trained.results)
+    results, summary = select_hyperparameters(trained.results, trained.eval_hits, ctx.config.seed)
     for text in grid_edge_notes(results, summary):
         ctx.note(text)
     t3 = time.perf_counter()

@@ -8,7 +8,7 @@ weights over the patches beside the model's own last-block [cls] attention (`Map
 
 from __future__ import annotations
 
-from collections.abc import Sequence, Sized
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -65,7 +65,9 @@ def grid_edge_notes(results: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     return notes
 
 
-def select_hyperparameters(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def select_hyperparameters(
+    results: pd.DataFrame, hits: Mapping[str, np.ndarray] | None = None, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(results with a `selected` column, summary with one row per aggregator).
 
     Each aggregator's head (its lr and wd) is chosen on the hold-out (else on training
@@ -100,6 +102,7 @@ def select_hyperparameters(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.Data
                 "holdout_top1": best["holdout_top1"],
                 "train_top1": best["train_top1"],
                 "eval_top1": best["eval_top1"],
+                **{c: best[c] for c in ("eval_top1_ci_low", "eval_top1_ci_high") if c in best},
                 "eval_top5": best["eval_top5"],
                 "best_over_grid_eval_top1": group["eval_top1"].max(),
                 **({"eval_images": int(best["eval_images"])} if "eval_images" in best else {}),
@@ -115,7 +118,26 @@ def select_hyperparameters(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.Data
         summary["delta_top1_vs_baseline"] = summary["eval_top1"] - base
     else:
         summary["delta_top1_vs_baseline"] = np.nan
+    if hits is not None:
+        _delta_intervals(summary, hits, baseline, seed)
     return results, summary
+
+
+def _delta_intervals(
+    summary: pd.DataFrame, hits: Mapping[str, np.ndarray], baseline: str | None, seed: int
+) -> None:
+    """The paired 95% interval of each selected head's gain over the baseline's selected head."""
+    from attnscope.probe.intervals import delta_interval
+
+    heads = dict(zip(summary["aggregator"], summary["head"], strict=True))
+    bounds = [
+        delta_interval(hits[name][:, heads[name]], hits[baseline][:, heads[baseline]], seed)
+        if baseline is not None
+        else (np.nan, np.nan)
+        for name in summary["aggregator"]
+    ]
+    summary["delta_ci_low"] = [lo for lo, _ in bounds]
+    summary["delta_ci_high"] = [hi for _, hi in bounds]
 
 
 # --------------------------------------------------------------------------- maps

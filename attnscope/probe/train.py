@@ -478,6 +478,7 @@ class BankResult:
     losses: list[float]
     steps: int
     seconds: float
+    eval_hits: dict[str, np.ndarray] = field(default_factory=dict)  # aggregator -> (images, H) top-1 hits
 
 
 def _param_groups(bank: HeadBank, grid: Sequence[tuple[float, float]]) -> list[dict[str, Any]]:
@@ -735,10 +736,12 @@ def evaluate_bank(
     *,
     data_parallel: bool = False,
     features: Sequence[tuple[Sequence[Tensor], np.ndarray]] | None = None,
+    per_image: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Per aggregator: top-1, top-5 (NaN with 5 classes or fewer), mean loss, each (H,),
     and `images`, how many images were measured (unreadable ones of a streaming source
-    are not).
+    are not). With `per_image`, also `hits`: (images, H) top-1 hits in position order, and
+    `positions`, for intervals over images.
 
     `features`: `(bank.bn_inputs, positions)` batches kept by `recompute_bn_stats` for
     exactly `positions` (this rank's share of them when data-parallel); then `source` is
@@ -754,6 +757,8 @@ def evaluate_bank(
     # rows per aggregator: top-1 hits, top-5 hits, summed loss; float64 so the sum over ranks is exact
     sums = torch.zeros(len(bank.names), 3, h, dtype=torch.float64)
     count = 0
+    hits: list[list[np.ndarray]] = [[] for _ in bank.names]
+    seen: list[np.ndarray] = []
     if features is None:
         share = ranks.share(np.asarray(positions, dtype=np.int64))
         batches = ((bank(tokens), pos) for tokens, pos in source.iterate(share, batch_size))
@@ -763,7 +768,10 @@ def evaluate_bank(
         for logits, pos in batches:
             target = torch.from_numpy(labels[pos]).to(next(iter(logits.values())).device)
             for i, lg in enumerate(logits.values()):
-                sums[i, 0] += (lg.argmax(-1) == target).sum(-1).cpu().double()
+                correct = lg.argmax(-1) == target  # (H, B)
+                sums[i, 0] += correct.sum(-1).cpu().double()
+                if per_image:
+                    hits[i].append(correct.T.cpu().numpy())
                 if k:
                     sums[i, 1] += (
                         (lg.topk(k, dim=-1).indices == target[:, None]).any(-1).sum(-1).cpu().double()
@@ -771,6 +779,7 @@ def evaluate_bank(
                 loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.repeat(h), reduction="none")
                 sums[i, 2] += loss.view(h, -1).sum(-1).cpu().double()
             count += len(pos)
+            seen.append(np.asarray(pos, dtype=np.int64))
     total = ranks.all_reduce(torch.cat([sums.reshape(-1), torch.tensor([float(count)], dtype=torch.float64)]))
     summed, count = total[:-1].view_as(sums).numpy(), int(total[-1])
     out = {}
@@ -783,7 +792,30 @@ def evaluate_bank(
             acc["top5"] = np.full(h, np.nan)
         acc["images"] = count
         out[name] = acc
+    if per_image:
+        _add_hits(out, bank.names, hits, seen, h, ranks)
     return out
+
+
+def _add_hits(
+    out: dict[str, dict[str, Any]],
+    names: Sequence[str],
+    hits: list[list[np.ndarray]],
+    seen: list[np.ndarray],
+    h: int,
+    ranks: _Ranks,
+) -> None:
+    """Each aggregator's per-image hits in position order, gathered from every rank."""
+    local = {
+        "positions": np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64),
+        "hits": [np.concatenate(x) if x else np.zeros((0, h), dtype=bool) for x in hits],
+    }
+    parts = distributed.all_gather(local) if ranks.parallel else [local]
+    positions = np.concatenate([p["positions"] for p in parts])
+    order = np.argsort(positions, kind="stable")
+    for i, name in enumerate(names):
+        out[name]["hits"] = np.concatenate([p["hits"][i] for p in parts])[order]
+        out[name]["positions"] = positions[order]
 
 
 def train_bank(
@@ -835,7 +867,9 @@ def train_bank(
             progress(epoch + 1, recipe.epochs, losses[-1])
     seconds = time.perf_counter() - start
     measured = _measure(bank, data, recipe, rng, ranks)
-    return BankResult(_results_table(bank, recipe.grid, *measured), bank, recipe, losses, loop.step, seconds)
+    table = _results_table(bank, recipe.grid, *measured, seed=seed)
+    hits = {name: measured[2][name]["hits"] for name in bank.names}
+    return BankResult(table, bank, recipe, losses, loop.step, seconds, hits)
 
 
 class _Loop:
@@ -923,7 +957,9 @@ def _measure(
     holdout = np.asarray(data.holdout_positions, dtype=np.int64)
     on_hold = evaluate_bank(bank, data.train_source, labels, holdout, **measure) if len(holdout) else None
     eval_labels = np.asarray(data.eval_labels, dtype=np.int64)
-    on_eval = evaluate_bank(bank, data.eval_source, eval_labels, data.eval_positions, **measure)
+    on_eval = evaluate_bank(
+        bank, data.eval_source, eval_labels, data.eval_positions, per_image=True, **measure
+    )
     return on_train, on_hold, on_eval
 
 
@@ -933,13 +969,19 @@ def _results_table(
     on_train: Scores,
     on_hold: Scores | None,
     on_eval: Scores,
+    *,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """One row per (aggregator, grid point): its hyper-parameters, size and scores."""
+    """One row per (aggregator, grid point): its hyper-parameters, size and scores, with the
+    95% bootstrap interval of each evaluation accuracy (probe/intervals.py)."""
     import pandas as pd
+
+    from attnscope.probe.intervals import accuracy_intervals
 
     rows = []
     for name in bank.names:
         params_per_head = bank.params_per_head(name)
+        low, high = accuracy_intervals(on_eval[name]["hits"], seed)
         for h, (lr, wd) in enumerate(grid):
             rows.append(
                 {
@@ -951,6 +993,8 @@ def _results_table(
                     "holdout_top1": on_hold[name]["top1"][h] if on_hold else np.nan,
                     "holdout_loss": on_hold[name]["loss"][h] if on_hold else np.nan,
                     "eval_top1": on_eval[name]["top1"][h],
+                    "eval_top1_ci_low": low[h],
+                    "eval_top1_ci_high": high[h],
                     "eval_top5": on_eval[name]["top5"][h],
                     "train_loss": on_train[name]["loss"][h],
                     "eval_images": on_eval[name]["images"],
