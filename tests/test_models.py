@@ -171,7 +171,7 @@ def test_unreachable_hub_fails_fast_with_one_line(monkeypatch, tmp_path):
     assert time.monotonic() - start < 10
     message = str(info.value)
     # the Python API names its own arguments; the CLI says --checkpoint / --random-init
-    assert "cannot be reached" in message and "pass checkpoint" in message and "HF_HOME" in message
+    assert "cannot be reached" in message and "pass `checkpoint`" in message and "HF_HOME" in message
     assert "random_init" in message and "--" not in message
     assert "\n" not in message
 
