@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from reference_models import beit_forward, capi_forward, vit_forward
 
 from attnscope.capture import AttentionRecorder
 from attnscope.errors import AttnscopeError
@@ -20,7 +21,6 @@ from attnscope.models import load_model
 from attnscope.models.checkpoints import open_checkpoint
 from attnscope.models.converters import recognise
 from attnscope.models.converters.base import sincos_2d
-from reference_models import beit_forward, capi_forward, vit_forward
 
 D, HEADS, PATCH, IMG = 32, 4, 8, 32  # a 4x4 grid
 GRID = IMG // PATCH
