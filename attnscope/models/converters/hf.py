@@ -138,6 +138,8 @@ def hf_kwargs(raw: RawCheckpoint) -> dict[str, Any]:
             "use_shared_rel_pos_bias": False,
             "init_values": scale if scale > 0 else None,
             "global_pool": "avg" if cfg.get("use_mean_pooling", True) else "token",
+            # the pooled norm exists only when the checkpoint kept the pooling layer
+            "use_fc_norm": any(k.endswith("pooler.layernorm.weight") for k in raw.top),
         }
     raise AttnscopeError(
         f"{raw.origin}: model_type {kind!r} is not supported; attnscope converts "
@@ -201,7 +203,7 @@ def _convert(raw: RawCheckpoint, model: nn.Module) -> Conversion:
     _check_model(raw, model)
     beit = _model_type(raw) in BEIT_TYPES
     layer_map = _BEIT_LAYER if beit else _VIT_LAYER
-    state = _strip_backbone(raw.flat())
+    state = _strip_backbone(raw.tensors())
     keep: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     qkv: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -226,6 +228,12 @@ def _convert(raw: RawCheckpoint, model: nn.Module) -> Conversion:
         else:
             dropped.append(key.removeprefix("<outside>"))
     _merge_qkv(qkv, keep, beit)
+    if beit and "norm.weight" not in keep and "fc_norm.weight" not in keep:
+        from torch import nn
+
+        # mean pooling without the pooling layer: HF's tokens carry no final norm at all,
+        # which no timm Beit setting expresses
+        model.norm = nn.Identity()
     if shared is not None:
         for i in range(len(model.blocks)):  # type: ignore[arg-type]
             keep[f"blocks.{i}.attn.relative_position_bias_table"] = shared.clone()
