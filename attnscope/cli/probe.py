@@ -10,6 +10,7 @@ import typer
 
 from attnscope.cli.options import (
     CheckpointOpt,
+    DataConfigOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
@@ -324,6 +325,7 @@ def probe_cmd(
     model: ModelOpt,
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
+    data_config: DataConfigOpt = None,
     seed: SeedOpt = 0,
     img_size: ImgSizeOpt = None,
     data: DataOpt = None,
@@ -381,6 +383,7 @@ def probe_cmd(
         model=model,
         checkpoint=checkpoint,
         random_init=random_init,
+        data_config=data_config,
         seed=seed,
         img_size=parse_img_size(img_size),
         data=data,

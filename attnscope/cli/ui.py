@@ -96,6 +96,11 @@ class CliUI:
     def warn(self, text: str) -> None:
         self.err.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
 
+    def notice(self, detail: str) -> None:
+        self.err.print(
+            f"[cyan]note:[/] {ConfigError(None, detail).worded(flag_for)}", highlight=False, soft_wrap=True
+        )
+
     def skip(self, path: Path, reason: str) -> None:
         if not self.quiet:
             warn_skip(path, reason)

@@ -62,8 +62,13 @@ class RawCheckpoint:
         return flatten_state(self.obj, self.path)
 
     def extras(self) -> dict[str, str]:
-        """Top-level entries that are not weights (epoch, args, optimizer, ...) and their types."""
-        return {k: type(v).__name__ for k, v in self.top.items() if not _is_tensor(v)}
+        """Top-level entries that are not weights (epoch, args, optimizer, ...) and their types;
+        the weight containers themselves are accounted for key by key."""
+        return {
+            k: type(v).__name__
+            for k, v in self.top.items()
+            if not _is_tensor(v) and not (isinstance(v, Mapping) and any(_is_tensor(x) for x in v.values()))
+        }
 
 
 @dataclass

@@ -40,6 +40,7 @@ class ProbeConfig:
     model: str = "mae"
     checkpoint: Path | None = None
     random_init: bool = False
+    data_config: str | None = None  # timm tag or mean=...,std=...; None: the model's own
     seed: int = 0
     img_size: tuple[int, int] | None = None
     model_kwargs: dict[str, Any] | None = None  # e.g. {"depth": 2} for tiny test backbones
@@ -178,6 +179,7 @@ def run_probe(config: ProbeConfig, callbacks: ProbeCallbacks | None = None) -> P
             seed=config.seed,
             img_size=config.img_size,
             model_kwargs=config.model_kwargs,
+            data_config=config.data_config,
         )
         extractor = feat.TokenExtractor(loaded, prenorm=config.prenorm, device=device, dtype=config.dtype)
         layout = extractor.layout
