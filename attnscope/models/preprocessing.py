@@ -103,8 +103,8 @@ def from_timm(cfg: dict[str, Any], source: str) -> DataConfig:
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     return DataConfig(
-        tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),  # type: ignore[arg-type]
-        tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),  # type: ignore[arg-type]
+        tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+        tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
         float(cfg.get("crop_pct") or 0.875),
         str(cfg.get("interpolation") or "bicubic"),
         str(cfg.get("crop_mode") or "center"),

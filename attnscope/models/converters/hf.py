@@ -194,7 +194,8 @@ def _check_model(raw: RawCheckpoint, model: nn.Module) -> None:
             f"{raw.origin} is a {cfg.get('model_type')} checkpoint: choose a timm {want} (e.g. {example})"
         )
     heads = int(cfg.get("num_attention_heads", 0))
-    have = int(getattr(model.blocks[0].attn, "num_heads", heads))  # type: ignore[index]
+    blocks: Any = model.blocks
+    have = int(getattr(blocks[0].attn, "num_heads", heads))
     if heads and heads != have:
         raise AttnscopeError(f"{raw.origin} has {heads} attention heads per block; the model has {have}")
 
@@ -275,8 +276,8 @@ def _preprocessing(raw: RawCheckpoint) -> DataConfig | None:
             ("center" if short and isinstance(size, dict) and "shortest_edge" in size else "squash"),
         )
     return DataConfig(
-        tuple(proc["image_mean"]),  # type: ignore[arg-type]
-        tuple(proc.get("image_std", (1.0, 1.0, 1.0))),  # type: ignore[arg-type]
+        tuple(proc["image_mean"]),
+        tuple(proc.get("image_std", (1.0, 1.0, 1.0))),
         min(crop_pct, 1.0),
         _RESAMPLE.get(int(proc.get("resample", 3)), "bicubic"),
         mode,
