@@ -127,3 +127,57 @@ def test_hf_hub_id_offline_is_the_one_line_hub_message(monkeypatch, tmp_path):
     message = str(info.value)
     assert "facebook/data2vec-vision-base is not in the local Hugging Face cache" in message
     assert "HF_HUB_OFFLINE is set" in message and "\n" not in message
+
+
+def test_beitv2_release_layout_matches_transformers_beit_with_a_shared_bias(tmp_path):
+    """The BEiT-v2 release converter against transformers' BeitModel (shared relative bias,
+    LayerScale, no absolute positions): the same weights written in BEiT-v2's own key names."""
+    hf = _hf_model(
+        "beit", use_shared_relative_position_bias=True, use_mean_pooling=False, layer_norm_eps=1e-6
+    ).eval()
+    hf.save_pretrained(tmp_path / "hf")  # the hub's key names (transformers renames some in memory)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    release = {
+        "cls_token": sd["embeddings.cls_token"],
+        "mask_token": torch.randn(1, 1, 32),
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+        "rel_pos_bias.relative_position_bias_table": sd[
+            "encoder.relative_position_bias.relative_position_bias_table"
+        ],
+        "norm.weight": sd["layernorm.weight"],
+        "norm.bias": sd["layernorm.bias"],
+        "lm_head.weight": torch.randn(64, 32),
+    }
+    for i in range(2):
+        h, b = f"encoder.layer.{i}.", f"blocks.{i}."
+        att = h + "attention.attention."
+        release[b + "attn.qkv.weight"] = torch.cat(
+            [sd[att + n + ".weight"] for n in ("query", "key", "value")]
+        )
+        release[b + "attn.q_bias"] = sd[att + "query.bias"]
+        release[b + "attn.v_bias"] = sd[att + "value.bias"]
+        pairs = {
+            "attention.output.dense": "attn.proj",
+            "layernorm_before": "norm1",
+            "layernorm_after": "norm2",
+            "intermediate.dense": "mlp.fc1",
+            "output.dense": "mlp.fc2",
+        }
+        for hf_name, ours in pairs.items():
+            for part in ("weight", "bias"):
+                release[f"{b}{ours}.{part}"] = sd[f"{h}{hf_name}.{part}"]
+        release[b + "gamma_1"], release[b + "gamma_2"] = sd[h + "lambda_1"], sd[h + "lambda_2"]
+    torch.save({"model": release}, tmp_path / "beitv2_pt.pth")
+    loaded = load_model(
+        "beitv2_vit_base_pt", checkpoint=tmp_path / "beitv2_pt.pth", img_size=(32, 32), model_kwargs=TINY
+    )
+    x = torch.randn(2, 3, 32, 32)
+    ref_maps, ref_tokens = _hf_forward(hf.double(), x.double(), "beit")
+    maps, _ = our_forward(loaded.model, x)
+    assert max((m.double() - r).abs().max().item() for m, r in zip(maps, ref_maps, strict=True)) < 1e-5
+    maps64, tokens64 = our_forward(loaded.model.double(), x.double())
+    assert max((m - r).abs().max().item() for m, r in zip(maps64, ref_maps, strict=True)) < 1e-6
+    assert (tokens64 - ref_tokens).abs().max().item() < 1e-5
