@@ -17,7 +17,7 @@ from reference_models import beit_forward, capi_forward, vit_forward
 
 from attnscope.capture import AttentionRecorder
 from attnscope.errors import AttnscopeError
-from attnscope.models import load_model
+from attnscope.models import list_model_specs, load_model, token_layout
 from attnscope.models.checkpoints import open_checkpoint
 from attnscope.models.converters import recognise
 from attnscope.models.converters.base import sincos_2d
@@ -386,3 +386,15 @@ def test_data_config_option_forms():
         with pytest.raises(ConfigError) as info:
             load_model("mae", random_init=True, model_kwargs={"depth": 1}, data_config=bad)
         assert info.value.field == "data_config" and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("alias", [s.alias for s in list_model_specs() if s.file_weights])
+def test_every_release_file_alias_builds_and_runs_with_random_weights(alias):
+    loaded = load_model(alias, random_init=True, model_kwargs={"depth": 1})
+    assert loaded.data_config["crop_pct"] == pytest.approx(0.875)
+    assert tuple(loaded.data_config["mean"]) == pytest.approx((0.485, 0.456, 0.406))
+    size = loaded.input_size
+    maps, feats = our_forward(loaded.model, torch.randn(1, 3, *size))
+    layout = token_layout(loaded.model, size)
+    assert len(maps) == 1 and maps[0].shape[-1] == layout.num_tokens == feats.shape[1]
+    assert torch.allclose(maps[0].sum(-1), torch.ones(()), atol=1e-5)
