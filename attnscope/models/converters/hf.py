@@ -42,7 +42,8 @@ def is_hf_source(checkpoint: str | Path) -> bool:
     if path.is_dir():
         return True
     text = str(checkpoint)
-    return not path.exists() and bool(_HUB_ID.fullmatch(text)) and not path.suffix
+    weight_file = path.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl")
+    return not path.exists() and bool(_HUB_ID.fullmatch(text)) and not weight_file
 
 
 def open_hf(checkpoint: str | Path) -> RawCheckpoint:
