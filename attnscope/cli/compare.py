@@ -46,6 +46,16 @@ CheckpointsOpt = Annotated[
         show_default=False,
     ),
 ]
+DataConfigsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data-config",
+        help="NAME=SPEC: a model's preprocessing, a timm tag or mean=R,G,B,std=R,G,B,crop_pct=F,"
+        "interpolation=I (repeatable). Default: its alias's family, its recognised checkpoint family, "
+        "else timm's.",
+        show_default=False,
+    ),
+]
 FamiliesOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -94,6 +104,7 @@ def compare_cmd(
     models: ModelsArg,
     checkpoint: CheckpointsOpt = None,
     family: FamiliesOpt = None,
+    data_config: DataConfigsOpt = None,
     images: ImagesOpt = None,
     out: CompareOutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -131,6 +142,7 @@ def compare_cmd(
         models=tuple(models),
         checkpoints=parse_assignments(checkpoint, "--checkpoint"),
         families=parse_assignments(family, "--family"),
+        data_configs=parse_assignments(data_config, "--data-config"),
         reuse=reuse,
         overwrite=overwrite,
         formats=tuple(formats or ("png",)),

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from attnscope.cli.options import (
     BatchSizeOpt,
     CheckpointOpt,
+    DataConfigOpt,
     DeviceOpt,
     DtypeOpt,
     FamilyOpt,
@@ -42,6 +43,7 @@ def entropy_cmd(
     overwrite: OverwriteOpt = False,
     random_init: RandomInitOpt = False,
     family: FamilyOpt = None,
+    data_config: DataConfigOpt = None,
     img_size: ImgSizeOpt = None,
     max_images: MaxImagesOpt = None,
     batch_size: BatchSizeOpt = 16,
@@ -65,6 +67,8 @@ def entropy_cmd(
       attnscope entropy --model dinov2_vit_base --img-size 224 --device cuda --dtype bfloat16
 
       attnscope entropy --model vit_base_patch16_224 --checkpoint mae_pretrain_vit_base.pth
+
+      attnscope entropy --model mocov3_vit_small --checkpoint vit-s-300ep.pth.tar
     """
     from attnscope.commands.entropy import EntropyConfig, run
     from attnscope.models import display_name
@@ -78,6 +82,7 @@ def entropy_cmd(
         overwrite=overwrite,
         random_init=random_init,
         family=family,
+        data_config=data_config,
         img_size=parse_img_size(img_size),
         max_images=max_images,
         batch_size=batch_size,

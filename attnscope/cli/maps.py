@@ -10,6 +10,7 @@ import typer
 from attnscope.cli.options import (
     BatchSizeOpt,
     CheckpointOpt,
+    DataConfigOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
@@ -60,6 +61,7 @@ def maps_cmd(
     out: MapsOutOpt = None,
     overwrite: OverwriteOpt = False,
     random_init: RandomInitOpt = False,
+    data_config: DataConfigOpt = None,
     query: QueryOpt = "cls",
     layer: LayerOpt = None,
     heads: HeadsOpt = "mean",
@@ -101,6 +103,7 @@ def maps_cmd(
         out=out,
         overwrite=overwrite,
         random_init=random_init,
+        data_config=data_config,
         query=query,
         layer=layer,
         heads=heads,

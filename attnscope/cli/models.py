@@ -40,7 +40,7 @@ def _table(title: str, entries: list[CatalogueEntry]) -> Table:
         if e.spec.notes:
             cell.append(f"\n{e.spec.notes}", style="dim")
         size = "x".join(map(str, e.input_size)) if e.input_size else "?"
-        table.add_row(cell, size, "yes" if e.cached else "no")
+        table.add_row(cell, size, "file" if e.spec.file_weights else "yes" if e.cached else "no")
     return table
 
 
@@ -50,7 +50,9 @@ def models_cmd(as_json: JsonOpt = False) -> None:
 
     Any other timm ViT name works too (family `unknown` unless --family is given). Weights
     not in the local Hugging Face cache are downloaded on first use; offline, use
-    --checkpoint PATH or --random-init.
+    --checkpoint PATH or --random-init. Weights published as a file (SimMIM, BEiT-v2
+    pre-training, CAPI, iBOT, MoCo v3, LUT) are listed with their download link: download
+    the file and pass it with --checkpoint under the alias.
 
     Examples:
 
@@ -68,3 +70,12 @@ def models_cmd(as_json: JsonOpt = False) -> None:
         chosen = [e for e in entries if e.section == section]
         title = "attnscope model aliases" if section == "aliases" else "tiny test models (timm names)"
         console.print(_table(title, chosen))
+    files = [e for e in entries if e.spec.file_weights]
+    if files:  # links in full, one per line (a table cell would fold them)
+        console.print("[bold]weights published as files[/] (download, then --model ALIAS --checkpoint FILE):")
+        for e in files:
+            kind, _, where = (e.weights or "").partition(":")
+            what = where if kind == "url" else f"no public link; ask the authors ({where})"
+            checksum = f"  sha256 {e.spec.sha256}" if e.spec.sha256 else ""
+            console.print(f"  {e.spec.alias}{checksum}:", highlight=False)
+            console.print(f"    {what}", highlight=False, soft_wrap=True)

@@ -21,6 +21,7 @@ _FLAGS: dict[str, str] = {
     "models": "MODELS",  # compare's positional model list
     "checkpoints": "--checkpoint",  # compare: NAME=PATH, once per model
     "families": "--family",  # compare: NAME=FAMILY
+    "data_configs": "--data-config",  # compare: NAME=SPEC
 }
 
 
@@ -75,8 +76,17 @@ def one_model(positional: str | None, option: str | None) -> str:
 CheckpointOpt = Annotated[
     Path | None,
     typer.Option(
-        help="Local weights (.pth/.pt/.bin/.safetensors) for the architecture of --model.",
-        dir_okay=False,
+        help="Weights for --model: a file (.pth/.pth.tar/.bin/.safetensors, any family's release layout), "
+        "a Hugging Face folder (config.json + weights) or hub id (org/name).",
+    ),
+]
+DataConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Preprocessing: a timm pretrained tag (vit_base_patch16_224.mae, or mae) or "
+        "mean=R,G,B,std=R,G,B,crop_pct=F,interpolation=bicubic|bilinear. Default: the alias's family, "
+        "the recognised checkpoint family, else timm's.",
+        show_default=False,
     ),
 ]
 RandomInitOpt = Annotated[

@@ -10,6 +10,7 @@ import typer
 
 from attnscope.cli.options import (
     CheckpointOpt,
+    DataConfigOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
@@ -223,6 +224,7 @@ def probe_cmd(
     model: ProbeModelOpt = "mae_vit_base",
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
+    data_config: DataConfigOpt = None,
     seed: SeedOpt = 0,
     img_size: ImgSizeOpt = None,
     data: DataOpt = None,

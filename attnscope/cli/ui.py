@@ -106,6 +106,11 @@ class CliUI:
     def warn(self, text: str) -> None:
         self.err.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
 
+    def notice(self, detail: str) -> None:
+        from rich.markup import escape
+
+        self.err.print(f"[cyan]note:[/] {escape(with_flags(detail))}", highlight=False, soft_wrap=True)
+
     def skip(self, path: Path, reason: str) -> None:
         if not self.quiet:
             warn_skip(path, reason)

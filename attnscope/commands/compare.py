@@ -67,6 +67,7 @@ class CompareConfig:
     models: tuple[str, ...]
     checkpoints: Mapping[str, str | Path] = field(default_factory=dict)
     families: Mapping[str, str] = field(default_factory=dict)
+    data_configs: Mapping[str, str] = field(default_factory=dict)  # name -> timm tag or mean=...,std=...
     model_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     reuse: bool = True
     overwrite: bool = False
@@ -87,9 +88,11 @@ class CompareConfig:
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "out", Path(self.out) if self.out is not None else None)
         object.__setattr__(self, "formats", normalise_formats(self.formats))
-        for name in ("checkpoints", "families", "model_kwargs"):
+        for name in ("checkpoints", "families", "data_configs", "model_kwargs"):
             object.__setattr__(self, name, dict(getattr(self, name) or {}))
-        check_models(self.models, checkpoints=self.checkpoints, families=self.families)
+        check_models(
+            self.models, checkpoints=self.checkpoints, families=self.families, data_configs=self.data_configs
+        )
         check_dtype(self.dtype)
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("num_workers", self.num_workers, 0)
@@ -107,7 +110,7 @@ class CompareConfig:
         """`config_inputs` of one model under this configuration."""
         from attnscope.compare import config_inputs
 
-        return config_inputs(
+        inputs = config_inputs(
             plan,
             paths,
             random_init=self.random_init,
@@ -115,6 +118,9 @@ class CompareConfig:
             img_size=self.img_size,
             dtype=self.dtype,
         )
+        if plan.name in self.data_configs:  # preprocessing changes every number
+            inputs["data_config"] = self.data_configs[plan.name]
+        return inputs
 
 
 @dataclass
@@ -246,6 +252,7 @@ def _load(plan: ModelPlan, config: CompareConfig) -> LoadedModel:
         img_size=config.img_size,
         family=plan.family,
         model_kwargs=plan.model_kwargs or None,
+        data_config=config.data_configs.get(plan.name),
     )
 
 

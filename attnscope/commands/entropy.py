@@ -36,6 +36,7 @@ class EntropyConfig:
     images: tuple[str, ...] | None = None
     random_init: bool = False
     family: str | None = None
+    data_config: str | None = None
     img_size: tuple[int, int] | None = None
     max_images: int | None = None
     batch_size: int = 16
@@ -106,6 +107,7 @@ def run(
             seed=config.seed,
             img_size=config.img_size,
             family=config.family,
+            data_config=config.data_config,
         ),
     )
     paths, ignored = list_images(config.images, config.max_images, ui)

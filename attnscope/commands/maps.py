@@ -54,6 +54,7 @@ class MapsConfig:
     checkpoint: Path | None = None
     images: tuple[str, ...] | None = None
     random_init: bool = False
+    data_config: str | None = None
     query: Query | str = "cls"
     layer: int | None = None
     heads: HeadSelection | Sequence[int] | str = "mean"
@@ -206,6 +207,7 @@ def run(config: MapsConfig, ui: UI | None = None, *, command: str = "") -> tuple
             random_init=config.random_init,
             seed=config.seed,
             img_size=config.img_size,
+            data_config=config.data_config,
         ),
     )
     result = _collect(config, loaded, paths, ui)

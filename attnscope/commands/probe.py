@@ -66,6 +66,7 @@ class ProbeConfig:
     model: str = "mae"
     checkpoint: Path | None = None
     random_init: bool = False
+    data_config: str | None = None  # timm tag or mean=...,std=...; None: the model's own
     seed: int = 0
     img_size: tuple[int, int] | None = None
     # e.g. {"depth": 2} for tiny test backbones
@@ -345,8 +346,10 @@ def _load(ctx: _Context) -> _Setup:
     torch.manual_seed(config.seed)
     loaded = load_model(
         config.model, checkpoint=config.checkpoint, random_init=config.random_init, seed=config.seed,
-        img_size=config.img_size, model_kwargs=config.model_kwargs,
+        img_size=config.img_size, model_kwargs=config.model_kwargs, data_config=config.data_config,
     )  # fmt: skip
+    for notice in loaded.notices:  # e.g. which preprocessing a bare checkpoint was given
+        ctx.note(notice)
     extractor = feat.TokenExtractor(loaded, prenorm=config.prenorm, device=ctx.device, dtype=config.dtype)
     aggregators = _usable_aggregators(ctx, loaded.name, extractor.layout.has_cls)
     if config.prenorm and not extractor.has_token_norm:

@@ -24,7 +24,10 @@ def load_with_ui(name: str, ui: UI, *, seed: int, load: Callable[[], LoadedModel
 
     torch.manual_seed(seed)
     with distributed.step(), ui.status(f"loading {name}"):
-        return load()
+        loaded = load()
+    for notice in loaded.notices:  # e.g. which preprocessing a bare checkpoint got, and why
+        ui.notice(notice)
+    return loaded
 
 
 def list_images(

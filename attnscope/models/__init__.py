@@ -2,8 +2,10 @@
 
 One concern per module, as timm splits its own (`_registry`, `_hub`, `_builder`):
 `registry` (aliases and families), `hub` (pretrained weights and the local cache),
-`checkpoints` (local files), `loading` (`load_model`, `LoadedModel`), `layout`
-(`TokenLayout`) and `device`. Capture and metrics never guess a layout: no `sqrt(N)`,
+`checkpoints` (local files as published), `converters/` (one module per family's release
+layout), `preprocessing` (the eval transform and where it came from), `capi` (CAPI's encoder,
+which timm lacks), `loading` (`load_model`, `LoadedModel`), `layout` (`TokenLayout`) and
+`device`. Capture and metrics never guess a layout: no `sqrt(N)`,
 no "token 0 is the class token".
 """
 
@@ -17,6 +19,7 @@ from attnscope.models.loading import (
     model_data_config,
     random_weights_warning,
 )
+from attnscope.models.preprocessing import DataConfig, parse_data_config
 from attnscope.models.registry import (
     FAMILIES,
     MODEL_REGISTRY,
@@ -29,6 +32,7 @@ from attnscope.models.registry import (
 
 __all__ = [
     "FAMILIES",
+    "DataConfig",
     "MODEL_REGISTRY",
     "SHORT_ALIASES",
     "LoadedModel",
@@ -40,6 +44,7 @@ __all__ = [
     "load_checkpoint_into",
     "load_model",
     "model_data_config",
+    "parse_data_config",
     "random_weights_warning",
     "read_checkpoint",
     "resolve_device",

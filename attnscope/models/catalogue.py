@@ -1,5 +1,6 @@
 """What `attnscope models` lists: every alias with its input size and whether its weights
-are already on this machine (the local Hugging Face cache), plus the tiny test models."""
+are already on this machine (the local Hugging Face cache), plus the tiny test models.
+Aliases whose weights are a file on a project page list its download link instead."""
 
 from __future__ import annotations
 
@@ -30,11 +31,17 @@ class CatalogueEntry:
             "cached": self.cached,
             "notes": self.spec.notes,
             "section": self.section,
+            "checkpoint_layout": self.spec.converter,
+            "sha256": self.spec.sha256,
         }
 
 
 def _entry(spec: ModelSpec, section: str) -> CatalogueEntry:
     import timm
+
+    if spec.file_weights:
+        link = f"url:{spec.weights_url}" if spec.weights_url else f"page:{spec.weights_page}"
+        return CatalogueEntry(spec, tuple(aliases_of(spec)), (224, 224), link, False, section)
 
     try:
         cfg = timm.models.get_pretrained_cfg(spec.timm_name)

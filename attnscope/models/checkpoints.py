@@ -1,8 +1,16 @@
-"""Local weight files: read any common wrapping, load strictly, report what was dropped."""
+"""Local weight files: read any common wrapping, load strictly, report what was dropped.
+
+`open_checkpoint` unpickles a release file as published (allowing only the config classes
+the official releases pickle beside their weights) into a `RawCheckpoint`; family
+converters (`attnscope.models.converters`) read their own layout from it, and
+`load_state_strict` loads the result refusing any missing weight.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,39 +22,124 @@ if TYPE_CHECKING:
 
 _WRAPPER_KEYS = ("model", "state_dict", "teacher", "model_ema", "module", "target_encoder", "encoder")
 _PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "model.")
-_DROP_PREFIXES = ("decoder", "mask_token", "head.", "heads.", "fc_norm_head", "predictor", "projector")
+DROP_PREFIXES = ("decoder", "mask_token", "head.", "heads.", "fc_norm_head", "predictor", "projector")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a local weights file into a flat state dict of tensors.
+@dataclass
+class RawCheckpoint:
+    """A weights source as published: the unpickled top-level object and where it came from.
 
-    Accepts .safetensors and torch pickles (.pth/.pt/.bin/.ckpt), plain or wrapped the
-    usual ways (`model`, `state_dict`, `teacher`, ...), with `module.`/`backbone.`/
-    `encoder.` prefixes, as MAE's and DINO's official releases are.
+    `obj` is what the file holds (a state dict, or a dict wrapping one beside optimizer
+    state and pickled arguments); `hf_config` is config.json for a Hugging Face folder.
+    """
+
+    path: Path
+    obj: Any
+    hf_config: dict[str, Any] | None = None
+    origin: str = ""
+
+    @property
+    def top(self) -> Mapping[str, Any]:
+        return self.obj if isinstance(self.obj, Mapping) else {}
+
+    def section(self, *names: str) -> Mapping[str, Any] | None:
+        """The first of `names` that holds a mapping at the top level."""
+        for name in names:
+            value = self.top.get(name)
+            if isinstance(value, Mapping):
+                return value
+        return None
+
+    def tensors(self, mapping: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of `mapping` (default: the top level), keys unchanged."""
+        import torch
+
+        source = self.top if mapping is None else mapping
+        return {k: v for k, v in source.items() if isinstance(v, torch.Tensor)}
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """The generic reading: unwrap the usual wrappers, strip the usual prefixes."""
+        return flatten_state(self.obj, self.path)
+
+    def extras(self) -> dict[str, str]:
+        """Top-level entries that are not weights (epoch, args, optimizer, ...) and their types;
+        the weight containers themselves are accounted for key by key."""
+        return {
+            k: type(v).__name__
+            for k, v in self.top.items()
+            if not _is_tensor(v) and not (isinstance(v, Mapping) and any(_is_tensor(x) for x in v.values()))
+        }
+
+
+@dataclass
+class Conversion:
+    """A state dict in the target model's key names and every source key it did not use."""
+
+    state: dict[str, torch.Tensor]
+    dropped: list[str] = field(default_factory=list)
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _safe_classes() -> list[Any]:
+    """What official releases pickle beside their weights, and nothing else.
+
+    MAE, DINO, iBOT, LUT and BEiT-v2 save their argparse Namespace; SimMIM saves its yacs
+    CfgNode, a dict subclass read here as an ordered dict (yacs need not be installed).
     """
     import argparse
 
+    return [argparse.Namespace, (collections.OrderedDict, "yacs.config.CfgNode")]
+
+
+def load_file(path: str | Path) -> Any:
+    """Unpickle (weights only, allow-listed classes) or read a safetensors file."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise AttnscopeError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file as load_safetensors
 
         try:
-            obj: Any = load_file(str(path), device="cpu")
+            return load_safetensors(str(path), device="cpu")
         except Exception as exc:  # noqa: BLE001
-            raise AttnscopeError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
-    else:
-        # Official MAE/DINO training checkpoints pickle their argparse Namespace beside
-        # the weights; allow exactly that, nothing else arbitrary.
-        torch.serialization.add_safe_globals([argparse.Namespace])
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise AttnscopeError(f"cannot read checkpoint {path}: {first}") from exc
+            raise AttnscopeError(f"cannot read safetensors checkpoint {path}: {_first_line(exc)}") from exc
+    try:
+        with torch.serialization.safe_globals(_safe_classes()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise AttnscopeError(f"cannot read checkpoint {path}: {_unpickle_reason(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _unpickle_reason(exc: BaseException) -> str:
+    """torch's weights-only refusal is a page of text; keep the class it refused."""
+    text = str(exc)
+    for line in text.splitlines():
+        if "Unsupported global" in line or "Can only" in line:
+            return line.strip().removeprefix("WeightsUnpickler error: ") + (
+                " (attnscope unpickles only tensors, containers, argparse.Namespace and yacs CfgNode)"
+            )
+    return _first_line(exc)
+
+
+def open_checkpoint(path: str | Path) -> RawCheckpoint:
+    """A local weights file as published."""
+    return RawCheckpoint(Path(path), load_file(path), origin=f"checkpoint:{Path(path).resolve()}")
+
+
+def flatten_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap `model`/`state_dict`/`teacher`/..., keep the tensors, strip wrapper prefixes."""
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
@@ -56,15 +149,19 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = inner
     if not isinstance(obj, Mapping):
         raise AttnscopeError(f"checkpoint {path} holds no state dict (found {type(obj).__name__})")
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    state = {k: v for k, v in obj.items() if _is_tensor(v)}
     if not state:
         raise AttnscopeError(f"checkpoint {path} holds no tensors")
-    # Strip wrapper prefixes from the keys that carry them (DINO keeps `head.*` beside
-    # `backbone.*`, so "all keys share it" is too strict); refuse if two keys collide.
+    return strip_prefixes(state, _PREFIXES, path)
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], prefixes: Iterable[str], path: Path) -> dict[str, Any]:
+    """Strip each prefix from the keys that carry it (DINO keeps `head.*` beside `backbone.*`,
+    so "all keys share it" is too strict); refuse if two keys collide."""
     changed = True
     while changed:
         changed = False
-        for prefix in _PREFIXES:
+        for prefix in prefixes:
             if any(k.startswith(prefix) for k in state):
                 stripped: dict[str, torch.Tensor] = {}
                 for k, v in state.items():
@@ -79,8 +176,31 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a local weights file into a flat state dict of tensors.
+
+    Accepts .safetensors and torch pickles (.pth/.pt/.bin/.ckpt/.pth.tar), plain or wrapped
+    the usual ways (`model`, `state_dict`, `teacher`, ...), with `module.`/`backbone.`/
+    `encoder.` prefixes, as MAE's and DINO's official releases are.
+    """
+    return flatten_state(load_file(path), Path(path))
+
+
+def generic_conversion(raw: RawCheckpoint) -> Conversion:
+    """The flat reading minus decoder/head/mask-token keys, which a backbone never uses."""
+    state = raw.flat()
+    dropped = sorted(k for k in state if k.startswith(DROP_PREFIXES))
+    return Conversion({k: v for k, v in state.items() if not k.startswith(DROP_PREFIXES)}, dropped)
+
+
 def load_checkpoint_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Load a local checkpoint strictly into `model`; return what was dropped.
+    """Load a local checkpoint strictly into `model`; return what was dropped."""
+    conversion = generic_conversion(open_checkpoint(path))
+    return load_state_strict(model, conversion, str(Path(path).resolve()))
+
+
+def load_state_strict(model: nn.Module, conversion: Conversion, origin: str) -> dict[str, Any]:
+    """Load converted weights strictly into `model`; return what was dropped.
 
     Runs timm's own `checkpoint_filter_fn` for the architecture (official-format key
     conversion and position-embedding resampling) and then refuses any missing weight:
@@ -90,16 +210,14 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
 
     import torch
 
-    state = read_checkpoint(path)
-    dropped = sorted(k for k in state if k.startswith(_DROP_PREFIXES))
-    state = {k: v for k, v in state.items() if not k.startswith(_DROP_PREFIXES)}
+    state = conversion.state
     module = importlib.import_module(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
-    if filter_fn is not None:
+    if filter_fn is not None and module.__name__.startswith("timm."):
         try:
             state = filter_fn(state, model)
         except Exception as exc:  # noqa: BLE001
-            raise AttnscopeError(f"checkpoint {path} does not fit {type(model).__name__}: {exc}") from exc
+            raise AttnscopeError(f"checkpoint {origin} does not fit {type(model).__name__}: {exc}") from exc
     own = model.state_dict()
     unexpected = sorted(k for k in state if k not in own)
     for k in unexpected:
@@ -107,12 +225,12 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
     missing = sorted(k for k in own if k not in state)
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... (+{len(missing) - 8} more)" if len(missing) > 8 else "")
-        raise AttnscopeError(f"checkpoint {path} lacks {len(missing)} weights of the model: {shown}")
+        raise AttnscopeError(f"checkpoint {origin} lacks {len(missing)} weights of the model: {shown}")
     bad = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if state[k].shape != own[k].shape
     ]
     if bad:
-        raise AttnscopeError(f"checkpoint {path} has wrong shapes: {'; '.join(bad[:4])}")
+        raise AttnscopeError(f"checkpoint {origin} has wrong shapes: {'; '.join(bad[:4])}")
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
-    return {"path": str(Path(path).resolve()), "dropped_keys": dropped, "unexpected_keys": unexpected}
+    return {"path": origin, "dropped_keys": sorted(conversion.dropped), "unexpected_keys": unexpected}

@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from attnscope.errors import AttnscopeError, ConfigError
-from attnscope.models.checkpoints import load_checkpoint_into
+from attnscope.models.checkpoints import RawCheckpoint, generic_conversion, load_state_strict, open_checkpoint
 from attnscope.models.hub import _create_pretrained
 from attnscope.models.layout import _pair
+from attnscope.models.preprocessing import DataConfig, apply_data_config, from_timm, parse_data_config
 from attnscope.models.registry import ModelSpec, resolve_model_spec
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from attnscope.models.converters import Converter
 
 
 def init_seed_for(seed: int, alias: str) -> int:
@@ -49,6 +52,9 @@ class LoadedModel:
     data_config: dict[str, Any]
     checkpoint_report: dict[str, Any] = field(default_factory=dict)
     init_seed: int | None = None  # the torch seed random weights were drawn with
+    data_config_source: str = ""  # where the preprocessing came from (alias, tag, recognised layout, option)
+    # one-line remarks for the user (settings named in backquotes)
+    notices: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -72,6 +78,7 @@ class LoadedModel:
             "input_size": list(self.input_size),
             "num_params": self.num_params,
             "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()},
+            "data_config_source": self.data_config_source or None,
             "checkpoint": self.checkpoint_report or None,
             "init_seed": self.init_seed,
         }
@@ -86,64 +93,190 @@ def load_model(
     img_size: tuple[int, int] | None = None,
     family: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    data_config: str | None = None,
 ) -> LoadedModel:
     """Build the model `name` (alias or timm name) in eval mode on the CPU.
 
-    Weights come from exactly one place: a local `checkpoint`, random initialisation
-    (`random_init`, seeded) or timm's hub loading with the local cache. Never falls
-    back from one to another: a researcher must know which weights produced a number.
-    `model_kwargs` go to `timm.create_model` (e.g. `depth=2` for tiny test models).
+    Weights come from exactly one place: a local `checkpoint` (a weights file in any
+    family's release layout, or a Hugging Face folder / hub id), random initialisation
+    (`random_init`, seeded) or timm's hub loading with the local cache. Never falls back
+    from one to another: a researcher must know which weights produced a number.
+    `model_kwargs` go to the model constructor (e.g. `depth=2` for tiny test models).
+    `data_config` (a timm tag or `mean=...,std=...,crop_pct=...,interpolation=...`)
+    overrides the preprocessing the model would otherwise get (see `preprocessing`).
     """
-    import timm
-    import torch
-
     if checkpoint is not None and random_init:
         raise ConfigError("checkpoint", "and `random_init` exclude each other")
     spec = resolve_model_spec(name, family)
-    kwargs: dict[str, Any] = {**(model_kwargs or {}), "num_classes": 0}
+    if img_size is not None and min(img_size) < 1:
+        raise ConfigError("img_size", f"must be positive, got {img_size}")
+    raw = open_source(checkpoint) if checkpoint is not None else None
+    converter = _converter_for(spec, raw)
+    if raw is None and not random_init and spec.file_weights:
+        raise ConfigError(None, _file_weights_message(spec))
+    kwargs: dict[str, Any] = dict(spec.arch_kwargs)
+    if raw is not None and converter is not None:
+        kwargs.update(converter.arch_kwargs(raw))
+    kwargs.update({**(model_kwargs or {}), "num_classes": 0})
     if img_size is not None:
-        if min(img_size) < 1:
-            raise ConfigError("img_size", f"must be positive, got {img_size}")
         kwargs["img_size"] = tuple(img_size)
     init_seed = init_seed_for(seed, spec.alias) if random_init else None
-    try:
-        if random_init or checkpoint is not None:
-            torch.manual_seed(seed if init_seed is None else init_seed)
-            # The tagged name keeps that tag's data config (mean/std, crop) for the transform.
-            model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-        else:
-            model, weights = _create_pretrained(spec.timm_name, kwargs)
-    except TypeError as exc:
-        if "img_size" in str(exc):
-            raise ConfigError("img_size", f"is not accepted by {spec.timm_name}") from exc
-        raise
-    except (RuntimeError, ValueError, AssertionError) as exc:
-        raise AttnscopeError(
-            f"cannot build {spec.timm_name}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-        ) from exc
+    model, weights = _build(
+        spec,
+        converter,
+        kwargs,
+        pretrained=raw is None and not random_init,
+        seed=seed if init_seed is None else init_seed,
+    )
     report: dict[str, Any] = {}
-    if checkpoint is not None:
-        report = load_checkpoint_into(model, checkpoint)
-        weights = f"checkpoint:{report['path']}"
+    if raw is not None:
+        report = _load_weights(model, raw, converter)
+        weights = raw.origin
     elif random_init:
         weights = f"RANDOM INIT (seed {seed} -> {init_seed} for {spec.alias}) - not pretrained weights"
     model.eval()
     if not hasattr(model, "blocks"):
         raise AttnscopeError(_not_supported(spec.timm_name, model))
-
-    data_config = model_data_config(model, img_size)
-    input_size = (int(data_config["input_size"][1]), int(data_config["input_size"][2]))
+    chosen, notices = choose_data_config(spec, model, converter, raw, data_config, name)
+    apply_data_config(model, chosen)
+    cfg = model_data_config(model, img_size)
     return LoadedModel(
         model=model,
         name=name,
         spec=spec,
         weights=weights,
         random_init=random_init,
-        input_size=input_size,
-        data_config=data_config,
+        input_size=(int(cfg["input_size"][1]), int(cfg["input_size"][2])),
+        data_config=cfg,
         checkpoint_report=report,
         init_seed=init_seed,
+        data_config_source=chosen.source,
+        notices=notices,
     )
+
+
+def open_source(checkpoint: str | Path) -> RawCheckpoint:
+    """A weights file as published, or a Hugging Face folder / hub id."""
+    from attnscope.models.converters.hf import is_hf_source, open_hf
+
+    return open_hf(checkpoint) if is_hf_source(checkpoint) else open_checkpoint(checkpoint)
+
+
+def _converter_for(spec: ModelSpec, raw: RawCheckpoint | None) -> Converter | None:
+    """A Hugging Face folder converts as such; otherwise the alias's family layout, or the
+    layout the file is recognised as."""
+    from attnscope.models.converters import get_converter, recognise
+
+    if raw is not None and raw.hf_config is not None:
+        return get_converter("hf")
+    if spec.converter is not None:
+        return get_converter(spec.converter)
+    return recognise(raw) if raw is not None else None
+
+
+def _file_weights_message(spec: ModelSpec) -> str:
+    if spec.weights_url:
+        checksum = f" (sha256 {spec.sha256})" if spec.sha256 else ""
+        return (
+            f"the weights of {spec.alias} are a file on the project page, not on a hub: download "
+            f"{spec.weights_url}{checksum} and pass it as `checkpoint` (or use `random_init`)"
+        )
+    return (
+        f"{spec.alias}: the project ({spec.weights_page}) publishes no download link for its weights; "
+        "pass the checkpoint you obtained as `checkpoint` (or use `random_init`)"
+    )
+
+
+def _build(
+    spec: ModelSpec, converter: Converter | None, kwargs: dict[str, Any], *, pretrained: bool, seed: int
+) -> tuple[nn.Module, str]:
+    """The architecture, with hub weights when `pretrained`, else seeded random weights."""
+    import timm
+    import torch
+
+    weights = ""
+    try:
+        if pretrained:
+            model, weights = _create_pretrained(spec.timm_name, kwargs)
+        else:
+            torch.manual_seed(seed)
+            if converter is not None and converter.build is not None:
+                model = converter.build({k: v for k, v in kwargs.items() if k != "num_classes"})
+            else:
+                # The tagged name keeps that tag's pretrained_cfg; preprocessing is chosen after.
+                model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    except TypeError as exc:
+        if "img_size" in str(exc):
+            raise ConfigError("img_size", f"is not accepted by {spec.timm_name}") from exc
+        hint = converter.hint() if converter is not None else ""
+        raise AttnscopeError(
+            f"{spec.timm_name} cannot hold this checkpoint's layout ({_first(exc)}){hint}"
+        ) from exc
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise AttnscopeError(f"cannot build {spec.timm_name}: {_first(exc)}") from exc
+    return model, weights
+
+
+def _first(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else repr(exc)
+
+
+def _load_weights(model: nn.Module, raw: RawCheckpoint, converter: Converter | None) -> dict[str, Any]:
+    """Convert (family layout, or the generic reading) and load strictly; the report lists
+    every source key not used and what else the file carried."""
+    conversion = converter.convert(raw, model) if converter is not None else generic_conversion(raw)
+    try:
+        report = load_state_strict(model, conversion, raw.origin.removeprefix("checkpoint:"))
+    except AttnscopeError as exc:
+        if converter is None or not converter.aliases:
+            raise
+        raise AttnscopeError(f"{exc} (the file has {converter.label}'s layout{converter.hint()})") from exc
+    report["layout"] = converter.label if converter is not None else "generic"
+    report["other_entries"] = raw.extras()
+    return report
+
+
+def choose_data_config(
+    spec: ModelSpec,
+    model: nn.Module,
+    converter: Converter | None,
+    raw: RawCheckpoint | None,
+    option: str | None,
+    name: str,
+) -> tuple[DataConfig, list[str]]:
+    """The eval preprocessing and, when it was not stated by an alias or a tag, a notice.
+
+    Order: the explicit option; a Hugging Face folder's preprocessor_config.json; the
+    alias's family config; the timm tag's; the family the checkpoint is recognised as; the
+    architecture's timm default, with a notice saying so.
+    """
+    base, notices = _default_data_config(spec, model, converter, raw, name)
+    if option is not None:
+        return parse_data_config(option, base, spec.arch), []
+    return base, notices
+
+
+def _default_data_config(
+    spec: ModelSpec, model: nn.Module, converter: Converter | None, raw: RawCheckpoint | None, name: str
+) -> tuple[DataConfig, list[str]]:
+    own = converter.data_config_of(raw) if converter is not None and raw is not None else None
+    if raw is not None and raw.hf_config is not None and own is not None:
+        return own, []
+    if spec.data_config is not None:
+        return spec.data_config.with_source(f"alias {spec.alias}: {spec.data_config.source}"), []
+    if "." in spec.timm_name:
+        return from_timm(dict(getattr(model, "pretrained_cfg", {}) or {}), f"timm tag {spec.timm_name}"), []
+    if own is not None and converter is not None:
+        chosen = own.with_source(f"checkpoint recognised as {converter.label}: {own.source}")
+        note = f"{name}: checkpoint recognised as {converter.label}; preprocessing {chosen.describe()}"
+        return chosen, [note + " (choose another with `data_config`)"]
+    chosen = from_timm(dict(getattr(model, "pretrained_cfg", {}) or {}), f"timm default for {spec.arch}")
+    if raw is None:
+        return chosen, []
+    return chosen, [
+        f"{name}: checkpoint layout not recognised; normalising with timm's default for {spec.arch} "
+        f"({chosen.describe()}); choose another with `data_config`"
+    ]
 
 
 def _not_supported(timm_name: str, model: nn.Module) -> str:
