@@ -213,7 +213,7 @@ def test_mae_layout_under_a_bare_timm_name_gets_imagenet_preprocessing(tmp_path)
     assert loaded.data_config["crop_pct"] == pytest.approx(0.875)
     assert "recognised as MAE" in loaded.data_config_source
     assert loaded.provenance()["data_config_source"] == loaded.data_config_source
-    assert any("recognised as MAE" in n and "{data_config}" in n for n in loaded.notices)
+    assert any("recognised as MAE" in n and "`data_config`" in n for n in loaded.notices)
     over = _load("vit_base_patch16_224", tmp_path / "mae.pth", data_config="mean=0.5,std=0.5,crop_pct=1")
     assert tuple(over.data_config["mean"]) == (0.5, 0.5, 0.5) and over.data_config["crop_pct"] == 1.0
     assert over.data_config["interpolation"] == "bicubic"  # the rest from the recognised family
@@ -231,7 +231,7 @@ def test_unrecognised_layout_says_which_normalisation(tmp_path):
     loaded = _load("vit_base_patch16_224", tmp_path / "plain.pth")
     assert tuple(loaded.data_config["mean"]) == (0.5, 0.5, 0.5)
     (notice,) = loaded.notices
-    assert "not recognised" in notice and "mean 0.5,0.5,0.5" in notice and "{data_config}" in notice
+    assert "not recognised" in notice and "mean 0.5,0.5,0.5" in notice and "`data_config`" in notice
 
 
 @pytest.mark.parametrize("family", ["beitv2", "simmim"])
