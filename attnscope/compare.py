@@ -121,7 +121,8 @@ def config_inputs(
 
     Batch size, workers and device are left out: they change the results by float
     rounding at most, and a run on the GPU should be reusable on a laptop. A folder
-    written by an earlier version is reused only while this dict stays the same, key for key.
+    written by an earlier version is reused only while this dict stays the same, key for key;
+    `inputs_version` makes older folders recompute when what an input means has changed.
     """
     from attnscope import __version__
     from attnscope.versions import package_versions
@@ -134,6 +135,9 @@ def config_inputs(
         weights = {"pretrained": plan.spec.timm_name}
     versions = package_versions()
     return {
+        # bumped when an input's meaning changes: 2 = random weights drawn per model, aliases
+        # carrying their family's preprocessing (folders of version 1 hold other numbers)
+        "inputs_version": 2,
         "attnscope": __version__,
         "timm": versions.get("timm"),
         "torch": versions.get("torch"),
