@@ -35,3 +35,17 @@ class ConfigError(AttnscopeError):
         """The message with every setting spelled by `spell` (a CLI flag, say)."""
         text = _FIELD.sub(lambda m: spell(m.group(1)), self.detail)
         return f"{spell(self.field)} {text}" if self.field else text
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with one line saying what is complete.
+
+    `detail` says what was committed and where; `resumable` when the same command with
+    `resume` continues from it (the CLI then adds that command). Still a KeyboardInterrupt,
+    so nothing catches it by accident.
+    """
+
+    def __init__(self, detail: str, *, resumable: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.resumable = resumable

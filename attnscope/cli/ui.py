@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 from attnscope import distributed
-from attnscope.cli.options import flag_for
-from attnscope.errors import AttnscopeError, ConfigError
+from attnscope.cli.options import flag_for, resume_command_line
+from attnscope.errors import AttnscopeError, ConfigError, Interrupted
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -46,6 +46,9 @@ def handle_errors(func: F) -> F:
             if isinstance(own, ConfigError) and str(own) == str(exc):
                 raise fail(own.worded(flag_for)) from None
             raise fail(str(exc)) from None
+        except Interrupted as exc:  # a command that knows what it committed says so
+            what = exc.detail + (f"; to continue: {resume_command_line()}" if exc.resumable else "")
+            raise fail(f"interrupted: {what}", 130) from None
         except KeyboardInterrupt:
             raise fail(
                 "interrupted; files already written are complete, nothing was half-written", 130
