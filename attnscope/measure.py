@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -71,7 +71,7 @@ def forwards(
     device: torch.device,
     dtype: str = "float32",
     residual: bool = True,
-) -> Iterator[tuple[ImageBatch, TokenLayout | None]]:
+) -> Generator[tuple[ImageBatch, TokenLayout | None], None, None]:
     """Run `loaded` over each `ImageBatch` of `batches` with every block's attention going
     to `consumer`; yield each batch after its forward with the token layout it had (None
     for a batch in which no image could be read, which is not run)."""

@@ -33,7 +33,16 @@ def report(tmp_path_factory):
 
 def test_compare_writes_every_file(report):
     out, output = report
-    for name in ("layers.csv", "heads.csv", "summary.csv", "run.json", "report.html", "report.md"):
+    for name in (
+        "layers.csv",
+        "heads.csv",
+        "images.csv",
+        "intervals.csv",
+        "summary.csv",
+        "run.json",
+        "report.html",
+        "report.md",
+    ):
         assert (out / name).stat().st_size > 100, name
     figures = {p.name for p in (out / "figures").iterdir()}
     for stem in (
@@ -47,8 +56,9 @@ def test_compare_writes_every_file(report):
     ):
         assert f"{stem}.png" in figures and f"{stem}.svg" in figures, stem
     for slug in MODELS:
-        for name in ("layers.csv", "heads.csv", "run.json", "gallery.npz"):
+        for name in ("layers.csv", "heads.csv", "images.csv", "run.json", "gallery.npz"):
             assert (out / "runs" / slug / name).is_file()
+        assert not (out / "runs" / slug / ".attnscope-partial").exists()  # a finished run keeps no state
     meta = json.loads((out / "run.json").read_text())
     assert list(meta["models"]) == MODELS and meta["config"]["command"] == "compare"
     assert {r["status"] for r in meta["runs"].values()} == {"computed"}

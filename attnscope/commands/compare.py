@@ -27,6 +27,7 @@ from attnscope.config import (
     plain,
 )
 from attnscope.errors import AttnscopeError, ConfigError, Interrupted
+from attnscope.files import remove_stale_temporaries
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -386,6 +387,7 @@ def _computed(
     from attnscope.results import read_images, read_run
 
     partial = None if distributed.is_distributed() else PartialRun(run_dir, chash, plan.name)
+    resumed_after = resume.done if resume is not None else None  # the state object moves on
     try:
         loaded = load_with_ui(plan.name, ui, seed=config.seed, load=lambda: _load(plan, config))
         result = measure_with_ui(
@@ -402,8 +404,8 @@ def _computed(
         if not distributed.is_main():  # torchrun: the sums are in; rank 0 writes
             _free(loaded)
             return None
-        if resume is not None:
-            result.info["resumed_after"] = resume.done
+        if resumed_after is not None:
+            result.info["resumed_after"] = resumed_after
         gallery = _gallery(loaded, result.info, config, dev)
         _free(loaded)
         _write_model_run(run_dir, plan, config, result, gallery, inputs, chash, command)
@@ -413,6 +415,7 @@ def _computed(
         raise partial.interrupted() from None
     if partial is not None:
         partial.remove()
+        remove_stale_temporaries(run_dir)  # an earlier session may have been killed mid-write
     # Round-trip through the CSV so reused and fresh runs stack to byte-identical tables.
     layers, heads, _ = read_run(run_dir)
     status = "resumed" if resume is not None else "computed"

@@ -21,6 +21,7 @@ from attnscope.config import (
     normalise_formats,
 )
 from attnscope.errors import ConfigError
+from attnscope.files import remove_stale_temporaries
 from attnscope.models.loading import display_name
 
 if TYPE_CHECKING:
@@ -142,12 +143,6 @@ def _prepare(config: EntropyConfig, ui: UI) -> tuple[Path, bool]:
     from attnscope import distributed
     from attnscope.results import default_run_dir
 
-    if config.resume and distributed.launched_by_torchrun():
-        raise ConfigError(
-            "resume",
-            "is not available under torchrun (each rank streams its own share); continue the run in one "
-            "process, or start over with {overwrite}",
-        )
     out, found = None, False
     with distributed.step():
         if distributed.is_main():
@@ -183,12 +178,19 @@ def run(
     from attnscope.models import load_model
     from attnscope.results import RunWriter, run_metadata
 
+    if config.resume and distributed.launched_by_torchrun():  # before the process group: said once
+        raise ConfigError(
+            "resume",
+            "is not available under torchrun (each rank streams its own share); continue the run in one "
+            "process, or start over with {overwrite}",
+        )
     dev = distributed.setup(config.device)
     main = distributed.is_main()
     ui = (ui or NullUI()) if main else NullUI()
     out_dir, found = _prepare(config, ui)
     paths, ignored = list_images(config.images, config.max_images, ui)
     partial, state = _partial(config, out_dir, paths, found)
+    resumed_after = state.done if state is not None else None  # the state object moves on
     try:
         loaded = load_with_ui(
             config.model,
@@ -217,8 +219,8 @@ def run(
         if not main:  # not rank 0: the sums are in; rank 0 writes the folder
             return out_dir, None
         result.info["files_ignored"] = [str(p) for p in sorted(ignored)]
-        if state is not None:
-            result.info["resumed_after"] = state.done
+        if resumed_after is not None:
+            result.info["resumed_after"] = resumed_after
         meta = run_metadata(command, config.as_dict(), {config.model: result.info}, config.seed)
         write_single_run(RunWriter(out_dir, overwrite=True), result, meta, config.formats)
     except KeyboardInterrupt:
@@ -227,4 +229,5 @@ def run(
         raise partial.interrupted() from None
     if partial is not None:
         partial.remove()
+        remove_stale_temporaries(out_dir)  # an earlier session may have been killed mid-write
     return out_dir, result

@@ -8,7 +8,7 @@ figure of a report.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -126,7 +126,7 @@ def _draw_metric(
     if relative_depth:
         ax.set_xlim(-0.03, 1.03)
     else:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        cast(Any, ax.xaxis.get_major_locator()).set_params(integer=True)  # AutoLocator takes it
     _set_ylim(ax, metric, data, max(tops) if tops else None)
 
 
@@ -231,7 +231,7 @@ def head_scatter(
         ax.plot(per_layer.index, per_layer.values, color=palette[model], lw=1.0, alpha=0.8)
         ax.set_title(model, color=palette[model], fontsize=10, fontweight="bold")
         ax.set_xlabel("block")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        cast(Any, ax.xaxis.get_major_locator()).set_params(integer=True)  # AutoLocator takes it
     axes.flat[0].set_ylabel(metric_label(metric))
     top = float(data["mean"].max()) if not data.empty else 0.0
     axes.flat[0].set_ylim(0, top * 1.08 if top > 0 else None)
