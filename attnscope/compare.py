@@ -383,7 +383,7 @@ def _interval_rows(runs: Sequence[ModelRun], images: Sequence[str]) -> tuple[lis
     values: list[np.ndarray] = []
     scoped: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     for run in runs:
-        per_block = _headline_values(run, images)
+        per_block = _headline_values(run, images) if run.images is not None else {}
         mine = scoped[run.name] = {}
         for metric in HEADLINE_METRICS:
             layers = sorted(layer for m, layer in per_block if m == metric)

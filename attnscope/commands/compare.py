@@ -502,7 +502,10 @@ def _write_comparison(
     images = stack_images(runs)
     summary = summary_table(runs)
     intervals, bootstrap = interval_table(runs, seed=config.seed)
-    sentences, notes = findings(summary, {r.name: r.info for r in runs}, intervals)
+    # without per-image values (runs made by other code) the thresholds alone decide
+    sentences, notes = findings(
+        summary, {r.name: r.info for r in runs}, None if intervals.empty else intervals
+    )
     writer = RunWriter(out, overwrite=True)  # check_out_dir has already decided it may be written
     writer.write_csv("layers.csv", layers)
     writer.write_csv("heads.csv", heads)
