@@ -580,7 +580,8 @@ def _not_measurable(metric: str, scope: str, hi: str, lo: str, a: str, b: str, d
     from attnscope.metrics import METRIC_LABELS
 
     where = "In the last block" if scope == "last" else "Averaged over blocks"
-    return f"{where}, {hi} and {lo} do not differ measurably in {METRIC_LABELS[metric]} ({a} vs {b}{detail})"
+    label = METRIC_LABELS[metric].removesuffix(" (px)").removesuffix(" (nats)")  # the values carry the unit
+    return f"{where}, {hi} and {lo} do not differ measurably in {label} ({a} vs {b}{detail})"
 
 
 def _sentence(

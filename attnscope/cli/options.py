@@ -79,6 +79,7 @@ OverwriteOpt = Annotated[
 ResumeOpt = Annotated[
     bool,
     typer.Option(
+        "--resume",
         help="Continue the interrupted run in --out from its last committed image "
         "(runs commit every 64 images or 30 s). Not under torchrun."
     ),
