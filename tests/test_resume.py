@@ -83,42 +83,87 @@ def interrupt_after(monkeypatch):
     return arm
 
 
-# ---------------------------------------------------------------- entropy, in process
+# ---------------------------------------------------------------- the stream itself (fast)
 
 
+def test_a_stream_resumed_from_its_committed_state_equals_one_that_never_stopped(tmp_path, sample_paths):
+    """Interrupt after two commits, reload the state from disk, continue: the tables (sums,
+    per-image values, used images) are exactly those of an uninterrupted stream."""
+    import torch
+
+    from attnscope.analysis import measure_model
+    from attnscope.errors import ConfigError
+    from attnscope.measure import Checkpointing
+    from attnscope.models import load_model
+
+    loaded = load_model("test_vit", random_init=True)
+    paths, cpu = sample_paths[:5], torch.device("cpu")
+    ref = measure_model(loaded, paths, device=cpu, batch_size=2)
+    partial, done = resume_mod.PartialRun(tmp_path, "hash-1", "test_vit"), []
+
+    def commit_twice(state):
+        partial.commit(state)
+        done.append(state.done)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        measure_model(
+            loaded, paths, device=cpu, batch_size=2, checkpointing=Checkpointing(commit_twice, every_images=1)
+        )
+    again = resume_mod.PartialRun(tmp_path, "hash-1", "test_vit")
+    state = again.load(len(paths))
+    assert done == [2, 4] and state.done == 4 and state.used == [0, 1, 2, 3]
+    resumed = measure_model(loaded, paths, device=cpu, batch_size=2, checkpointing=again.checkpointing(state))
+    for name in ("layers", "heads", "images"):
+        pd.testing.assert_frame_equal(getattr(resumed, name), getattr(ref, name), check_exact=True)
+    assert resumed.info["images_used"] == ref.info["images_used"]
+    with pytest.raises(ConfigError, match="other settings"):
+        resume_mod.PartialRun(tmp_path, "hash-2", "test_vit").load(len(paths))
+    (tmp_path / PARTIAL / "chunk-000000.npz").unlink()
+    with pytest.raises(ConfigError, match="damaged"):
+        resume_mod.PartialRun(tmp_path, "hash-1", "test_vit").load(len(paths))
+
+
+# ---------------------------------------------------------------- entropy and compare, in process
+
+
+@pytest.mark.slow
 def test_interrupted_entropy_resumes_to_the_same_csvs(tmp_path, interrupt_after):
-    images = make_images(tmp_path)
+    images = make_images(tmp_path, copies=1)
     args = ["entropy", "--model", "test_vit", "--random-init", "--images", str(images), "--batch-size", "2"]
     assert invoke(*args, "--out", str(tmp_path / "ref")).exit_code == 0
     out = tmp_path / "run"
-    interrupt_after(3)  # 3 commits of 2 images each
+    interrupt_after(2)  # 2 commits of 2 images each
     result = invoke(*args, "--out", str(out))
     assert result.exit_code == 130
     (line,) = error_lines(result.output)
-    assert line.startswith(f"interrupted: 6 of 14 images of test_vit are committed in {out}; to continue: ")
+    assert line.startswith(f"interrupted: 4 of 7 images of test_vit are committed in {out}; to continue: ")
     assert line.endswith("--resume")
     assert not (out / "run.json").exists() and (out / PARTIAL / "state.npz").is_file()
 
     result = invoke(*args, "--out", str(out))  # without --resume: says what is there, changes nothing
     assert result.exit_code == 2
     assert error_lines(result.output) == [
-        f"{out} holds an interrupted run of test_vit (6 of 14 images committed); pass --resume to "
+        f"{out} holds an interrupted run of test_vit (4 of 7 images committed); pass --resume to "
         "continue it, or --overwrite to start over"
     ]
     result = invoke(*args, "--out", str(out), "--resume")
     assert result.exit_code == 0, result.output
-    assert "resumed after 6 of 14" in result.output  # the bar covers the 8 images left
+    assert "resumed after 4 of 7" in result.output  # the bar covers the 3 images left
     assert_same_csvs(tmp_path / "ref", out)
     for name in CSVS:  # same batches, same order of additions: the very same bytes
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     info = json.loads((out / "run.json").read_text())["models"]["test_vit"]
-    assert info["resumed_after"] == 6 and len(info["images_used"]) == 14
+    assert info["resumed_after"] == 4 and len(info["images_used"]) == 7
     assert no_leftovers(out)
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_trust(tmp_path, interrupt_after):
     images = make_images(tmp_path, copies=1)
     args = ["entropy", "--model", "test_vit", "--random-init", "--images", str(images), "--batch-size", "2"]
+    args += ["--max-images", "5", "--format", "svg"]
     out = tmp_path / "run"
     interrupt_after(2)
     assert invoke(*args, "--out", str(out)).exit_code == 130
@@ -155,6 +200,7 @@ def test_resume_refuses_what_it_cannot_trust(tmp_path, interrupt_after):
     assert_same_csvs(out, fresh)
 
 
+@pytest.mark.slow
 def test_interrupted_compare_resumes_the_model_that_was_running(tmp_path, interrupt_after):
     from attnscope.commands.compare import CompareConfig, run
 
@@ -294,3 +340,54 @@ def test_kill_9_at_random_moments_never_leaves_a_file_a_rerun_trusts_but_is_corr
     assert final.returncode in (0, 2), final.stderr
     assert_same_csvs(tmp_path / "ref", out)
     assert outcomes.count("refused") <= 1, outcomes  # nothing damaged should be the rule
+
+
+def _compare(images: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "attnscope", "compare", "test_vit", "test_vit2", "--random-init",
+        "--images", str(images), "--batch-size", "1", "--gallery", "1", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_9_during_compare_never_leaves_a_model_run_that_is_reused_but_wrong(tmp_path):
+    """The same for compare: after each kill the folder resumes (reusing finished model runs,
+    continuing the interrupted one) to the uninterrupted tables, or is refused in one line."""
+    images = make_images(tmp_path, copies=1)
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            _compare(images, out, *extra),
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    start = time.monotonic()
+    assert run(tmp_path / "ref").returncode == 0
+    duration = time.monotonic() - start
+    rng = random.Random(7)
+    out = tmp_path / "run"
+    for trial in range(3):
+        proc = subprocess.Popen(
+            _compare(images, out, "--resume"), cwd=tmp_path, env=_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        time.sleep(rng.uniform(0.3, duration))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        check = tmp_path / f"check{trial}"
+        if out.exists():
+            shutil.copytree(out, check, symlinks=True)
+        result = run(check, "--resume")
+        if result.returncode != 0:
+            assert result.returncode == 2 and len(error_lines(result.stderr)) == 1, result.stderr
+            assert run(check, "--overwrite").returncode == 0
+        for model in ("test_vit", "test_vit2"):
+            assert_same_csvs(tmp_path / "ref" / "runs" / model, check / "runs" / model)
+            assert no_leftovers(check / "runs" / model)
+        assert_same_csvs(tmp_path / "ref", check)
+        ref_iv = pd.read_csv(tmp_path / "ref" / "intervals.csv")
+        pd.testing.assert_frame_equal(pd.read_csv(check / "intervals.csv"), ref_iv)

@@ -244,6 +244,7 @@ def test_depth_panels_draw_the_interval_as_the_band(comparison):
     assert "± std over images" in fig._suptitle.get_text()
 
 
+@pytest.mark.slow
 def test_reused_runs_reread_images_csv_and_old_folders_are_recomputed(comparison, tmp_path):
     from attnscope.commands.compare import CompareConfig, run
 
@@ -264,6 +265,7 @@ def test_reused_runs_reread_images_csv_and_old_folders_are_recomputed(comparison
     pd.testing.assert_frame_equal(third.intervals, first.intervals)
 
 
+@pytest.mark.slow
 def test_compare_table_says_random_weights_per_row(tmp_path, tiny):
     import torch
 
