@@ -81,7 +81,7 @@ ResumeOpt = Annotated[
     typer.Option(
         "--resume",
         help="Continue the interrupted run in --out from its last committed image "
-        "(runs commit every 64 images or 30 s). Not under torchrun."
+        "(runs commit every 64 images or 30 s). Not under torchrun.",
     ),
 ]
 FormatOpt = Annotated[
