@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from attnscope.config import check_at_least, check_dtype, check_img_size
 from attnscope.errors import AttnscopeError
-from attnscope.measure import ProgressFn, SkipFn, run_statistics_all_ranks
+from attnscope.measure import Checkpointing, ProgressFn, SkipFn, run_statistics_all_ranks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,14 +26,30 @@ if TYPE_CHECKING:
     from attnscope.models import LoadedModel, TokenLayout
 
 
+def empty_images_table() -> pd.DataFrame:
+    """An images table without rows (the columns of images.csv)."""
+    import pandas as pd
+
+    return pd.DataFrame(columns=list(IMAGE_COLUMNS))
+
+
+IMAGE_COLUMNS = ("model", "image", "layer", "metric", "value")
+
+
 @dataclass
 class AnalysisResult:
-    """The tables of one model's run and everything run.json needs to reproduce it."""
+    """The tables of one model's run and everything run.json needs to reproduce it.
+
+    `layers` and `heads` are the statistics over images; `images` holds each image's
+    value per (layer, metric) (heads averaged within the image, as layers.csv's unit),
+    `image` being the name run.json lists in `images_used`.
+    """
 
     layers: pd.DataFrame
     heads: pd.DataFrame
     info: dict[str, Any]
     accumulator: MetricAccumulator | None = field(default=None, repr=False)
+    images: pd.DataFrame = field(default_factory=empty_images_table, repr=False)
 
 
 def as_loaded_model(model: str | nn.Module | LoadedModel, **load_kwargs: Any) -> LoadedModel:
@@ -74,12 +90,14 @@ def measure_model(
     seed: int = 0,
     progress: ProgressFn | None = None,
     on_skip: SkipFn | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> AnalysisResult:
     """Statistics of `loaded` over `paths`: tables and the provenance of run.json.
 
     Under torchrun every rank streams its share and ends with the all-reduced totals (the
-    same result on every rank). It is an error, on every rank alike, if no image at all
-    could be read.
+    same result on every rank, per-image values included). It is an error, on every rank
+    alike, if no image at all could be read. `checkpointing` (one process only) commits
+    the state as it goes and resumes from a committed one.
     """
     from attnscope import distributed
 
@@ -92,16 +110,18 @@ def measure_model(
         num_workers=num_workers,
         progress=progress,
         on_skip=on_skip,
+        checkpointing=checkpointing,
     )
     with distributed.step():  # the same outcome on every rank; rank 0 alone reports it
         if accumulator is None or layout is None:
             raise AttnscopeError(f"none of the {len(paths)} images could be read")
     layers, heads = accumulator.tables()
+    images = accumulator.images_table([str(p) for p in paths])
     info = build_info(
         loaded, layout, paths, used, failures, device=device, dtype=dtype, seed=seed, batch_size=batch_size
     )
     info.update(distributed.describe())
-    return AnalysisResult(layers, heads, info, accumulator)
+    return AnalysisResult(layers, heads, info, accumulator, images)
 
 
 def analyze(
@@ -125,7 +145,8 @@ def analyze(
 
     The notebook entry point: nothing is written or printed. `images` takes folders,
     files or globs (None: the bundled samples). Returns `layers` and `heads` tables with
-    the columns of docs/metrics.md and an `info` dict (what run.json records).
+    the columns of docs/metrics.md, the per-image table `images` (model, image, layer,
+    metric, value; what images.csv holds) and an `info` dict (what run.json records).
     """
     import torch
 

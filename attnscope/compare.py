@@ -124,16 +124,42 @@ def config_inputs(
     written by an earlier version is reused only while this dict stays the same, key for key;
     `inputs_version` makes older folders recompute when what an input means has changed.
     """
+    return run_inputs(
+        plan.spec,
+        paths,
+        checkpoint=plan.checkpoint,
+        model_kwargs=plan.model_kwargs,
+        random_init=random_init,
+        seed=seed,
+        img_size=img_size,
+        dtype=dtype,
+    )
+
+
+def run_inputs(
+    spec: ModelSpec,
+    paths: Sequence[Path],
+    *,
+    checkpoint: Path | None,
+    model_kwargs: Mapping[str, Any] | None,
+    random_init: bool,
+    seed: int,
+    img_size: Sequence[int] | None,
+    dtype: str,
+) -> dict[str, Any]:
+    """`config_inputs` of any one-model run (entropy's too): versions, model, weights,
+    input size, dtype and the images (path, size, mtime), as plain JSON-able data."""
     from attnscope import __version__
     from attnscope.versions import package_versions
 
-    if plan.checkpoint is not None:
-        weights: dict[str, Any] = {"checkpoint": _file_stamp(plan.checkpoint.resolve())}
+    if checkpoint is not None:
+        weights: dict[str, Any] = {"checkpoint": _file_stamp(Path(checkpoint).resolve())}
     elif random_init:
         weights = {"random_init": True, "seed": seed}
     else:
-        weights = {"pretrained": plan.spec.timm_name}
+        weights = {"pretrained": spec.timm_name}
     versions = package_versions()
+    kwargs = dict(model_kwargs or {})
     return {
         # bumped when an input's meaning changes: 2 = random weights drawn per model, aliases
         # carrying their family's preprocessing (folders of version 1 hold other numbers)
@@ -141,9 +167,9 @@ def config_inputs(
         "attnscope": __version__,
         "timm": versions.get("timm"),
         "torch": versions.get("torch"),
-        "timm_name": plan.spec.timm_name,
+        "timm_name": spec.timm_name,
         "weights": weights,
-        "model_kwargs": {k: plan.model_kwargs[k] for k in sorted(plan.model_kwargs)},
+        "model_kwargs": {k: kwargs[k] for k in sorted(kwargs)},
         "img_size": list(img_size) if img_size else None,
         "dtype": dtype,
         "images": [_file_stamp(Path(p)) for p in sorted(paths)],
@@ -216,8 +242,9 @@ class ModelRun:
     heads: pd.DataFrame
     info: dict[str, Any]
     config_hash: str
-    status: str  # "computed", "reused", "reused (gallery recomputed)"
+    status: str  # "computed", "reused", "reused (gallery recomputed)", "resumed"
     gallery: Gallery | None = None
+    images: pd.DataFrame | None = None  # images.csv: each image's value per (layer, metric)
 
     @property
     def name(self) -> str:
@@ -286,13 +313,6 @@ def summary_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _close(a: float, b: float, metric: str) -> bool:
-    """Too close to call a difference: 0.005 on [0, 1] metrics, 2% on pixels and ratios."""
-    if metric.endswith(("_px", "_ratio")):
-        return abs(a - b) <= 0.02 * max(abs(a), abs(b), 1e-12)
-    return abs(a - b) <= 0.005
-
-
 def _fmt(v: float, metric: str) -> str:
     if metric.endswith("_px"):
         return f"{v:.0f} px"
@@ -308,60 +328,307 @@ def _others(ranked: list[tuple[str, float]], metric: str) -> str:
     return f" (others: {', '.join(f'{m} {_fmt(v, metric)}' for m, v in middle)})" if middle else ""
 
 
-_SENTENCES: tuple[tuple[str, str, str], ...] = (
-    # (summary column, sentence when they differ, sentence when they do not); hi = larger value
+# ---------------------------------------------------------------- per-image values and intervals
+
+INTERVAL_COLUMNS = ("model", "minus", "scope", "layer", "metric", "mean", "ci_low", "ci_high", "n_images")
+
+
+def stack_images(runs: Sequence[ModelRun]) -> pd.DataFrame:
+    """Every model's images table (model, image, layer, metric, value), in the order given."""
+    import pandas as pd
+
+    frames = [run.images for run in runs if run.images is not None]
+    if not frames:
+        return pd.DataFrame(columns=["model", "image", "layer", "metric", "value"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def images_agree(images: pd.DataFrame, layers: pd.DataFrame) -> bool:
+    """Whether a per-image table adds up to its layers table: the same (layer, metric) rows,
+    the same counts, and means equal to layers.csv's 10 significant digits."""
+    import numpy as np
+
+    if images.empty or layers.empty:
+        return images.empty and layers.empty
+    got = images.groupby(["layer", "metric"])["value"].agg(["mean", "count"])
+    want = layers.set_index(["layer", "metric"])
+    if len(got) != len(want) or set(got.index) != set(want.index):
+        return False
+    got = got.reindex(want.index)
+    same_counts = bool((got["count"].to_numpy() == want["count"].to_numpy()).all())
+    return same_counts and bool(np.allclose(got["mean"], want["mean"], rtol=1e-8, atol=1e-12))
+
+
+def common_images(runs: Sequence[ModelRun]) -> list[str]:
+    """The images every model has values for, in the first model's order."""
+    if not runs or any(run.images is None for run in runs):
+        return []
+    sets = [set(run.images["image"]) for run in runs[1:]]  # type: ignore[index]
+    first = runs[0].images["image"].drop_duplicates()  # type: ignore[index]
+    return [str(image) for image in first if all(image in s for s in sets)]
+
+
+def _headline_values(run: ModelRun, images: Sequence[str]) -> dict[tuple[str, int], np.ndarray]:
+    """(metric, layer) -> the model's values over `images` (in that order), headline metrics only."""
+    assert run.images is not None
+    frame = run.images[run.images["metric"].isin(HEADLINE_METRICS) & run.images["image"].isin(set(images))]
+    if frame.empty:
+        return {}
+    table = frame.pivot(index=["metric", "layer"], columns="image", values="value").reindex(columns=images)
+    return {(str(m), int(layer)): row.to_numpy(dtype="float64") for (m, layer), row in table.iterrows()}
+
+
+def _interval_rows(runs: Sequence[ModelRun], images: Sequence[str]) -> tuple[list[tuple], list[np.ndarray]]:
+    """The rows to bootstrap: each model's metric per block, in the last block and averaged
+    over blocks, then each pair's per-image differences in the last block and over blocks."""
+    import numpy as np
+
+    keys: list[tuple] = []
+    values: list[np.ndarray] = []
+    scoped: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+    for run in runs:
+        per_block = _headline_values(run, images) if run.images is not None else {}
+        mine = scoped[run.name] = {}
+        for metric in HEADLINE_METRICS:
+            layers = sorted(layer for m, layer in per_block if m == metric)
+            if not layers:
+                continue
+            for layer in layers:
+                keys.append((run.name, "", "block", layer, metric))
+                values.append(per_block[(metric, layer)])
+            mine[(metric, "last")] = per_block[(metric, layers[-1])]
+            mine[(metric, "mean")] = np.mean([per_block[(metric, layer)] for layer in layers], axis=0)
+            keys.append((run.name, "", "last", layers[-1], metric))
+            values.append(mine[(metric, "last")])
+            keys.append((run.name, "", "mean", None, metric))
+            values.append(mine[(metric, "mean")])
+    for i, a in enumerate(runs):
+        for b in runs[i + 1 :]:
+            for metric in HEADLINE_METRICS:
+                for scope in ("last", "mean"):
+                    if (metric, scope) in scoped[a.name] and (metric, scope) in scoped[b.name]:
+                        keys.append((a.name, b.name, scope, None, metric))
+                        values.append(scoped[a.name][(metric, scope)] - scoped[b.name][(metric, scope)])
+    return keys, values
+
+
+def interval_table(runs: Sequence[ModelRun], *, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """95% bootstrap intervals of the mean over images, and what run.json records about them.
+
+    Over the images every model could read, resampled together for every row (one call of
+    `metrics.intervals.bootstrap_means`, seeded by `seed`), so all models see the same
+    resample and a difference's interval is paired. Rows (columns `INTERVAL_COLUMNS`):
+
+    - a model's own interval: `minus` empty, `scope` "block" (`layer` the block), "last"
+      (the last block) or "mean" (the per-image average over blocks; `layer` empty);
+    - a difference `model - minus` of two models' per-image values, `scope` "last" or
+      "mean", for every pair of models, in the order they were given.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from attnscope.metrics.intervals import CONFIDENCE_LEVEL, METHOD, N_RESAMPLES, bootstrap_means
+
+    images = common_images(runs)
+    keys, values = _interval_rows(runs, images)
+    matrix = np.vstack(values) if values else np.zeros((0, len(images)))
+    mean, low, high = bootstrap_means(matrix, seed=seed)
+    frame = pd.DataFrame(keys, columns=list(INTERVAL_COLUMNS[:5]))
+    frame["layer"] = frame["layer"].astype("Int64")
+    frame["mean"], frame["ci_low"], frame["ci_high"] = mean, low, high
+    frame["n_images"] = len(images)
+    info = {
+        "file": "intervals.csv",
+        "method": METHOD,
+        "confidence_level": CONFIDENCE_LEVEL,
+        "n_resamples": N_RESAMPLES,
+        "seed": seed,
+        "resampled": "images, the same resample for every model, block and difference",
+        "n_images": len(images),
+        "metrics": list(HEADLINE_METRICS),
+    }
+    return frame, info
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over images and its bootstrap interval (NaN ends: no interval)."""
+
+    mean: float
+    low: float
+    high: float
+    n_images: int
+
+    @property
+    def known(self) -> bool:
+        return not (math.isnan(self.low) or math.isnan(self.high))
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.known and (self.low > 0 or self.high < 0)
+
+
+def difference_interval(intervals: pd.DataFrame, a: str, b: str, metric: str, scope: str) -> Interval | None:
+    """The interval of `a - b` (per-image differences), whichever way round it was stored."""
+    rows = intervals[(intervals["metric"] == metric) & (intervals["scope"] == scope)]
+    for first, second, sign in ((a, b, 1.0), (b, a, -1.0)):
+        hit = rows[(rows["model"] == first) & (rows["minus"] == second)]
+        if not hit.empty:
+            r = hit.iloc[0]
+            low, high = sign * float(r["ci_low"]), sign * float(r["ci_high"])
+            return Interval(sign * float(r["mean"]), min(low, high), max(low, high), int(r["n_images"]))
+    return None
+
+
+def model_interval(intervals: pd.DataFrame, model: str, metric: str, scope: str) -> Interval | None:
+    """A model's own interval of `metric` in the last block or averaged over blocks."""
+    hit = intervals[
+        (intervals["model"] == model)
+        & (intervals["minus"].fillna("") == "")
+        & (intervals["metric"] == metric)
+        & (intervals["scope"] == scope)
+    ]
+    if hit.empty:
+        return None
+    r = hit.iloc[0]
+    return Interval(float(r["mean"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n_images"]))
+
+
+# ---------------------------------------------------------------- findings
+
+#: Relative size a difference needs before findings call it (of the larger value).
+RELATIVE_THRESHOLD = 0.02
+
+
+def difference_thresholds(metric: str) -> tuple[float, float]:
+    """(absolute, relative) size a difference of `metric` needs before findings call it.
+
+    From the metric's record: 0.001 for [0, 1] metrics (probabilities and fractions, where
+    0.0099 vs 0.0055 is a 1.8x difference worth naming), 0.5 px for distances, 0.005 nats
+    for entropies, 0.001 for other ratios; and 2% of the larger value for every metric.
+    """
+    from attnscope.metrics import metric_spec
+
+    spec = metric_spec(metric)
+    if spec.unit_interval:
+        absolute = 0.001
+    elif spec.unit == "px":
+        absolute = 0.5
+    elif spec.unit == "nats":
+        absolute = 0.005
+    else:
+        absolute = 0.001
+    return absolute, RELATIVE_THRESHOLD
+
+
+def _large_enough(a: float, b: float, metric: str) -> bool:
+    absolute, relative = difference_thresholds(metric)
+    gap = abs(a - b)
+    return gap >= absolute and gap >= relative * max(abs(a), abs(b))
+
+
+def _signed(v: float, metric: str) -> str:
+    """A difference or an interval end, 2 significant digits (+0.0044, -0.31, +12 px)."""
+    size = abs(v)
+    text = f"{v:+.0f}" if size >= 10 else f"{v:+.1f}" if size >= 1 else f"{v:+#.2g}"
+    text = text.replace("+0.0", "0.0") if v == 0 else text
+    return text + (" px" if metric.endswith("_px") else "")
+
+
+def _interval_text(iv: Interval, metric: str) -> str:
+    if not iv.known:
+        return f"difference {_signed(iv.mean, metric)}; no interval with {iv.n_images} image(s) in common"
+    return (
+        f"difference {_signed(iv.mean, metric)}, {CONFIDENCE_PERCENT} CI {_signed(iv.low, metric)} to "
+        f"{_signed(iv.high, metric)} over {iv.n_images} images"
+    )
+
+
+CONFIDENCE_PERCENT = "95%"
+
+_SENTENCES: tuple[tuple[str, str], ...] = (
+    # (summary column, sentence when the difference is called); hi = the larger value
     (
         "cls_self_attn_last",
-        "In the last block, {hi}'s [cls] keeps {a} of its attention on itself vs {b} for {lo}{ratio}.",
-        "In the last block, {hi}'s and {lo}'s [cls] keep about the same share of attention on themselves "
-        "({a} vs {b}).",
+        "In the last block, {hi}'s [cls] keeps {a} of its attention on itself vs {b} for {lo}{ratio}",
     ),
     (
         "cls_patch_entropy_norm_last",
         "{hi}'s [cls]→patch attention is closer to uniform in the last block "
-        "(normalised entropy {a} vs {b} for {lo}).",
-        "{hi}'s and {lo}'s [cls]→patch attention are about equally spread in the last block "
-        "(normalised entropy {a} vs {b}).",
+        "(normalised entropy {a} vs {b} for {lo})",
     ),
     (
         "cls_patch_k90_frac_last",
         "In the last block, 90% of {lo}'s [cls]→patch attention falls on {b} of the patches, "
-        "vs {a} for {hi}: {lo}'s [cls] is the more selective.",
-        "In the last block, 90% of the [cls]→patch attention falls on about the same share of patches "
-        "({a} for {hi}, {b} for {lo}).",
+        "vs {a} for {hi}: {lo}'s [cls] is the more selective",
     ),
     (
         "patch_patch_entropy_norm_mean",
         "Averaged over blocks, {hi}'s patches spread their attention more evenly "
-        "(normalised patch→patch entropy {a} vs {b} for {lo}).",
-        "Averaged over blocks, {hi}'s and {lo}'s patches spread their attention about equally "
-        "(normalised entropy {a} vs {b}).",
+        "(normalised patch→patch entropy {a} vs {b} for {lo})",
     ),
     (
         "attn_distance_px_mean",
         "Averaged over blocks, {hi}'s patches look farther: "
-        "mean attention distance {a} vs {b} for {lo}{ratio}.",
-        "Averaged over blocks, {hi}'s and {lo}'s patches look about as far "
-        "(mean attention distance {a} vs {b}).",
+        "mean attention distance {a} vs {b} for {lo}{ratio}",
     ),
     (
         "cls_residual_ratio_last",
         "In the last block, attention changes {hi}'s [cls] the most: "
-        "the update is {a} of the residual stream's norm vs {b} for {lo}.",
-        "In the last block, attention changes {hi}'s and {lo}'s [cls] about equally "
-        "(update/residual norm {a} vs {b}).",
+        "the update is {a} of the residual stream's norm vs {b} for {lo}",
     ),
 )
 
 
+def _not_measurable(metric: str, scope: str, hi: str, lo: str, a: str, b: str, detail: str) -> str:
+    from attnscope.metrics import METRIC_LABELS
+
+    where = "In the last block" if scope == "last" else "Averaged over blocks"
+    label = METRIC_LABELS[metric].removesuffix(" (px)").removesuffix(" (nats)")  # the values carry the unit
+    return f"{where}, {hi} and {lo} do not differ measurably in {label} ({a} vs {b}{detail})"
+
+
+def _sentence(
+    column: str, template: str, ranked: list[tuple[str, float]], intervals: pd.DataFrame | None
+) -> str:
+    """One finding: called only when the paired interval excludes zero and the gap is large enough."""
+    metric, scope = column.rsplit("_", 1)
+    (hi, a), (lo, b) = ranked[0], ranked[-1]
+    fa, fb = _fmt(a, metric), _fmt(b, metric)
+    big = _large_enough(a, b, metric)
+    iv = difference_interval(intervals, hi, lo, metric, scope) if intervals is not None else None
+    absolute, relative = difference_thresholds(metric)
+    below = f"below the {absolute:g} / {relative:.0%} threshold"
+    ratio = f" ({a / b:.1f}x)" if b > 0 and a / b >= 1.5 else ""
+    called = template.format(hi=hi, lo=lo, a=fa, b=fb, ratio=ratio)
+    if intervals is None:  # no per-image values: the thresholds alone decide
+        text = called if big else _not_measurable(metric, scope, hi, lo, fa, fb, f"; {below}")
+    elif iv is None or not iv.excludes_zero:
+        detail = "; " + (_interval_text(iv, metric) if iv is not None else "no per-image values")
+        text = _not_measurable(metric, scope, hi, lo, fa, fb, detail)
+    elif not big:
+        detail = f"; {_interval_text(iv, metric)}: consistent across images, but {below}"
+        text = _not_measurable(metric, scope, hi, lo, fa, fb, detail)
+    else:
+        text = called + f"; {_interval_text(iv, metric)}"
+    return text + _others(ranked, metric) + "."
+
+
 def findings(
-    summary: pd.DataFrame, infos: Mapping[str, Mapping[str, Any]] | None = None
+    summary: pd.DataFrame,
+    infos: Mapping[str, Mapping[str, Any]] | None = None,
+    intervals: pd.DataFrame | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Sentences generated from summary.csv, and notes on what could not be compared and why.
+    """Sentences generated from summary.csv and intervals.csv, and notes on what could not
+    be compared and why.
 
     Each sentence names the model with the larger and the smaller value (others listed in
-    brackets). A model missing the metric is left out of that sentence and the note says
-    why; with fewer than two models left the sentence is skipped.
+    brackets). It calls a difference only when the paired bootstrap interval of the
+    per-image differences (`interval_table`) excludes zero and the difference passes
+    `difference_thresholds`; otherwise it says the two do not differ measurably, with the
+    interval. Without `intervals` the thresholds alone decide. A model missing the metric
+    is left out of that sentence and the note says why; with fewer than two models left
+    the sentence is skipped.
     """
     infos = infos or {}
     sentences: list[str] = []
@@ -373,16 +640,14 @@ def findings(
             "describe untrained networks, not pretrained models."
         )
     noted: set[tuple[str, str]] = set()
-    for column, differ, same in _SENTENCES:
+    for column, template in _SENTENCES:
         metric = column.rsplit("_", 1)[0]
         values = [(str(m), float(v)) for m, v in zip(summary["model"], summary[column], strict=True)]
         present = [(m, v) for m, v in values if not math.isnan(v)]
-        absent = [m for m, v in values if math.isnan(v)]
-        for m in absent:
+        for m in (m for m, v in values if math.isnan(v)):
             why = missing_reason(metric, infos.get(m, {})) or "not measured"
-            key = (m, why)
-            if key not in noted:
-                noted.add(key)
+            if (m, why) not in noted:
+                noted.add((m, why))
                 notes.append(f"{m} is left out of the comparisons of metrics it does not have ({why}).")
         if len(present) < 2:
             notes.append(
@@ -391,13 +656,13 @@ def findings(
             )
             continue
         ranked = sorted(present, key=lambda mv: mv[1], reverse=True)
-        (hi, a), (lo, b) = ranked[0], ranked[-1]
-        if _close(a, b, metric):
-            text = same.format(hi=hi, lo=lo, a=_fmt(a, metric), b=_fmt(b, metric))
-        else:
-            ratio = f" ({a / b:.1f}x)" if b > 0 and a / b >= 1.5 else ""
-            text = differ.format(hi=hi, lo=lo, a=_fmt(a, metric), b=_fmt(b, metric), ratio=ratio)
-        sentences.append(text[:-1] + _others(ranked, metric) + ".")
+        sentences.append(_sentence(column, template, ranked, intervals))
+    notes += _input_notes(summary, intervals)
+    return sentences, notes
+
+
+def _input_notes(summary: pd.DataFrame, intervals: pd.DataFrame | None) -> list[str]:
+    notes = []
     sizes = {str(m): s for m, s in zip(summary["model"], summary["input_size"], strict=True)}
     if len(set(sizes.values())) > 1:
         notes.append(
@@ -405,4 +670,13 @@ def findings(
             + ", ".join(f"{m} {s}" for m, s in sizes.items())
             + "): attention distances are in each model's own input pixels."
         )
-    return sentences, notes
+    if intervals is not None and not intervals.empty:
+        common = int(intervals["n_images"].iloc[0])
+        counts = {str(m): int(n) for m, n in zip(summary["model"], summary["num_images"], strict=True)}
+        fewer = [f"{m} {n}" for m, n in counts.items() if n != common]
+        if fewer:
+            notes.append(
+                f"Intervals and differences use the {common} images every model could read "
+                f"(read: {', '.join(fewer)}); the summary's means use each model's own images."
+            )
+    return notes

@@ -31,3 +31,17 @@ class ConfigError(AttnscopeError):
     def worded(self, spell: Callable[[str], str]) -> str:
         """The message with the setting at fault spelled by `spell` (a CLI flag, say)."""
         return f"{spell(self.field)} {self.detail}" if self.field else self.detail
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with one line saying what is complete.
+
+    `detail` says what was committed and where; `resumable` when the same command with
+    `resume` continues from it (the CLI then adds that command). Still a KeyboardInterrupt,
+    so nothing catches it by accident.
+    """
+
+    def __init__(self, detail: str, *, resumable: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.resumable = resumable

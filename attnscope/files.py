@@ -45,3 +45,22 @@ def write_text_atomic(target: Path, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return target
+
+
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}(?P<suffix>\.[A-Za-z0-9]+)$")
+
+
+def is_stale_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file `atomic_path` made and a killed process left behind."""
+    m = _TEMPORARY.match(path.name)
+    return m is not None and m.group("suffix") in (Path(m.group("target")).suffix, ".tmp")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what killed writers left in `folder` (and below): only `atomic_path`'s own
+    temporary names, never a file a person could have made. Call it when no writer runs."""
+    if not folder.is_dir():
+        return
+    for path in folder.rglob(".*"):
+        if path.is_file() and is_stale_temporary(path):
+            path.unlink(missing_ok=True)

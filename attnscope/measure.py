@@ -9,12 +9,14 @@ So the input-size check, reduced-precision autocast and capture handling exist o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from attnscope.config import check_dtype
-from attnscope.errors import ConfigError
+from attnscope.errors import AttnscopeError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +71,7 @@ def forwards(
     device: torch.device,
     dtype: str = "float32",
     residual: bool = True,
-) -> Iterator[tuple[ImageBatch, TokenLayout | None]]:
+) -> Generator[tuple[ImageBatch, TokenLayout | None], None, None]:
     """Run `loaded` over each `ImageBatch` of `batches` with every block's attention going
     to `consumer`; yield each batch after its forward with the token layout it had (None
     for a batch in which no image could be read, which is not run)."""
@@ -93,7 +95,12 @@ def forwards(
 
 
 class StreamingStats:
-    """Consumer that reduces each block into a `MetricAccumulator` as soon as it exists."""
+    """Consumer that reduces each block into a `MetricAccumulator` as soon as it exists.
+
+    `positions` are the list positions of the batch being forwarded (set before each
+    forward), under which the accumulator keeps each image's values. A restored
+    `accumulator` (a resumed run) is checked once against what this run measures.
+    """
 
     def __init__(self, name: str, num_blocks: int, residual: bool) -> None:
         from attnscope.metrics import Workspace
@@ -103,7 +110,9 @@ class StreamingStats:
         self.residual = residual
         self.layout: TokenLayout | None = None
         self.accumulator: MetricAccumulator | None = None
+        self.positions: Sequence[int] | None = None
         self.workspace = Workspace()
+        self._checked = False
 
     def begin(self, layout: TokenLayout) -> None:
         self.layout = layout
@@ -115,12 +124,58 @@ class StreamingStats:
         per_head, per_block = block_metrics(
             block.attn, self.layout, block.x, block.y, workspace=self.workspace
         )
-        if self.accumulator is None:
+        if self.accumulator is None or not self._checked:
             heads, blocks = applicable_metrics(self.layout, residual=self.residual)
-            self.accumulator = MetricAccumulator(
-                self.name, self.num_blocks, block.attn.shape[1], heads, blocks if per_block else []
-            )
-        self.accumulator.update(block.index, per_head, per_block)
+            expected = (self.num_blocks, block.attn.shape[1], heads, blocks if per_block else [])
+            if self.accumulator is None:
+                self.accumulator = MetricAccumulator(self.name, *expected)
+            acc = self.accumulator
+            if (acc.num_layers, acc.num_heads, acc.head_metrics, acc.block_metrics) != expected:
+                raise AttnscopeError(
+                    f"{self.name}: the saved statistics were measured on another model or metric set; "
+                    "start the run over"
+                )
+            self._checked = True
+        self.accumulator.update(block.index, per_head, per_block, positions=self.positions)
+
+
+@dataclass
+class StreamState:
+    """Where a stream over a list of `total` images stands: enough to finish it or resume it.
+
+    Positions are streamed in order, so `done` says which ones went through (the first
+    `done` of the list, or of this process's share): `used` were measured, `failures`
+    could not be read. Every field changes only at the end of a batch.
+    """
+
+    total: int
+    done: int = 0
+    used: list[int] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    accumulator: MetricAccumulator | None = None
+    layout: TokenLayout | None = None
+
+
+@dataclass
+class Checkpointing:
+    """How a stream commits its state for a later resume.
+
+    `commit(state)` runs at the end of a batch once `every_images` images or
+    `every_seconds` seconds have gone by since the last commit, and once more after the
+    last batch. `resume`, when given, is the state the stream continues from.
+    """
+
+    commit: Callable[[StreamState], None]
+    resume: StreamState | None = None
+    every_images: int = 64
+    every_seconds: float = 30.0
+
+
+def _tagged(batches: Iterable[ImageBatch], stats: StreamingStats) -> Iterator[ImageBatch]:
+    """Tell `stats` each batch's positions before its forward."""
+    for batch in batches:
+        stats.positions = batch.indices
+        yield batch
 
 
 Statistics = tuple["MetricAccumulator | None", "TokenLayout | None", list[int], list[tuple[int, str]]]
@@ -138,36 +193,71 @@ def run_statistics(
     residual: bool = True,
     progress: ProgressFn | None = None,
     on_skip: SkipFn | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> Statistics:
     """Stream `paths` (or the positions `indices` of it) through the model.
 
     Returns (accumulator, layout, used positions, failures). The accumulator is None when
     no image in this share could be read; callers decide whether that is an error (a
-    distributed rank may legitimately own only bad files).
+    distributed rank may legitimately own only bad files). With `checkpointing`, the state
+    is committed as the stream goes and the stream starts where `checkpointing.resume`
+    stopped (one process over all of `paths` only).
     """
     import torch
 
     from attnscope.data import build_eval_transform, make_loader
     from attnscope.models import resolve_device
 
+    if checkpointing is not None and indices is not None:
+        raise AttnscopeError("a resumable run streams every image in one process (not a torchrun share)")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     transform, _ = build_eval_transform(loaded.model, loaded.input_size)
-    loader = make_loader(paths, transform, batch_size, num_workers, indices=indices)
-    total = len(indices) if indices is not None else len(paths)
+    positions = list(indices) if indices is not None else list(range(len(paths)))
+    resume = checkpointing.resume if checkpointing is not None else None
+    state = resume if resume is not None else StreamState(len(positions))
+    if state.total != len(positions) or not 0 <= state.done <= state.total:
+        raise AttnscopeError(f"the saved state covers {state.total} images, this run lists {len(positions)}")
     stats = StreamingStats(loaded.name, loaded.num_blocks, residual)
-    used: list[int] = []
-    failures: list[tuple[int, str]] = []
-    done = 0
-    for batch, _ in forwards(loaded, loader, stats, device=dev, dtype=dtype, residual=residual):
+    stats.accumulator, stats.layout = state.accumulator, state.layout
+    if state.done < state.total:
+        subset = indices if state.done == 0 else positions[state.done :]
+        loader = make_loader(paths, transform, batch_size, num_workers, indices=subset)
+        batches = forwards(loaded, _tagged(loader, stats), stats, device=dev, dtype=dtype, residual=residual)
+        # closed on any exit: a suspended generator would keep inference mode (and the hooks) on
+        with contextlib.closing(batches):
+            _stream(batches, state, stats, paths, checkpointing, progress, on_skip)
+    return state.accumulator, state.layout, state.used, state.failures
+
+
+def _stream(
+    batches: Iterator[tuple[ImageBatch, TokenLayout | None]],
+    state: StreamState,
+    stats: StreamingStats,
+    paths: Sequence[Path],
+    checkpointing: Checkpointing | None,
+    progress: ProgressFn | None,
+    on_skip: SkipFn | None,
+) -> None:
+    """Drain `batches` into `state`, committing it when due (and after the last batch)."""
+    since, last = 0, time.monotonic()
+    for batch, _ in batches:
         for index, reason in batch.failures:
-            failures.append((index, reason))
             if on_skip is not None:
                 on_skip(Path(paths[index]), reason)
-        used.extend(batch.indices)
-        done += len(batch.indices) + len(batch.failures)
+        state.used.extend(batch.indices)
+        state.failures.extend(batch.failures)
+        state.done += len(batch.indices) + len(batch.failures)
+        state.accumulator, state.layout = stats.accumulator, stats.layout
+        since += len(batch.indices) + len(batch.failures)
         if progress is not None:
-            progress(done, total)
-    return stats.accumulator, stats.layout, used, failures
+            progress(state.done, state.total)
+        if checkpointing is not None and (
+            since >= checkpointing.every_images or time.monotonic() - last >= checkpointing.every_seconds
+        ):
+            checkpointing.commit(state)
+            since, last = 0, time.monotonic()
+    if checkpointing is not None and since:
+        checkpointing.commit(state)
 
 
 def run_statistics_all_ranks(

@@ -84,11 +84,12 @@ class RunWriter:
         self.written.append(path)
         return path
 
-    def write_csv(self, relative: str, frame: pd.DataFrame) -> Path:
+    def write_csv(self, relative: str, frame: pd.DataFrame, *, float_format: str | None = "%.10g") -> Path:
+        """`frame` as CSV; floats with 10 significant digits, or the shortest text that reads
+        back to the same float64 (`float_format=None`, read it with `read_csv_exact`)."""
         target = self.prepare() / relative
         with atomic_path(target) as tmp:
-            # repr-exact floats, so a re-read CSV equals the in-memory table
-            frame.to_csv(tmp, index=False, float_format="%.10g")
+            frame.to_csv(tmp, index=False, float_format=float_format)
         return self._record(target)
 
     def write_json(self, relative: str, data: dict[str, Any]) -> Path:
@@ -136,6 +137,27 @@ def run_metadata(command: str, config: dict[str, Any], models: dict[str, Any], s
         "host": {"platform": platform.platform(), "machine": platform.machine()},
         "models": models,
     }
+
+
+def read_csv_exact(path: Path) -> pd.DataFrame:
+    """A CSV whose floats read back bit for bit: pandas 2's default parser may be 1 ulp off
+    (pandas 3 reads exactly by default and deprecates the option)."""
+    import pandas as pd
+
+    if int(pd.__version__.split(".")[0]) >= 3:
+        return pd.read_csv(path)
+    return pd.read_csv(path, float_precision="round_trip")
+
+
+def read_images(run_dir: str | Path) -> pd.DataFrame:
+    """images.csv of a run folder (model, image, layer, metric, value), floats exact."""
+    path = Path(run_dir) / "images.csv"
+    if not path.is_file():
+        raise AttnscopeError(f"{run_dir} has no images.csv (written by attnscope before per-image values)")
+    frame = read_csv_exact(path)
+    if list(frame.columns) != ["model", "image", "layer", "metric", "value"]:
+        raise AttnscopeError(f"{path} does not have the columns model, image, layer, metric, value")
+    return frame
 
 
 def read_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:

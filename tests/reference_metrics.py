@@ -340,3 +340,20 @@ def reference_tables(per_image: list[tuple[dict, dict]], model: str) -> tuple[pd
         df["layer"] = df["layer"].astype(np.int64)
     heads_df["head"] = heads_df["head"].astype(np.int64)
     return layers_df, heads_df
+
+
+IMAGES_COLUMNS = ["model", "image", "layer", "metric", "value"]
+
+
+def reference_images(per_image: list[tuple[dict, dict]], model: str, images: list[str]) -> pd.DataFrame:
+    """images.csv of the spec: each image's per-layer value (per-head metrics averaged over
+    the heads within the image; per-block metrics as they are), rows ordered by image, then
+    layer, then metric in spec order. `per_image` as for `reference_tables`, `images` the
+    names of its B images in order."""
+    rows = []
+    for b, image in enumerate(images):
+        for layer, (per_head, per_block) in enumerate(per_image):
+            for metric in _order(list(per_head) + list(per_block)):
+                v = per_head[metric][b].mean() if metric in per_head else per_block[metric][b]
+                rows.append((model, image, layer, metric, float(v)))
+    return pd.DataFrame(rows, columns=IMAGES_COLUMNS)

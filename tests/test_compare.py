@@ -33,7 +33,16 @@ def report(tmp_path_factory):
 
 def test_compare_writes_every_file(report):
     out, output = report
-    for name in ("layers.csv", "heads.csv", "summary.csv", "run.json", "report.html", "report.md"):
+    for name in (
+        "layers.csv",
+        "heads.csv",
+        "images.csv",
+        "intervals.csv",
+        "summary.csv",
+        "run.json",
+        "report.html",
+        "report.md",
+    ):
         assert (out / name).stat().st_size > 100, name
     figures = {p.name for p in (out / "figures").iterdir()}
     for stem in (
@@ -47,8 +56,9 @@ def test_compare_writes_every_file(report):
     ):
         assert f"{stem}.png" in figures and f"{stem}.svg" in figures, stem
     for slug in MODELS:
-        for name in ("layers.csv", "heads.csv", "run.json", "gallery.npz"):
+        for name in ("layers.csv", "heads.csv", "images.csv", "run.json", "gallery.npz"):
             assert (out / "runs" / slug / name).is_file()
+        assert not (out / "runs" / slug / ".attnscope-partial").exists()  # a finished run keeps no state
     meta = json.loads((out / "run.json").read_text())
     assert list(meta["models"]) == MODELS and meta["config"]["command"] == "compare"
     assert {r["status"] for r in meta["runs"].values()} == {"computed"}
@@ -185,25 +195,29 @@ def test_relative_depth_aligns_models_of_different_depths(report):
     assert "no line for test_vit2 (no class token)" in fig.axes[0].get_xlabel()
 
 
-def test_findings_sentences_from_numbers():
+def _summary(**columns):
+    n = len(columns["model"])
+    base = {"random_init": [False] * n, "input_size": ["224x224"] * n, "num_images": [50] * n}
+    return pd.DataFrame({**base, **columns})
+
+
+FINDINGS_SUMMARY = dict(
+    model=["mae", "dino", "ijepa"],
+    cls_self_attn_last=[0.42, 0.08, float("nan")],
+    cls_patch_entropy_norm_last=[0.97, 0.81, float("nan")],
+    cls_patch_k90_frac_last=[0.8, 0.3, float("nan")],
+    patch_patch_entropy_norm_mean=[0.7, 0.7, 0.6],
+    attn_distance_px_mean=[40.0, 80.0, 60.0],
+    cls_residual_ratio_last=[0.5, 0.5, float("nan")],
+)
+
+
+def test_findings_sentences_from_numbers_thresholds_alone():
+    """Without intervals (no per-image values) the thresholds alone decide."""
     from attnscope.compare import findings
 
-    nan = float("nan")
-    summary = pd.DataFrame(
-        {
-            "model": ["mae", "dino", "ijepa"],
-            "random_init": [False, False, False],
-            "input_size": ["224x224", "224x224", "224x224"],
-            "cls_self_attn_last": [0.42, 0.08, nan],
-            "cls_patch_entropy_norm_last": [0.97, 0.81, nan],
-            "cls_patch_k90_frac_last": [0.8, 0.3, nan],
-            "patch_patch_entropy_norm_mean": [0.7, 0.7, 0.6],
-            "attn_distance_px_mean": [40.0, 80.0, 60.0],
-            "cls_residual_ratio_last": [0.5, 0.5, nan],
-        }
-    )
     infos = {"ijepa": {"token_layout": {"has_cls": False, "num_registers": 0}}}
-    sentences, notes = findings(summary, infos)
+    sentences, notes = findings(_summary(**FINDINGS_SUMMARY), infos)
     text = " ".join(sentences)
     assert (
         "In the last block, mae's [cls] keeps 0.42 of its attention on itself vs 0.080 for dino (5.2x)."
@@ -218,9 +232,107 @@ def test_findings_sentences_from_numbers():
         "dino's patches look farther: mean attention distance 80 px vs 40 px for mae (2.0x) "
         "(others: ijepa 60 px)." in text
     )
-    assert "about equally" in text  # 0.5 vs 0.5 residual ratio: no winner is invented
+    # 0.5 vs 0.5 residual ratio: no winner is invented
+    assert "mae and dino do not differ measurably in [cls] residual update ratio (0.50 vs 0.50" in text
     assert "ijepa" not in sentences[0]
     assert any("ijepa" in n and "no class token" in n for n in notes)
+
+
+def _intervals(rows):
+    """intervals.csv rows of differences: (a, b, scope, metric, mean, low, high)."""
+    return pd.DataFrame(
+        [(a, b, scope, None, m, mean, lo, hi, 50) for a, b, scope, m, mean, lo, hi in rows],
+        columns=["model", "minus", "scope", "layer", "metric", "mean", "ci_low", "ci_high", "n_images"],
+    )
+
+
+def test_findings_call_a_difference_only_when_the_paired_interval_excludes_zero():
+    from attnscope.compare import findings
+
+    summary = _summary(
+        model=["mae", "dino"],
+        cls_self_attn_last=[0.42, 0.08],
+        cls_patch_entropy_norm_last=[0.97, 0.81],
+        cls_patch_k90_frac_last=[0.8, 0.3],
+        patch_patch_entropy_norm_mean=[0.7, 0.6],
+        attn_distance_px_mean=[40.0, 80.0],
+        cls_residual_ratio_last=[0.5, 0.45],
+    )
+    intervals = _intervals(
+        [
+            ("mae", "dino", "last", "cls_self_attn", 0.34, 0.30, 0.38),  # called
+            ("mae", "dino", "last", "cls_patch_entropy_norm", 0.16, -0.01, 0.3),  # crosses zero
+            ("mae", "dino", "last", "cls_patch_k90_frac", 0.5, 0.45, 0.55),
+            ("mae", "dino", "mean", "patch_patch_entropy_norm", 0.1, 0.05, 0.15),
+            # stored as mae - dino: the sentence names dino first, so the sign flips
+            ("mae", "dino", "mean", "attn_distance_px", -40.0, -45.0, -35.0),
+            ("mae", "dino", "last", "cls_residual_ratio", 0.05, 0.04, 0.06),
+        ]
+    )
+    sentences, _ = findings(summary, {}, intervals)
+    text = " ".join(sentences)
+    assert (
+        "In the last block, mae's [cls] keeps 0.42 of its attention on itself vs 0.080 for dino (5.2x); "
+        "difference +0.34, 95% CI +0.30 to +0.38 over 50 images." in text
+    )
+    assert (
+        "In the last block, mae and dino do not differ measurably in [cls]->patch entropy / ln N "
+        "(0.97 vs 0.81; difference +0.16, 95% CI -0.010 to +0.30 over 50 images)." in text
+    )
+    assert (
+        "mean attention distance 80 px vs 40 px for mae (2.0x); difference +40 px, 95% CI +35 px to +45 px"
+        in text
+    )
+    assert "attention changes mae's [cls] the most" in text and "about" not in text
+
+
+def test_findings_name_a_large_ratio_between_small_values():
+    """0.0099 vs 0.0055 (1.8x) with an interval away from zero is a difference, not 'about the same'."""
+    from attnscope.compare import difference_thresholds, findings
+
+    summary = _summary(
+        model=["mae", "dino"],
+        cls_self_attn_last=[0.0099, 0.0055],
+        cls_patch_entropy_norm_last=[0.9, 0.9],
+        cls_patch_k90_frac_last=[0.8, 0.8],
+        patch_patch_entropy_norm_mean=[0.7, 0.7],
+        attn_distance_px_mean=[40.0, 40.0],
+        cls_residual_ratio_last=[0.5, 0.5],
+    )
+    intervals = _intervals([("dino", "mae", "last", "cls_self_attn", -0.0044, -0.0050, -0.0038)])
+    sentences, _ = findings(summary, {}, intervals)
+    assert (
+        "In the last block, mae's [cls] keeps 0.0099 of its attention on itself vs 0.0055 for dino (1.8x); "
+        "difference +0.0044, 95% CI +0.0038 to +0.0050 over 50 images." in sentences
+    )
+    # the other metrics have no interval row: never called, and never "about the same"
+    assert all("about the same" not in s for s in sentences)
+    assert sum("do not differ measurably" in s for s in sentences) == 5
+    # thresholds come from the metric registry: [0, 1] metrics vs pixels vs ratios
+    assert difference_thresholds("cls_self_attn") == (0.001, 0.02)
+    assert difference_thresholds("attn_distance_px") == (0.5, 0.02)
+    assert difference_thresholds("cls_residual_ratio") == (0.001, 0.02)
+
+
+def test_a_consistent_but_tiny_difference_is_not_called():
+    from attnscope.compare import findings
+
+    summary = _summary(
+        model=["mae", "dino"],
+        cls_self_attn_last=[0.5003, 0.5],
+        cls_patch_entropy_norm_last=[0.9, 0.9],
+        cls_patch_k90_frac_last=[0.8, 0.8],
+        patch_patch_entropy_norm_mean=[0.7, 0.7],
+        attn_distance_px_mean=[40.0, 40.0],
+        cls_residual_ratio_last=[0.5, 0.5],
+    )
+    intervals = _intervals([("mae", "dino", "last", "cls_self_attn", 0.0003, 0.0002, 0.0004)])
+    sentences, _ = findings(summary, {}, intervals)
+    assert (
+        "In the last block, mae and dino do not differ measurably in [cls] self-attention (0.50 vs 0.50; "
+        "difference +0.00030, 95% CI +0.00020 to +0.00040 over 50 images: consistent across images, "
+        "but below the 0.001 / 2% threshold)." in sentences
+    )
 
 
 @pytest.mark.parametrize(

@@ -78,11 +78,20 @@ def single_process(*args: str):
 
 
 def assert_same_tables(a: Path, b: Path) -> None:
-    for name in ("layers.csv", "heads.csv"):
+    """layers.csv, heads.csv and images.csv: the same rows in the same order, and the same
+    numbers up to the float32 rounding of forwards over other batch compositions.
+
+    images.csv names an image as its run was given it (an absolute path in one run, a path
+    relative to torchrun's folder in the other), so images are compared by file name."""
+    for name in ("layers.csv", "heads.csv", "images.csv"):
         x, y = pd.read_csv(a / name), pd.read_csv(b / name)
-        keys = [c for c in x.columns if c not in ("mean", "std")]
-        pd.testing.assert_frame_equal(x[keys], y[keys])  # same rows, same counts
-        for col in ("mean", "std"):
+        for t in (x, y):
+            if "image" in t.columns:
+                t["image"] = t["image"].map(lambda p: Path(p).name)
+        values = [c for c in ("mean", "std", "value") if c in x.columns]
+        keys = [c for c in x.columns if c not in values]
+        pd.testing.assert_frame_equal(x[keys], y[keys])  # same rows, same counts, same images
+        for col in values:
             np.testing.assert_allclose(y[col], x[col], rtol=1e-7, atol=1e-12, err_msg=f"{name}:{col}")
 
 
@@ -121,7 +130,8 @@ def test_two_ranks_equal_one_process_odd_count_with_corrupt_and_vanished_files(t
         tmp_path, "--no-python", str(script), "entropy", *TINY, "--images", "images", "--out", "two"
     )
     assert proc.returncode == 0, proc.stderr
-    assert_same_tables(tmp_path / "one", tmp_path / "two")
+    assert_same_tables(tmp_path / "one", tmp_path / "two")  # images.csv: both ranks' images, in order
+    assert not (tmp_path / "two" / ".attnscope-partial").exists()  # torchrun runs commit nothing
     layers = pd.read_csv(tmp_path / "two" / "layers.csv")
     assert (layers["count"] == 5).all()  # every readable image exactly once: no padding, no duplicates
     info = json.loads((tmp_path / "two" / "run.json").read_text())["models"]["test_vit"]
@@ -146,6 +156,8 @@ def test_compare_two_ranks_equal_one_process(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert_same_tables(tmp_path / "one", tmp_path / "cmp" / "runs" / "test_vit")
+    intervals = pd.read_csv(tmp_path / "cmp" / "intervals.csv")
+    assert (intervals["n_images"] == 5).all() and intervals["ci_low"].notna().all()
     assert (tmp_path / "cmp" / "report.html").is_file() and proc.stdout.count("report:") == 1
     meta = json.loads((tmp_path / "cmp" / "runs" / "test_vit2" / "run.json").read_text())
     assert meta["models"]["test_vit2"]["distributed"]["world_size"] == 2
@@ -539,3 +551,14 @@ def test_probe_no_cache_failure_on_one_rank_mid_training_ends_every_rank_with_on
     assert error_lines(proc.stderr) == ["error: rank 1: rank one lost its data disk"], proc.stderr
     assert "lost contact" not in proc.stderr and not (tmp_path / "run").exists()
     assert time.perf_counter() - start < LAUNCH_TIMEOUT
+
+
+@pytest.mark.slow
+def test_resume_under_torchrun_is_refused_in_one_line(tmp_path):
+    proc = torchrun(
+        tmp_path, "-m", "attnscope", "entropy", *TINY, "--max-images", "1", "--out", "run", "--resume"
+    )
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "--resume is not available under torchrun" in lines[0], proc.stderr
+    assert "--overwrite" in lines[0] and not (tmp_path / "run").exists()

@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 from conftest import sharpen_qk
-from reference_metrics import reference_block_metrics, reference_tables
+from reference_metrics import reference_block_metrics, reference_images, reference_tables
 from timm.utils import AttentionExtract
 
 from attnscope.analysis import analyze
@@ -90,7 +90,7 @@ def _independent_tables(model, paths, label):
                     y=y.double().numpy(),
                 )
             )
-    return reference_tables(per_layer, label)
+    return (*reference_tables(per_layer, label), reference_images(per_layer, label, [str(p) for p in paths]))
 
 
 def _assert_tables_equal(ours: pd.DataFrame, ref: pd.DataFrame, keys: list[str]):
@@ -111,7 +111,13 @@ def test_tables_equal_independent_float64_reference(case, sample_paths):
     model = _build(name, kwargs)
     paths = sample_paths[:3] if case != "dinov2reg518" else sample_paths[:2]
     ours = analyze(model, paths, batch_size=BATCH)  # several batches: exercises streaming merges
-    ref_layers, ref_heads = _independent_tables(model, paths, ours.layers["model"].iloc[0])
+    ref_layers, ref_heads, ref_images = _independent_tables(model, paths, ours.layers["model"].iloc[0])
     _assert_tables_equal(ours.layers, ref_layers, ["model", "layer", "metric"])
     _assert_tables_equal(ours.heads, ref_heads, ["model", "layer", "head", "metric"])
     assert ours.layers["metric"].nunique() >= 7
+    # images.csv: every image's value, in the reference's row order (image, layer, metric)
+    keys = ["model", "image", "layer", "metric"]
+    pd.testing.assert_frame_equal(ours.images[keys], ref_images[keys], check_dtype=False)
+    a, b = ours.images["value"].to_numpy(), ref_images["value"].to_numpy()
+    bad = ~np.isclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not bad.any(), ours.images.loc[bad, keys].assign(ours=a[bad], ref=b[bad]).head(10).to_string()

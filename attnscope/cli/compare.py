@@ -18,6 +18,7 @@ from attnscope.cli.options import (
     MaxImagesOpt,
     OverwriteOpt,
     RandomInitOpt,
+    ResumeOpt,
     SeedOpt,
     WorkersOpt,
     command_line,
@@ -108,6 +109,7 @@ def compare_cmd(
     images: ImagesOpt = None,
     out: CompareOutOpt = None,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     reuse: ReuseOpt = True,
     random_init: RandomInitOpt = False,
     img_size: ImgSizeOpt = None,
@@ -122,9 +124,12 @@ def compare_cmd(
 ) -> None:
     """Compare two or more models on the same images: tables, figures and one report.
 
-    Writes layers.csv and heads.csv (every model, with a family column), summary.csv (one row
-    per model), run.json, figures/ and report.html (self-contained) + report.md. Each model's
-    own run is kept in OUT/runs/ and reused when nothing that changes its numbers changed.
+    Writes layers.csv and heads.csv (every model, with a family column), images.csv (each
+    image's values), intervals.csv (95% bootstrap intervals, also of the differences between
+    models, which decide the findings), summary.csv (one row per model), run.json, figures/
+    and report.html (self-contained) + report.md. Each model's own run is kept in OUT/runs/
+    and reused when nothing that changes its numbers changed; Ctrl-C keeps what is committed
+    and --resume continues it.
 
     Examples:
 
@@ -145,6 +150,7 @@ def compare_cmd(
         data_configs=parse_assignments(data_config, "--data-config"),
         reuse=reuse,
         overwrite=overwrite,
+        resume=resume,
         formats=tuple(formats or ("png",)),
         out=out,
         images=tuple(images) if images else None,
@@ -174,7 +180,10 @@ def compare_cmd(
 
 
 def _summary_table(result: Comparison) -> Table:
-    """Headline numbers per model, narrow enough for an 80-column terminal; missing is —."""
+    """Headline numbers per model, narrow enough for an 80-column terminal; missing is —.
+
+    RANDOM WEIGHTS is said in the row of each model that has them, not over the whole table.
+    """
     from rich.markup import escape
     from rich.table import Table
 
@@ -184,9 +193,8 @@ def _summary_table(result: Comparison) -> Table:
         ("patch_patch_entropy_norm_mean", "patch H/lnN\nmean"),
         ("attn_distance_px_mean", "dist. px\nmean"),
     ]
-    random = bool(result.summary["random_init"].any())
     title = f"{len(result.runs)} models, {int(result.summary['num_images'].max())} images"
-    table = Table(title=title + (" - [red]RANDOM WEIGHTS[/]" if random else ""), header_style="bold")
+    table = Table(title=title, header_style="bold")
     table.add_column("model", overflow="fold", min_width=14)
     for _, label in columns:
         table.add_column(label, justify="right", no_wrap=True)
@@ -198,5 +206,7 @@ def _summary_table(result: Comparison) -> Table:
         name = (
             f"{escape(str(row['model']))}\n[dim]{escape(str(row['family']))}, {row['num_blocks']} blocks[/]"
         )
+        if bool(row["random_init"]):
+            name += "\n[bold red]RANDOM WEIGHTS[/]"
         table.add_row(name, *cells)
     return table

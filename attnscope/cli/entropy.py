@@ -20,6 +20,7 @@ from attnscope.cli.options import (
     OutOpt,
     OverwriteOpt,
     RandomInitOpt,
+    ResumeOpt,
     SeedOpt,
     WorkersOpt,
     command_line,
@@ -41,6 +42,7 @@ def entropy_cmd(
     images: ImagesOpt = None,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     random_init: RandomInitOpt = False,
     family: FamilyOpt = None,
     data_config: DataConfigOpt = None,
@@ -55,8 +57,9 @@ def entropy_cmd(
 ) -> None:
     """Per-layer and per-head attention statistics of one model.
 
-    Writes layers.csv, heads.csv, run.json and figures/ (line plots per metric, layer x head
-    heatmaps), then prints a per-layer table.
+    Writes layers.csv, heads.csv, images.csv (each image's value per block and metric),
+    run.json and figures/ (line plots per metric, layer x head heatmaps), then prints a
+    per-layer table. Ctrl-C keeps what is committed; --resume continues from there.
 
     Examples:
 
@@ -80,6 +83,7 @@ def entropy_cmd(
         images=tuple(images) if images else None,
         out=out,
         overwrite=overwrite,
+        resume=resume,
         random_init=random_init,
         family=family,
         data_config=data_config,

@@ -121,7 +121,18 @@ OutOpt = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Output folder. Default: a new folder under attnscope-runs/."),
 ]
-OverwriteOpt = Annotated[bool, typer.Option(help="Allow writing into a non-empty --out folder.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(help="Allow writing into a non-empty --out folder (an interrupted run there starts over)."),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the interrupted run in --out from its last committed image "
+        "(runs commit every 64 images or 30 s). Not under torchrun.",
+    ),
+]
 FormatOpt = Annotated[
     list[str] | None,
     typer.Option("--format", help="Figure formats: png, svg, pdf (repeatable). Default: png."),
@@ -152,3 +163,11 @@ def parse_formats(values: list[str] | None) -> list[str]:
 
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["attnscope", *sys.argv[1:]])
+
+
+def resume_command_line() -> str:
+    """This command line with --resume (once): what continues an interrupted run."""
+    args = list(sys.argv[1:])
+    if "--resume" not in args:
+        args.append("--resume")
+    return " ".join(shlex.quote(a) for a in ["attnscope", *args])

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 from attnscope import distributed
-from attnscope.cli.options import flag_for, with_flags
-from attnscope.errors import AttnscopeError, ConfigError
+from attnscope.cli.options import flag_for, resume_command_line, with_flags
+from attnscope.errors import AttnscopeError, ConfigError, Interrupted
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -57,9 +57,13 @@ def handle_errors(func: F | None = None, *, flags: Mapping[str, str] | None = No
             if distributed.quiet_on_this_rank(exc):  # under torchrun rank 0 prints it once
                 raise typer.Exit(2) from None
             raise fail(user_message(exc, flags)) from None
-        except KeyboardInterrupt as exc:  # a command may say what is complete
-            text = str(exc) or "interrupted; files already written are complete, nothing was half-written"
-            raise fail(text, 130) from None
+        except Interrupted as exc:  # a command that knows what it committed says so
+            what = exc.detail + (f"; to continue: {resume_command_line()}" if exc.resumable else "")
+            raise fail(f"interrupted: {what}", 130) from None
+        except KeyboardInterrupt:
+            raise fail(
+                "interrupted; files already written are complete, nothing was half-written", 130
+            ) from None
         except MemoryError:
             raise fail("out of memory; lower --batch-size (or --img-size)") from None
         except RuntimeError as exc:

@@ -26,7 +26,8 @@ from attnscope.config import (
     normalise_formats,
     plain,
 )
-from attnscope.errors import AttnscopeError, ConfigError
+from attnscope.errors import AttnscopeError, ConfigError, Interrupted
+from attnscope.files import remove_stale_temporaries
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,11 +35,23 @@ if TYPE_CHECKING:
 
     from attnscope.analysis import AnalysisResult
     from attnscope.compare import Gallery, ModelPlan, ModelRun
+    from attnscope.measure import StreamState
     from attnscope.models import LoadedModel
 
 GALLERY_FILE = "gallery.npz"
 _COMPARE_ENTRIES = frozenset(
-    {"runs", "figures", "layers.csv", "heads.csv", "summary.csv", "run.json", "report.html", "report.md"}
+    {
+        "runs",
+        "figures",
+        "layers.csv",
+        "heads.csv",
+        "images.csv",
+        "intervals.csv",
+        "summary.csv",
+        "run.json",
+        "report.html",
+        "report.md",
+    }
 )
 # What every compared model shares, in run.json's order (after the per-model options).
 _SHARED = (
@@ -62,6 +75,8 @@ class CompareConfig:
     `checkpoints`, `families` and `model_kwargs` are keyed by model name; `model_kwargs`
     go to `timm.create_model` (tiny models for notebooks and tests). `reuse` re-reads a
     model's run folder whose configuration hash matches instead of recomputing it.
+    `resume` continues a model run that was interrupted (`attnscope.commands.resume`);
+    `overwrite` also discards such a run instead of refusing to start.
     """
 
     models: tuple[str, ...]
@@ -71,6 +86,7 @@ class CompareConfig:
     model_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     reuse: bool = True
     overwrite: bool = False
+    resume: bool = False
     formats: tuple[str, ...] = ("png",)
     out: Path | None = None
     images: tuple[str, ...] | None = None
@@ -132,11 +148,14 @@ class Comparison:
     layers: pd.DataFrame
     heads: pd.DataFrame
     summary: pd.DataFrame
+    images: pd.DataFrame
+    intervals: pd.DataFrame
     findings: list[str]
     notes: list[str]
     figures: list[str]
     report_html: Path
     report_md: Path
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # how intervals.csv was made (run.json)
 
 
 # ---------------------------------------------------------------- the output folder
@@ -224,10 +243,17 @@ def _gallery_bytes(gallery: Gallery, chash: str) -> bytes:
     return buf.getvalue()
 
 
-def _reusable_run(
-    run_dir: Path, chash: str, name: str
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
-    from attnscope.results import read_run
+Found = tuple["pd.DataFrame", "pd.DataFrame", dict[str, Any], "pd.DataFrame"]
+
+
+def _reusable_run(run_dir: Path, chash: str, name: str) -> Found | None:
+    """(layers, heads, run.json, images) of a finished run with this hash, or None.
+
+    A folder without images.csv (an older attnscope), or whose images.csv does not add up
+    to its layers.csv, is recomputed, not trusted.
+    """
+    from attnscope.compare import images_agree
+    from attnscope.results import read_images, read_run
 
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
@@ -236,9 +262,11 @@ def _reusable_run(
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("config_hash") != chash or name not in meta.get("models", {}):
             return None
-        return read_run(run_dir)
-    except (OSError, ValueError, AttnscopeError):
+        layers, heads, meta = read_run(run_dir)
+        images = read_images(run_dir)
+    except (OSError, ValueError, KeyError, AttnscopeError):
         return None
+    return (layers, heads, meta, images) if images_agree(images, layers) else None
 
 
 def _load(plan: ModelPlan, config: CompareConfig) -> LoadedModel:
@@ -279,7 +307,7 @@ def _gallery(loaded: LoadedModel, info: Mapping[str, Any], config: CompareConfig
 def _reused(
     plan: ModelPlan,
     config: CompareConfig,
-    found: tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]],
+    found: Found,
     run_dir: Path,
     chash: str,
     dev: torch.device,
@@ -291,13 +319,13 @@ def _reused(
     from attnscope.compare import ModelRun
     from attnscope.results import RunWriter
 
-    layers, heads, meta = found
+    layers, heads, meta, images = found
     info = dict(meta["models"][plan.name])
     info["family"] = plan.family  # family never changes a number, so an override needs no rerun
     k = min(config.gallery, len(info["images_used"]))
     gallery = _read_gallery(run_dir / GALLERY_FILE, chash, k) if k else None
     if not k or gallery is not None:
-        return ModelRun(plan, layers, heads, info, chash, "reused", gallery)
+        return ModelRun(plan, layers, heads, info, chash, "reused", gallery, images)
     torch.manual_seed(config.seed)
     loaded = _load(plan, config)  # rank 0 alone is here: no step() that would wait for the others
     with ui.status(f"{plan.name}: statistics reused, computing the gallery maps"):
@@ -305,7 +333,7 @@ def _reused(
     _free(loaded)
     if gallery is not None:
         RunWriter(run_dir, overwrite=True).write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
-    return ModelRun(plan, layers, heads, info, chash, "reused (gallery recomputed)", gallery)
+    return ModelRun(plan, layers, heads, info, chash, "reused (gallery recomputed)", gallery, images)
 
 
 def _write_model_run(
@@ -318,12 +346,15 @@ def _write_model_run(
     chash: str,
     command: str,
 ) -> None:
-    """layers.csv, heads.csv, gallery.npz, then run.json: its presence (and hash) marks a reusable run."""
+    """layers.csv, heads.csv, images.csv, gallery.npz, then run.json: its presence (and hash)
+    marks a reusable run, so an older run.json goes first."""
     from attnscope.results import RunWriter, run_metadata
 
     writer = RunWriter(run_dir, overwrite=True)
+    (writer.prepare() / "run.json").unlink(missing_ok=True)
     writer.write_csv("layers.csv", result.layers)
     writer.write_csv("heads.csv", result.heads)
+    writer.write_csv("images.csv", result.images, float_format=None)
     if gallery is not None:
         writer.write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
     block = {
@@ -349,33 +380,53 @@ def _computed(
     dev: torch.device,
     ui: UI,
     command: str,
+    resume: StreamState | None = None,
 ) -> ModelRun | None:
-    """Measure the model as `entropy` does; rank 0 draws the gallery and writes the run folder."""
+    """Measure the model as `entropy` does; rank 0 draws the gallery and writes the run folder.
+
+    A single process commits its state in the run folder as it goes, and continues from
+    `resume` when given; Ctrl-C then raises `Interrupted` saying what is committed.
+    """
     from attnscope import distributed
+    from attnscope.commands.resume import PartialRun
     from attnscope.commands.steps import load_with_ui, measure_with_ui
     from attnscope.compare import ModelRun
-    from attnscope.results import read_run
+    from attnscope.results import read_images, read_run
 
-    loaded = load_with_ui(plan.name, ui, seed=config.seed, load=lambda: _load(plan, config))
-    result = measure_with_ui(
-        loaded,
-        paths,
-        ui,
-        seed=config.seed,
-        device=dev,
-        batch_size=config.batch_size,
-        dtype=config.dtype,
-        num_workers=config.num_workers,
-    )
-    if not distributed.is_main():  # torchrun: the sums are in; rank 0 writes
+    partial = None if distributed.is_distributed() else PartialRun(run_dir, chash, plan.name)
+    resumed_after = resume.done if resume is not None else None  # the state object moves on
+    try:
+        loaded = load_with_ui(plan.name, ui, seed=config.seed, load=lambda: _load(plan, config))
+        result = measure_with_ui(
+            loaded,
+            paths,
+            ui,
+            seed=config.seed,
+            device=dev,
+            batch_size=config.batch_size,
+            dtype=config.dtype,
+            num_workers=config.num_workers,
+            checkpointing=partial.checkpointing(resume) if partial is not None else None,
+        )
+        if not distributed.is_main():  # torchrun: the sums are in; rank 0 writes
+            _free(loaded)
+            return None
+        if resumed_after is not None:
+            result.info["resumed_after"] = resumed_after
+        gallery = _gallery(loaded, result.info, config, dev)
         _free(loaded)
-        return None
-    gallery = _gallery(loaded, result.info, config, dev)
-    _free(loaded)
-    _write_model_run(run_dir, plan, config, result, gallery, inputs, chash, command)
+        _write_model_run(run_dir, plan, config, result, gallery, inputs, chash, command)
+    except KeyboardInterrupt:
+        if partial is None:
+            raise
+        raise partial.interrupted() from None
+    if partial is not None:
+        partial.remove()
+        remove_stale_temporaries(run_dir)  # an earlier session may have been killed mid-write
     # Round-trip through the CSV so reused and fresh runs stack to byte-identical tables.
     layers, heads, _ = read_run(run_dir)
-    return ModelRun(plan, layers, heads, result.info, chash, "computed", gallery)
+    status = "resumed" if resume is not None else "computed"
+    return ModelRun(plan, layers, heads, result.info, chash, status, gallery, read_images(run_dir))
 
 
 def run_or_reuse(
@@ -387,8 +438,10 @@ def run_or_reuse(
     ui: UI,
     *,
     command: str = "",
+    resume: StreamState | None = None,
 ) -> ModelRun | None:
-    """The model's run folder under `runs_root`: re-read when its config hash matches, else computed.
+    """The model's run folder under `runs_root`: re-read when its config hash matches, else
+    computed (continuing from `resume`, a state `check_partial_runs` accepted).
 
     Under torchrun every rank measures its share; rank 0 alone decides reuse, draws the
     gallery and writes, and the other ranks return None.
@@ -409,7 +462,7 @@ def run_or_reuse(
     if distributed.broadcast_object(found is not None):
         # only rank 0 holds the folder it found; the other ranks have nothing to return
         return _reused(plan, config, found, run_dir, chash, dev, ui) if found is not None else None
-    return _computed(plan, config, paths, run_dir, inputs, chash, dev, ui, command)
+    return _computed(plan, config, paths, run_dir, inputs, chash, dev, ui, command, resume)
 
 
 # ---------------------------------------------------------------- the comparison
@@ -436,6 +489,7 @@ def _run_json(
         r.name: {"folder": f"runs/{r.plan.slug}", "config_hash": r.config_hash, "status": r.status}
         for r in runs
     }
+    meta["bootstrap"] = comparison.bootstrap
     meta["findings"] = comparison.findings
     meta["notes"] = comparison.notes
     return meta
@@ -444,45 +498,114 @@ def _run_json(
 def _write_comparison(
     out: Path, config: CompareConfig, plans: Sequence[ModelPlan], runs: list[ModelRun], command: str
 ) -> tuple[Comparison, list[Path]]:
-    """Stacked tables, summary, findings, figures, both reports and run.json, in that order."""
-    from attnscope.compare import findings, stack_tables, summary_table
+    """Stacked tables, intervals, summary, findings, figures, both reports and run.json, in that order."""
+    from attnscope.compare import findings, interval_table, stack_images, stack_tables, summary_table
     from attnscope.report.figures import build_figures
     from attnscope.report.html import render_html
     from attnscope.report.markdown import render_markdown
     from attnscope.results import RunWriter
 
     layers, heads = stack_tables(runs)
+    images = stack_images(runs)
     summary = summary_table(runs)
-    sentences, notes = findings(summary, {r.name: r.info for r in runs})
+    intervals, bootstrap = interval_table(runs, seed=config.seed)
+    # without per-image values (runs made by other code) the thresholds alone decide
+    sentences, notes = findings(
+        summary, {r.name: r.info for r in runs}, None if intervals.empty else intervals
+    )
     writer = RunWriter(out, overwrite=True)  # check_out_dir has already decided it may be written
     writer.write_csv("layers.csv", layers)
     writer.write_csv("heads.csv", heads)
+    writer.write_csv("images.csv", images, float_format=None)
+    writer.write_csv("intervals.csv", intervals)
     writer.write_csv("summary.csv", summary)
-    figures = build_figures(runs, layers, heads, writer, formats=config.formats)
-    html = render_html(runs, summary, sentences, notes, figures, command=command, out_dir=out)
-    md = render_markdown(runs, summary, sentences, notes, figures, command=command)
+    figures = build_figures(runs, layers, heads, writer, formats=config.formats, intervals=intervals)
+    html = render_html(
+        runs, summary, sentences, notes, figures, command=command, out_dir=out, intervals=intervals
+    )
+    md = render_markdown(runs, summary, sentences, notes, figures, command=command, intervals=intervals)
     comparison = Comparison(
         out_dir=out,
         runs=runs,
         layers=layers,
         heads=heads,
         summary=summary,
+        images=images,
+        intervals=intervals,
         findings=sentences,
         notes=notes,
         figures=[f.stem for f in figures],
         report_html=writer.write_text("report.html", html),
         report_md=writer.write_text("report.md", md),
+        bootstrap=bootstrap,
     )
     writer.write_json("run.json", _run_json(config, plans, comparison, command))
     return comparison, writer.written
 
 
+def check_partial_runs(
+    out: Path, plans: Sequence[ModelPlan], config: CompareConfig, paths: Sequence[Path]
+) -> dict[str, StreamState | None]:
+    """Rank 0, before any model runs: the interrupted model runs under `out`/runs/.
+
+    With `resume` each is checked against its configuration hash and returned to continue
+    from; with `overwrite` it is discarded; otherwise compare refuses in one line that
+    names them. A partial state beside a finished run of the same hash (killed during the
+    clean-up) is removed.
+    """
+    from attnscope.commands.resume import PartialRun
+    from attnscope.compare import config_hash
+
+    states: dict[str, StreamState | None] = {}
+    waiting = []
+    for plan in plans:
+        run_dir = out / "runs" / plan.slug
+        if not PartialRun.exists(run_dir):
+            continue
+        chash = config_hash(config.inputs(plan, paths))
+        partial = PartialRun(run_dir, chash, plan.name)
+        if _reusable_run(run_dir, chash, plan.name) is not None:
+            partial.remove()
+        elif config.resume:
+            states[plan.name] = partial.load(len(paths))
+        elif config.overwrite:
+            partial.remove()
+        else:
+            waiting.append(f"{plan.name}: {partial.describe()}")
+    if waiting:
+        raise ConfigError(
+            None,
+            f"{out} holds interrupted model runs ({'; '.join(waiting)}); pass {{resume}} to continue "
+            "them, or {overwrite} to start them over",
+        )
+    return states
+
+
+def _interrupted(
+    exc: KeyboardInterrupt, runs: Sequence[ModelRun | None], total: int, out: Path
+) -> Interrupted:
+    """Ctrl-C during a compare: which model runs are complete, and what the current one committed."""
+    done = [r.name for r in runs if r is not None]
+    complete = f"{', '.join(done)} complete in {out / 'runs'}; " if done else ""
+    if isinstance(exc, Interrupted):
+        return Interrupted(complete + exc.detail, resumable=exc.resumable)
+    if len(done) == total:
+        return Interrupted(
+            f"every model run is complete in {out / 'runs'}; the same command reuses them and writes "
+            "the report"
+        )
+    return Interrupted(
+        complete + "nothing of the current step was committed; the same command goes on from here"
+    )
+
+
 def run(config: CompareConfig, ui: UI | None = None, *, command: str = "") -> Comparison | None:
     """Run or reuse each model, then write tables, figures and the report.
 
-    All input is checked before anything is computed or written. Under torchrun every
-    rank measures a share of the images; rank 0 writes and gets the Comparison, the other
-    ranks get None.
+    All input is checked before anything is computed or written. A single process commits
+    each model run as it goes: Ctrl-C raises `Interrupted` saying what is complete, and
+    `resume` continues. Under torchrun every rank measures a share of the images; rank 0
+    writes and gets the Comparison, the other ranks get None (no resume there).
     """
     from attnscope import distributed
     from attnscope.commands.steps import list_images
@@ -495,6 +618,12 @@ def run(config: CompareConfig, ui: UI | None = None, *, command: str = "") -> Co
         families=config.families,
         model_kwargs=config.model_kwargs,
     )
+    if config.resume and distributed.launched_by_torchrun():
+        raise ConfigError(
+            "resume",
+            "is not available under torchrun (each rank streams its own share); continue the compare in "
+            "one process, or start the interrupted runs over with {overwrite}",
+        )
     dev = distributed.setup(config.device)  # the device; under torchrun also joins the process group
     main = distributed.is_main()
     ui = (ui or NullUI()) if main else NullUI()
@@ -505,11 +634,24 @@ def run(config: CompareConfig, ui: UI | None = None, *, command: str = "") -> Co
             owned = check_out_dir(out, config.overwrite)
     out = distributed.broadcast_object(out)
     paths, _ = list_images(config.images, config.max_images, ui)
-    runs = [run_or_reuse(p, config, paths, out / "runs", dev, ui, command=command) for p in plans]
-    if not main:
-        return None
-    done = [r for r in runs if r is not None]  # rank 0 has every model's run
-    comparison, written = _write_comparison(out, config, plans, done, command)
+    states: dict[str, StreamState | None] = {}
+    with distributed.step():
+        if main:
+            states = check_partial_runs(out, plans, config, paths)
+    runs: list[ModelRun | None] = []
+    try:
+        for plan in plans:
+            runs.append(
+                run_or_reuse(
+                    plan, config, paths, out / "runs", dev, ui, command=command, resume=states.get(plan.name)
+                )
+            )
+        if not main:
+            return None
+        done = [r for r in runs if r is not None]  # rank 0 has every model's run
+        comparison, written = _write_comparison(out, config, plans, done, command)
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc, runs, len(plans), out) from None
     if owned:  # never delete in a folder the user only let us overwrite
         _remove_stale_figures(out / "figures", set(written))
     return comparison

@@ -20,6 +20,8 @@ from attnscope.config import (
     config_dict,
     normalise_formats,
 )
+from attnscope.errors import ConfigError
+from attnscope.files import remove_stale_temporaries
 from attnscope.models.loading import display_name
 
 if TYPE_CHECKING:
@@ -29,7 +31,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EntropyConfig:
-    """Everything an `entropy` run depends on; recorded as run.json's `config`."""
+    """Everything an `entropy` run depends on; recorded as run.json's `config`.
+
+    `resume` continues the interrupted run in `out` (see `attnscope.commands.resume`);
+    `overwrite` allows writing into a non-empty `out`, discarding an interrupted run there.
+    """
 
     model: str
     checkpoint: Path | None = None
@@ -47,6 +53,7 @@ class EntropyConfig:
     formats: tuple[str, ...] = ("png",)
     out: Path | None = field(default=None, compare=False)
     overwrite: bool = field(default=False, compare=False)
+    resume: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         check_at_least("batch_size", self.batch_size, 1)
@@ -59,21 +66,105 @@ class EntropyConfig:
         object.__setattr__(self, "images", tuple(str(i) for i in self.images) if self.images else None)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"command": "entropy", **config_dict(self, skip=("seed", "out", "overwrite"))}
+        return {"command": "entropy", **config_dict(self, skip=("seed", "out", "overwrite", "resume"))}
+
+    def inputs_hash(self, paths: Sequence[Path]) -> str:
+        """The hash of everything that changes this run's numbers (a resume must match it)."""
+        from attnscope.compare import config_hash, run_inputs
+        from attnscope.models import resolve_model_spec
+
+        inputs = run_inputs(
+            resolve_model_spec(self.model, self.family),
+            paths,
+            checkpoint=self.checkpoint,
+            model_kwargs=None,
+            random_init=self.random_init,
+            seed=self.seed,
+            img_size=self.img_size,
+            dtype=self.dtype,
+        )
+        if self.data_config is not None:  # preprocessing changes every number
+            inputs["data_config"] = self.data_config
+        return config_hash({"command": "entropy", **inputs})
 
 
 def write_single_run(
     writer: RunWriter, result: AnalysisResult, meta: dict[str, Any], formats: Sequence[str]
 ) -> None:
-    """layers.csv, heads.csv, figures/, then run.json last: its presence marks a finished run."""
+    """layers.csv, heads.csv, images.csv, figures/, then run.json last: its presence marks a
+    finished run (an older run.json is removed first, so a half-rewritten folder never looks
+    finished)."""
     from attnscope.plots.entropy import entropy_figures
 
+    (writer.prepare() / "run.json").unlink(missing_ok=True)
     writer.write_csv("layers.csv", result.layers)
     writer.write_csv("heads.csv", result.heads)
+    writer.write_csv("images.csv", result.images, float_format=None)
     label = display_name(result.info["name"], bool(result.info.get("random_init")))
     for name, fig in entropy_figures(result.layers, result.heads, label=label):
         writer.write_figure(f"figures/{name}", fig, formats)
     writer.write_json("run.json", meta)
+
+
+def check_out(out: Path, config: EntropyConfig, ui: UI) -> bool:
+    """Decide, before any work, what `out` may become; True when it holds a run to resume.
+
+    An interrupted run (a partial state, no run.json) is continued with `resume`,
+    discarded with `overwrite`, and refused otherwise, in one line that says so. `resume`
+    on a finished run is refused; on an empty or new folder it starts from the first image.
+    """
+    from attnscope.commands.resume import PartialRun
+    from attnscope.results import RunWriter
+
+    finished = (out / "run.json").is_file()
+    if PartialRun.exists(out):
+        partial = PartialRun(out, "", config.model)
+        if finished:  # killed between run.json and the clean-up: the run is complete
+            partial.remove()
+        elif config.resume:
+            return True
+        elif config.overwrite:
+            partial.remove()
+        else:
+            raise ConfigError(
+                None,
+                f"{out} holds an interrupted run of {config.model} ({partial.describe()}); "
+                "pass {resume} to continue it, or {overwrite} to start over",
+            )
+    if config.resume and finished:
+        raise ConfigError(
+            None, f"{out} holds a finished run: nothing to resume (pass {{overwrite}} to rerun it)"
+        )
+    if config.resume:
+        ui.warn(f"no interrupted run in {out}: starting from the first image")
+    RunWriter(out, overwrite=config.overwrite)  # refuses a non-empty folder without overwrite
+    return False
+
+
+def _prepare(config: EntropyConfig, ui: UI) -> tuple[Path, bool]:
+    """Rank 0 checks `out` (its failure stops every rank); every rank gets the folder."""
+    from attnscope import distributed
+    from attnscope.results import default_run_dir
+
+    out, found = None, False
+    with distributed.step():
+        if distributed.is_main():
+            out = config.out or default_run_dir(config.model)
+            found = check_out(out, config, ui)
+    return distributed.broadcast_object(out), found
+
+
+def _partial(config: EntropyConfig, out: Path, paths: Sequence[Path], found: bool) -> tuple[Any, Any]:
+    """(PartialRun, state to resume) on a single process; (None, None) under torchrun."""
+    from attnscope import distributed
+    from attnscope.commands.resume import PartialRun
+
+    partial, state = None, None
+    with distributed.step():  # a refused resume stops every rank
+        if not distributed.is_distributed():
+            partial = PartialRun(out, config.inputs_hash(paths), config.model)
+            state = partial.load(len(paths)) if found else None
+    return partial, state
 
 
 def run(
@@ -81,49 +172,66 @@ def run(
 ) -> tuple[Path, AnalysisResult | None]:
     """Measure one model and write its run folder; returns the folder and the result.
 
+    A single-process run commits its state as it goes (`attnscope.commands.resume`), so
+    Ctrl-C ends with `Interrupted` saying what is committed, and `resume` continues it.
     Under torchrun every rank measures its shard and only rank 0 writes and gets the
-    result (the other ranks get None).
+    result (the other ranks get None); such runs are not resumable.
     """
     from attnscope import distributed
     from attnscope.models import load_model
-    from attnscope.results import RunWriter, default_run_dir, run_metadata
+    from attnscope.results import RunWriter, run_metadata
 
+    if config.resume and distributed.launched_by_torchrun():  # before the process group: said once
+        raise ConfigError(
+            "resume",
+            "is not available under torchrun (each rank streams its own share); continue the run in one "
+            "process, or start over with {overwrite}",
+        )
     dev = distributed.setup(config.device)
     main = distributed.is_main()
     ui = (ui or NullUI()) if main else NullUI()
-    writer = None
-    with distributed.step():
-        if main:  # refuse a bad --out before any work
-            writer = RunWriter(config.out or default_run_dir(config.model), overwrite=config.overwrite)
-    out_dir = distributed.broadcast_object(writer.out_dir if writer is not None else None)
-    loaded = load_with_ui(
-        config.model,
-        ui,
-        seed=config.seed,
-        load=lambda: load_model(
-            config.model,
-            checkpoint=config.checkpoint,
-            random_init=config.random_init,
-            seed=config.seed,
-            img_size=config.img_size,
-            family=config.family,
-            data_config=config.data_config,
-        ),
-    )
+    out_dir, found = _prepare(config, ui)
     paths, ignored = list_images(config.images, config.max_images, ui)
-    result = measure_with_ui(
-        loaded,
-        paths,
-        ui,
-        seed=config.seed,
-        device=dev,
-        batch_size=config.batch_size,
-        dtype=config.dtype,
-        num_workers=config.num_workers,
-    )
-    if writer is None:  # not rank 0: the sums are in; rank 0 writes the folder
-        return out_dir, None
-    result.info["files_ignored"] = [str(p) for p in sorted(ignored)]
-    meta = run_metadata(command, config.as_dict(), {config.model: result.info}, config.seed)
-    write_single_run(writer, result, meta, config.formats)
-    return writer.out_dir, result
+    partial, state = _partial(config, out_dir, paths, found)
+    resumed_after = state.done if state is not None else None  # the state object moves on
+    try:
+        loaded = load_with_ui(
+            config.model,
+            ui,
+            seed=config.seed,
+            load=lambda: load_model(
+                config.model,
+                checkpoint=config.checkpoint,
+                random_init=config.random_init,
+                seed=config.seed,
+                img_size=config.img_size,
+                family=config.family,
+                data_config=config.data_config,
+            ),
+        )
+        result = measure_with_ui(
+            loaded,
+            paths,
+            ui,
+            seed=config.seed,
+            device=dev,
+            batch_size=config.batch_size,
+            dtype=config.dtype,
+            num_workers=config.num_workers,
+            checkpointing=partial.checkpointing(state) if partial is not None else None,
+        )
+        if not main:  # not rank 0: the sums are in; rank 0 writes the folder
+            return out_dir, None
+        result.info["files_ignored"] = [str(p) for p in sorted(ignored)]
+        if resumed_after is not None:
+            result.info["resumed_after"] = resumed_after
+        meta = run_metadata(command, config.as_dict(), {config.model: result.info}, config.seed)
+        write_single_run(RunWriter(out_dir, overwrite=True), result, meta, config.formats)
+    except KeyboardInterrupt:
+        if partial is None:
+            raise
+        raise partial.interrupted() from None
+    if partial is not None:
+        partial.remove()
+        remove_stale_temporaries(out_dir)  # an earlier session may have been killed mid-write
+    return out_dir, result

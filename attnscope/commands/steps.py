@@ -67,13 +67,17 @@ def measure_with_ui(
     label = loaded.label
     if distributed.is_distributed():
         label = f"{loaded.name} (rank 0 of {distributed.world_size()}: {shown} of {len(paths)} images)"
+    checkpointing = options.get("checkpointing")
+    start = checkpointing.resume.done if checkpointing is not None and checkpointing.resume else 0
+    if start:  # the bar (and its rate and ETA) covers this session's images only
+        label = f"{label} (resumed after {start} of {len(paths)})"
     with ui.progress(label) as prog:
-        task = prog.add_task(label, total=shown)
+        task = prog.add_task(label, total=shown - start)
         return measure_model(
             loaded,
             paths,
             seed=seed,
-            progress=lambda done, total: prog.update(task, completed=done),
+            progress=lambda done, total: prog.update(task, completed=done - start),
             on_skip=ui.skip,
             **options,
         )

@@ -7,8 +7,10 @@
 - `attnscope.metrics.context`: `BlockContext`, the intermediates several formulas share,
   and `Workspace`, the scratch memory reused from block to block.
 - `attnscope.metrics.accumulator`: `MetricAccumulator`, float64 sums, sums of squares and
-  counts per (layer, head, metric), so memory does not grow with the number of images
-  and the sums of several processes add up (`MetricAccumulator.all_reduce`).
+  counts per (layer, head, metric), so the sums of several processes add up
+  (`MetricAccumulator.all_reduce`), plus each image's per-layer values (a few floats per
+  image; attention maps are never kept); `snapshot`/`restore` make a run resumable.
+- `attnscope.metrics.intervals`: bootstrap confidence intervals of means over images.
 """
 
 from attnscope.metrics.accumulator import MetricAccumulator

@@ -1,17 +1,21 @@
-"""Streaming float64 statistics per (layer, head, metric), summable across processes."""
+"""Streaming float64 statistics per (layer, head, metric), summable across processes, and each
+image's head-averaged value per (layer, metric), tied to the image's position."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from attnscope.metrics.registry import ALL_METRICS
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
     import torch
 
 Key = tuple[str, int, str]  # (kind "head" | "layer", layer, metric)
+Group = tuple[int, tuple[str, ...]]  # (layer, metrics updated together)
 
 
 def _spec_order(key: Key) -> tuple[str, int, int]:
@@ -20,7 +24,8 @@ def _spec_order(key: Key) -> tuple[str, int, int]:
 
 @dataclass
 class MetricAccumulator:
-    """Running float64 sums per (layer, metric[, head]); flat memory in the image count.
+    """Running float64 sums per (layer, metric[, head]), whose memory does not grow with the
+    image count, and each image's per-layer values (which do, by a few floats per image).
 
     `state` maps (kind, layer, metric) -> tensor [count, sum, sum_sq] of shape (3,) for
     per-layer rows, (3, H) for per-head rows. Sums (not running means), so shards from
@@ -29,6 +34,15 @@ class MetricAccumulator:
     `update` runs once per block and batch, so it reduces all metrics of a block with one
     stacked set of tensor ops and keeps per-layer stacked sums; they are split into
     `state`'s rows only when `state` is read.
+
+    Given the batch's image `positions`, `update` also keeps each image's layers.csv value
+    (per-head metrics averaged over heads within the image, in float64; per-block metrics
+    as they are) for the per-image table (`images_table`) and the bootstrap intervals. That
+    is images x blocks x metrics floats, while the attention maps are never kept.
+
+    `snapshot` / `restore` save and rebuild the exact internal sums (not a re-summed copy),
+    so a run resumed from a snapshot adds the same numbers in the same order as one that
+    never stopped.
     """
 
     model: str
@@ -39,6 +53,8 @@ class MetricAccumulator:
     _state: dict[Key, torch.Tensor] = field(default_factory=dict, repr=False)
     # (layer, kind, names of the rows) -> stacked [count, sum, sum_sq] (3, M[, H])
     _stacked: dict[tuple[int, str, tuple[str, ...]], torch.Tensor] = field(default_factory=dict, repr=False)
+    # (layer, metrics) -> one (positions (B,) int64, values (M, B) float64) per batch
+    _images: dict[Group, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict, repr=False)
 
     @property
     def state(self) -> dict[Key, torch.Tensor]:
@@ -70,23 +86,186 @@ class MetricAccumulator:
         current = self._stacked.get(key)
         self._stacked[key] = stats if current is None else current + stats.to(current.device)
 
+    def _keep(self, layer: int, names: tuple[str, ...], v: torch.Tensor, positions: Any) -> None:
+        """Each image's values (M, B) of the metrics `names`, under the images' positions."""
+        import numpy as np
+
+        if positions is None:
+            return
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if pos.shape[0] != v.shape[1]:
+            raise ValueError(f"{pos.shape[0]} positions for a batch of {v.shape[1]} images")
+        self._images.setdefault((layer, names), []).append((pos, v.cpu().numpy().copy()))
+
     def update(
-        self, layer: int, per_head: dict[str, torch.Tensor], per_block: dict[str, torch.Tensor]
+        self,
+        layer: int,
+        per_head: dict[str, torch.Tensor],
+        per_block: dict[str, torch.Tensor],
+        positions: Sequence[int] | None = None,
     ) -> None:
+        """Add one block's per-image values; `positions` (one per image of the batch) also
+        keeps each image's values for `images_table`."""
         import torch
 
         if self.head_metrics:
             names = tuple(self.head_metrics)
             values = self._float64(torch.stack([per_head[name].detach() for name in names]))  # (M, B, H)
             self._add(layer, "head", names, values)
-            self._add(layer, "layer", names, values.mean(dim=2))  # head mean per image, in float64
+            means = values.mean(dim=2)  # head mean per image, in float64
+            self._add(layer, "layer", names, means)
+            self._keep(layer, names, means, positions)
         present = tuple(name for name in self.block_metrics if name in per_block)
         if present:
             values = self._float64(torch.stack([per_block[name].detach() for name in present]))  # (M, B)
             self._add(layer, "layer", present, values)
+            self._keep(layer, present, values, positions)
 
     def keys(self) -> list[Key]:
         return sorted(self.state, key=_spec_order)
+
+    # ---------------------------------------------------------------- per-image values
+
+    @property
+    def image_batches(self) -> int:
+        """How many batches of per-image values are kept: the mark `images_since` counts from."""
+        return max((len(chunks) for chunks in self._images.values()), default=0)
+
+    def _merged_images(self, since: int = 0) -> dict[Group, tuple[np.ndarray, np.ndarray]]:
+        """(layer, metrics) -> (positions (N,), values (M, N)) of the batches from `since` on."""
+        import numpy as np
+
+        out = {}
+        for group, chunks in self._images.items():
+            part = chunks[since:]
+            if part:
+                out[group] = (
+                    np.concatenate([p for p, _ in part]),
+                    np.concatenate([v for _, v in part], axis=1),
+                )
+        return out
+
+    def image_positions(self) -> list[int]:
+        """The positions of the images with per-image values, in the order they came."""
+        merged = self._merged_images()
+        return [] if not merged else [int(p) for p in next(iter(merged.values()))[0]]
+
+    def images_table(self, names: Sequence[str]) -> pd.DataFrame:
+        """Each image's value per (layer, metric): columns model, image, layer, metric, value.
+
+        `names[position]` names the image (run.json's `images_used` entry). Rows are ordered
+        by image position, then block, then metric in spec order; the mean of `value` over
+        the images of one (layer, metric) is layers.csv's `mean` (up to float64 rounding).
+        """
+        import numpy as np
+        import pandas as pd
+
+        order = {m: i for i, m in enumerate(ALL_METRICS)}
+        pos, lay, met, val = [], [], [], []
+        for (layer, metrics), (p, v) in self._merged_images().items():
+            m, b = v.shape
+            pos.append(np.tile(p, m))  # v.reshape(-1) runs image-fastest within each metric
+            lay.append(np.full(m * b, layer, dtype=np.int64))
+            met.append(np.repeat(np.array([order[x] for x in metrics], dtype=np.int64), b))
+            val.append(v.reshape(-1))
+        if not pos:
+            return pd.DataFrame(
+                {
+                    "model": pd.Series(dtype=object),
+                    "image": pd.Series(dtype=object),
+                    "layer": pd.Series(dtype=np.int64),
+                    "metric": pd.Series(dtype=object),
+                    "value": pd.Series(dtype=np.float64),
+                }
+            )
+        positions, layers, metric_ids, values = (np.concatenate(a) for a in (pos, lay, met, val))
+        rows = np.lexsort((metric_ids, layers, positions))
+        labels = np.asarray(list(names), dtype=object)
+        return pd.DataFrame(
+            {
+                "model": self.model,
+                "image": labels[positions[rows]],
+                "layer": layers[rows],
+                "metric": np.asarray(ALL_METRICS, dtype=object)[metric_ids[rows]],
+                "value": values[rows],
+            }
+        )
+
+    # ---------------------------------------------------------------- saving and resuming
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The exact running sums as JSON-able metadata and float64 arrays.
+
+        Reads the internal sums as they are (reading `state` would fold the stacked sums in
+        and change the order of later additions). Per-image values go separately, batch by
+        batch, through `images_since`.
+        """
+        meta: dict[str, Any] = {
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "head_metrics": list(self.head_metrics),
+            "block_metrics": list(self.block_metrics),
+            "state": [[kind, layer, metric] for kind, layer, metric in self._state],
+            "stacked": [[layer, kind, list(names)] for layer, kind, names in self._stacked],
+        }
+        arrays = {f"state{i}": self._numpy(t) for i, t in enumerate(self._state.values())}
+        arrays.update({f"stacked{i}": self._numpy(t) for i, t in enumerate(self._stacked.values())})
+        return meta, arrays
+
+    @staticmethod
+    def _numpy(t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().numpy().copy()
+
+    def images_since(self, mark: int) -> tuple[list[list[Any]], dict[str, np.ndarray]]:
+        """Per-image values of the batches from `mark` (an earlier `image_batches`) on:
+        ([[layer, metrics], ...], {"pos<i>": positions, "val<i>": values (M, N)})."""
+        groups: list[list[Any]] = []
+        arrays = {}
+        for i, ((layer, names), (p, v)) in enumerate(self._merged_images(mark).items()):
+            groups.append([layer, list(names)])
+            arrays[f"pos{i}"], arrays[f"val{i}"] = p, v
+        return groups, arrays
+
+    @classmethod
+    def restore(
+        cls,
+        meta: dict[str, Any],
+        arrays: dict[str, np.ndarray],
+        image_parts: Sequence[tuple[list[list[Any]], dict[str, np.ndarray]]] = (),
+    ) -> MetricAccumulator:
+        """The accumulator `snapshot` and `images_since` described; ValueError when the parts
+        do not fit together (a damaged file must never be added to)."""
+        import numpy as np
+        import torch
+
+        acc = cls(
+            str(meta["model"]),
+            int(meta["num_layers"]),
+            int(meta["num_heads"]),
+            [str(m) for m in meta["head_metrics"]],
+            [str(m) for m in meta["block_metrics"]],
+        )
+        for i, (kind, layer, metric) in enumerate(meta["state"]):
+            acc._state[(str(kind), int(layer), str(metric))] = torch.from_numpy(
+                np.array(arrays[f"state{i}"], dtype=np.float64)
+            )
+        for i, (layer, kind, names) in enumerate(meta["stacked"]):
+            stats = np.array(arrays[f"stacked{i}"], dtype=np.float64)
+            if stats.shape[:2] != (3, len(names)):
+                raise ValueError(f"stacked sums of block {layer} have shape {stats.shape}")
+            acc._stacked[(int(layer), str(kind), tuple(str(n) for n in names))] = torch.from_numpy(stats)
+        for groups, parts in image_parts:
+            for i, (layer, names) in enumerate(groups):
+                p = np.array(parts[f"pos{i}"], dtype=np.int64)
+                v = np.array(parts[f"val{i}"], dtype=np.float64)
+                if v.shape != (len(names), p.shape[0]):
+                    raise ValueError(f"per-image values of block {layer} have shape {v.shape}")
+                acc._images.setdefault((int(layer), tuple(str(n) for n in names)), []).append((p, v))
+        positions = {tuple(p.tolist()) for p, _ in acc._merged_images().values()}
+        if len(positions) > 1:
+            raise ValueError("per-image values of different blocks cover different images")
+        return acc
 
     def _description(self) -> dict[str, Any]:
         """What ranks compare before summing: the metric sets and every row's shape."""
@@ -146,7 +325,26 @@ class MetricAccumulator:
             size = torch.Size(shapes[key]).numel()
             total.state[key] = flat[offset : offset + size].reshape(shapes[key])
             offset += size
+        total._gather_images(local)
         return total
+
+    def _gather_images(self, local: MetricAccumulator | None) -> None:
+        """Every rank's per-image values, in position order: what one process would hold."""
+        import numpy as np
+
+        from attnscope import distributed
+
+        mine = {} if local is None else local._merged_images()
+        gathered = distributed.all_gather([(g[0], list(g[1]), p, v) for g, (p, v) in mine.items()])
+        merged: dict[Group, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for part in gathered:
+            for layer, names, p, v in part:
+                merged.setdefault((int(layer), tuple(names)), []).append((p, v))
+        for group, chunks in merged.items():
+            p = np.concatenate([c[0] for c in chunks])
+            v = np.concatenate([c[1] for c in chunks], axis=1)
+            order = np.argsort(p, kind="stable")
+            self._images[group] = [(p[order], v[:, order])]
 
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(layers, heads) DataFrames with the contract's columns, in spec order."""

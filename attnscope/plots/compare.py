@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
 # Fixed per family (not per report), so MIM is solid and JEA dashed in every report.
 FAMILY_LINESTYLES: dict[str, Any] = {
@@ -49,12 +48,28 @@ def _x(layer: Any, depth: int, relative: bool) -> Any:
     return layer / max(depth - 1, 1) if relative else layer
 
 
-def _set_ylim(ax: Axes, metric: str, data: pd.DataFrame | None = None) -> None:
+def _set_ylim(ax: Axes, metric: str, data: pd.DataFrame | None = None, top: float | None = None) -> None:
     if metric in UNIT_INTERVAL:
         ax.set_ylim(-0.02, 1.02)
     elif metric.endswith(("_ratio", "_px", "entropy")):
-        top = float((data["mean"] + data.get("std", 0)).max()) if data is not None and not data.empty else 0.0
+        if top is None:
+            top = (
+                float((data["mean"] + data.get("std", 0)).max())
+                if data is not None and not data.empty
+                else 0.0
+            )
         ax.set_ylim(0, top * 1.08 if top > 0 else None)
+
+
+def block_intervals(intervals: pd.DataFrame, model: str, metric: str) -> pd.DataFrame:
+    """A model's per-block interval rows of `metric` (layer, ci_low, ci_high), by block."""
+    rows = intervals[
+        (intervals["scope"] == "block")
+        & (intervals["model"] == model)
+        & (intervals["metric"] == metric)
+        & (intervals["minus"].fillna("") == "")
+    ]
+    return rows[["layer", "ci_low", "ci_high"]].astype({"layer": int}).sort_values("layer")
 
 
 def _legend_handles(
@@ -84,15 +99,24 @@ def _draw_metric(
     linestyles: Mapping[str, Any],
     relative_depth: bool,
     absent: Mapping[str, str],
+    intervals: pd.DataFrame | None = None,
 ) -> None:
     data = layers[layers["metric"] == metric]
+    tops = []
     for model in models:
         d = data[data["model"] == model].sort_values("layer")
         if d.empty:
             continue
         x = _x(d["layer"], depths[model], relative_depth)
         ax.plot(x, d["mean"], ls=linestyles.get(model, "-"), marker="o", ms=2.5, lw=1.6, color=palette[model])
-        ax.fill_between(x, d["mean"] - d["std"], d["mean"] + d["std"], color=palette[model], alpha=0.15, lw=0)
+        if intervals is None:
+            low, high = d["mean"] - d["std"], d["mean"] + d["std"]
+        else:  # the 95% interval of the mean, per block; no band where there is none
+            band = block_intervals(intervals, model, metric).set_index("layer")
+            band = band.reindex(d["layer"].to_numpy())
+            low, high = band["ci_low"].to_numpy(), band["ci_high"].to_numpy()
+        ax.fill_between(x, low, high, color=palette[model], alpha=0.2, lw=0)
+        tops.append(float(np.nanmax(np.append(np.asarray(high, dtype=float), d["mean"].max()))))
     ax.set_ylabel(_unit(metric), fontsize=8)
     xlabel = "relative depth (block / last block)" if relative_depth else "block"
     if absent:
@@ -102,9 +126,8 @@ def _draw_metric(
     if relative_depth:
         ax.set_xlim(-0.03, 1.03)
     else:
-        # a linear axis's default major locator is an AutoLocator, a MaxNLocator
-        cast("MaxNLocator", ax.xaxis.get_major_locator()).set_params(integer=True)
-    _set_ylim(ax, metric, data)
+        cast(Any, ax.xaxis.get_major_locator()).set_params(integer=True)  # AutoLocator takes it
+    _set_ylim(ax, metric, data, max(tops) if tops else None)
 
 
 def depth_panels(
@@ -118,11 +141,14 @@ def depth_panels(
     missing_reasons: Mapping[str, Mapping[str, str]] | None = None,
     ncols: int = 4,
     note: str = "",
+    intervals: pd.DataFrame | None = None,
 ) -> Figure:
-    """One panel per metric against depth: a line per model, mean ± std band over images.
+    """One panel per metric against depth: a line per model (mean over images) and a band.
 
-    `missing_reasons[metric][model]` is written inside the panel, so a model without a
-    class token is visibly absent, never drawn as zero.
+    The band is the 95% bootstrap interval of the mean from `intervals` (intervals.csv's
+    per-block rows) when given, else ± one std over images. `missing_reasons[metric][model]`
+    is written under the panel, so a model without a class token is visibly absent, never
+    drawn as zero.
     """
     plt, _ = _setup()
     models = [m for m in palette if m in set(layers["model"])]
@@ -142,6 +168,7 @@ def depth_panels(
             linestyles=linestyles,
             relative_depth=relative_depth,
             absent=(missing_reasons or {}).get(metric, {}),
+            intervals=intervals,
         )
         ax.set_title(metric_label(metric), fontsize=9)
     for ax in flat[n:]:
@@ -150,7 +177,8 @@ def depth_panels(
     flat[n].legend(
         handles, labels, loc="center", frameon=False, fontsize=8, title="model (family)", title_fontsize=8
     )
-    title = "Attention metrics against depth (line: mean over images, band: ± std)"
+    band = "95% bootstrap interval of the mean" if intervals is not None else "± std over images"
+    title = f"Attention metrics against depth (line: mean over images, band: {band})"
     fig.suptitle(_with_note(title, note), fontsize=11)
     fig.tight_layout()
     return fig
@@ -203,7 +231,7 @@ def head_scatter(
         ax.plot(per_layer.index, per_layer.values, color=palette[model], lw=1.0, alpha=0.8)
         ax.set_title(model, color=palette[model], fontsize=10, fontweight="bold")
         ax.set_xlabel("block")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        cast(Any, ax.xaxis.get_major_locator()).set_params(integer=True)  # AutoLocator takes it
     axes.flat[0].set_ylabel(metric_label(metric))
     top = float(data["mean"].max()) if not data.empty else 0.0
     axes.flat[0].set_ylim(0, top * 1.08 if top > 0 else None)

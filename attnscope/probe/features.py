@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from attnscope.errors import AttnscopeError, ConfigError
+from attnscope.errors import AttnscopeError, ConfigError, Interrupted
 from attnscope.files import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
@@ -478,15 +478,15 @@ def extract_shards(
     except KeyboardInterrupt:
         committed = len(cache.done_positions())
         raise ExtractionInterrupted(
-            f"interrupted: {committed} of {cache.num_items} images' features are committed in "
+            f"{committed} of {cache.num_items} images' features are committed in "
             f"{cache.root}; the same command continues from there"
         ) from None
     report.seconds = time.perf_counter() - start
     return report
 
 
-class ExtractionInterrupted(KeyboardInterrupt):
-    """Ctrl-C during extraction, with a message saying what is committed."""
+class ExtractionInterrupted(Interrupted):
+    """Ctrl-C during extraction, saying how much is committed (a rerun continues from it)."""
 
 
 class _ShardBuffer:

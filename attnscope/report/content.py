@@ -79,12 +79,22 @@ def _num(v: float, metric: str) -> str:
     return f"{v:.2g}" if 0 < abs(v) < 0.001 else f"{v:.3f}"  # 1.4e-07, not a misleading 0.000
 
 
-def summary_rows(summary: pd.DataFrame, runs: Sequence[ModelRun]) -> tuple[list[str], list[list[Any]]]:
+def _with_interval(text: str, metric: str, iv: Any) -> str:
+    """'0.420 [0.401, 0.441]': the value and its 95% bootstrap interval, when there is one."""
+    if iv is None or not iv.known:
+        return text
+    return f"{text} [{_num(iv.low, metric)}, {_num(iv.high, metric)}]"
+
+
+def summary_rows(
+    summary: pd.DataFrame, runs: Sequence[ModelRun], intervals: pd.DataFrame | None = None
+) -> tuple[list[str], list[list[Any]]]:
     """The headline table with one column per model (easier to read across than 15 columns).
 
-    Cells are text, or ("—", why) for a metric the model does not have: missing, never 0.
+    Cells are text, with the 95% bootstrap interval of the mean in brackets when
+    `intervals` has it, or ("—", why) for a metric the model does not have: missing, never 0.
     """
-    from attnscope.compare import HEADLINE_METRICS, missing_reason
+    from attnscope.compare import HEADLINE_METRICS, missing_reason, model_interval
     from attnscope.plots.entropy import metric_label
 
     infos = {r.name: r.info for r in runs}
@@ -98,7 +108,8 @@ def summary_rows(summary: pd.DataFrame, runs: Sequence[ModelRun]) -> tuple[list[
                 if v is None or (isinstance(v, float) and math.isnan(v)):
                     row.append(("—", missing_reason(metric, infos.get(model, {})) or "not measured"))
                 else:
-                    row.append(_num(float(v), metric))
+                    iv = model_interval(intervals, model, metric, which) if intervals is not None else None
+                    row.append(_with_interval(_num(float(v), metric), metric, iv))
             rows.append(row)
     return header, rows
 
@@ -113,13 +124,24 @@ FILES = [
     ),
     ("layers.csv", "every model's per-block table stacked: model, family, layer, metric, mean, std, count"),
     (
+        "images.csv",
+        "every model's per-image values stacked: model, image, layer, metric, value "
+        "(heads averaged within each image; its means are layers.csv's)",
+    ),
+    (
+        "intervals.csv",
+        "95% bootstrap intervals of the headline means per block, in the last block and over blocks, "
+        "and of the paired differences between models: model, minus, scope, layer, metric, mean, "
+        "ci_low, ci_high, n_images",
+    ),
+    (
         "heads.csv",
         "every model's per-head table stacked: model, family, layer, head, metric, mean, std, count",
     ),
     ("run.json", "configuration, versions, each model's provenance, findings"),
     (
         "runs/<model>/",
-        "each model's own run (layers.csv, heads.csv, run.json with config_hash, gallery.npz), "
+        "each model's own run (layers.csv, heads.csv, images.csv, run.json with config_hash, gallery.npz), "
         "reused by the next compare with the same configuration",
     ),
     ("figures/", "every figure as PNG (and as SVG/PDF when those formats were asked for)"),

@@ -105,7 +105,13 @@ class _Emitter:
         self.figures.append(ReportFigure(stem, title, caption, files, png, group))
 
 
-def _depth_panels(enc: _Encoding, layers: pd.DataFrame, metrics: Sequence[str], ncols: int = 4) -> Any:
+def _depth_panels(
+    enc: _Encoding,
+    layers: pd.DataFrame,
+    metrics: Sequence[str],
+    ncols: int = 4,
+    intervals: pd.DataFrame | None = None,
+) -> Any:
     from attnscope.plots.compare import depth_panels
 
     return depth_panels(
@@ -118,6 +124,7 @@ def _depth_panels(enc: _Encoding, layers: pd.DataFrame, metrics: Sequence[str], 
         missing_reasons=enc.reasons,
         ncols=ncols,
         note=enc.warn,
+        intervals=intervals,
     )
 
 
@@ -188,19 +195,32 @@ def build_figures(
     writer: RunWriter,
     *,
     formats: Sequence[str] = ("png",),
+    intervals: pd.DataFrame | None = None,
 ) -> list[ReportFigure]:
-    """Draw and write every comparison figure (PNG always, plus `formats`), in report order."""
+    """Draw and write every comparison figure (PNG always, plus `formats`), in report order.
+
+    With `intervals` (compare.interval_table) the headline depth panels draw the 95%
+    bootstrap interval of the mean as their band; without, ± one std over images.
+    """
     from attnscope.compare import HEADLINE_METRICS
     from attnscope.metrics import ALL_METRICS
 
     enc = _encoding(runs)
     emit = _Emitter(writer, formats, enc.random)
+    if intervals is not None and not intervals.empty:
+        n = int(intervals["n_images"].iloc[0])
+        band = (
+            f"band: 95% bootstrap interval of the mean over the {n} images every model could read "
+            "(images resampled, the same resample for every model and block). "
+        )
+    else:
+        band, intervals = "band: ± std over images. ", None
     emit(
         "depth_panels",
-        _depth_panels(enc, layers, HEADLINE_METRICS),
+        _depth_panels(enc, layers, HEADLINE_METRICS, intervals=intervals),
         "Headline metrics against depth",
         "One panel per metric; a line per model (colour: model, line style: family), "
-        "band: ± std over images. " + enc.x_note,
+        "mean over images; " + band + enc.x_note,
     )
     _head_figures(emit, enc, heads)
     _gallery_figure(emit, enc, runs)
@@ -209,7 +229,9 @@ def build_figures(
         "depth_panels_all",
         _depth_panels(enc, layers, present),
         "Every metric against depth",
-        "All metrics of the specification that at least one model has, same encoding as above. " + enc.x_note,
+        "All metrics of the specification that at least one model has, same encoding as above, but the "
+        "band is ± one std over images (the spread of the images, not an interval of the mean). "
+        + enc.x_note,
         group="metric",
     )
     return emit.figures

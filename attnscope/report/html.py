@@ -78,8 +78,9 @@ def _html_table(
 
 
 def _is_number(text: str) -> bool:
+    """A number, possibly followed by its interval ('0.42 [0.40, 0.44]')."""
     try:
-        float(text)
+        float(str(text).split(" [", 1)[0])
     except ValueError:
         return False
     return True
@@ -106,6 +107,7 @@ def render_html(
     *,
     command: str = "",
     out_dir: Path | None = None,
+    intervals: pd.DataFrame | None = None,
 ) -> str:
     """The whole report as one HTML document with no external resource."""
     from attnscope import __version__
@@ -137,10 +139,11 @@ def render_html(
         parts.append("<details><summary>Every metric against depth</summary>")
         parts += [_figure_html(f) for f in per_metric]
         parts.append("</details>")
-    header, rows = summary_rows(summary, runs)
+    header, rows = summary_rows(summary, runs, intervals)
     parts += [
         "<h2>Summary</h2>",
-        "<p>Headline metrics in the last block and averaged over blocks (mean over images first). "
+        "<p>Headline metrics in the last block and averaged over blocks (mean over images first), "
+        "with the 95% bootstrap interval of the mean in brackets (intervals.csv). "
         "— marks a metric the model does not have.</p>",
         _html_table(header, rows),
         "<h2>Files</h2>",

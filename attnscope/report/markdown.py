@@ -51,6 +51,7 @@ def render_markdown(
     figures: Sequence[ReportFigure],
     *,
     command: str = "",
+    intervals: pd.DataFrame | None = None,
 ) -> str:
     """The report in Markdown; figures are links to figures/*.png next to it."""
     from attnscope import __version__
@@ -74,11 +75,12 @@ def render_markdown(
             if fig.group == group:
                 lines += [f"### {_md_text(fig.title)}", "", f"![{_md_text(fig.title)}]({fig.files['png']})"]
                 lines += ["", fig.caption, ""]
-    header, rows = summary_rows(summary, runs)
+    header, rows = summary_rows(summary, runs, intervals)
     lines += [
         "## Summary",
         "",
-        "Last block and mean over blocks; — marks a metric the model does not have.",
+        "Last block and mean over blocks, with the 95% bootstrap interval of the mean in brackets "
+        "(intervals.csv); — marks a metric the model does not have.",
         "",
         _md_table(header, rows),
         "",

@@ -1,0 +1,393 @@
+"""Interrupted entropy and compare runs: what Ctrl-C says, --resume, and kill -9 at any moment.
+
+A resumed run must write the same CSVs as one that never stopped (to 1e-12; in fact byte for
+byte with the same batch size), and whatever a kill leaves behind must either resume to
+those CSVs or be refused in one line, never trusted half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from attnscope.cli.app import app
+from attnscope.commands import resume as resume_mod
+from attnscope.data import bundled_sample_paths
+
+runner = CliRunner()
+CSVS = ("layers.csv", "heads.csv", "images.csv")
+PARTIAL = ".attnscope-partial"
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def error_lines(text: str) -> list[str]:
+    return [" ".join(line.split()) for line in " ".join(text.split("\n")).split("error: ")[1:]]
+
+
+def make_images(root: Path, copies: int = 2) -> Path:
+    """The bundled photos `copies` times over, under distinct names (7 x copies images)."""
+    images = root / "images"
+    images.mkdir()
+    for k in range(copies):
+        for path in bundled_sample_paths():
+            shutil.copy(path, images / f"{k}-{path.name}")
+    return images
+
+
+def assert_same_csvs(a: Path, b: Path) -> None:
+    for name in CSVS:
+        x, y = pd.read_csv(a / name), pd.read_csv(b / name)
+        values = [c for c in ("mean", "std", "value") if c in x.columns]
+        keys = [c for c in x.columns if c not in values]
+        pd.testing.assert_frame_equal(x[keys], y[keys])
+        for col in values:
+            np.testing.assert_allclose(y[col], x[col], rtol=0, atol=1e-12, err_msg=f"{name}:{col}")
+
+
+def no_leftovers(run: Path) -> bool:
+    return not (run / PARTIAL).exists() and not [p for p in run.rglob(".*") if p.is_file()]
+
+
+@pytest.fixture
+def interrupt_after(monkeypatch):
+    """Ctrl-C right after the `n`-th commit of the next run (a test hook on the commit)."""
+    monkeypatch.setenv(resume_mod.ENV_IMAGES, "2")
+
+    def arm(n: int) -> None:
+        commit, count = resume_mod.PartialRun.commit, [0]
+
+        def commit_then_interrupt(self, state):
+            commit(self, state)
+            count[0] += 1
+            if count[0] == n:
+                monkeypatch.setattr(resume_mod.PartialRun, "commit", commit)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(resume_mod.PartialRun, "commit", commit_then_interrupt)
+
+    return arm
+
+
+# ---------------------------------------------------------------- the stream itself (fast)
+
+
+def test_a_stream_resumed_from_its_committed_state_equals_one_that_never_stopped(tmp_path, sample_paths):
+    """Interrupt after two commits, reload the state from disk, continue: the tables (sums,
+    per-image values, used images) are exactly those of an uninterrupted stream."""
+    import torch
+
+    from attnscope.analysis import measure_model
+    from attnscope.errors import ConfigError
+    from attnscope.measure import Checkpointing
+    from attnscope.models import load_model
+
+    loaded = load_model("test_vit", random_init=True)
+    paths, cpu = sample_paths[:5], torch.device("cpu")
+    ref = measure_model(loaded, paths, device=cpu, batch_size=2)
+    partial, done = resume_mod.PartialRun(tmp_path, "hash-1", "test_vit"), []
+
+    def commit_twice(state):
+        partial.commit(state)
+        done.append(state.done)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        measure_model(
+            loaded, paths, device=cpu, batch_size=2, checkpointing=Checkpointing(commit_twice, every_images=1)
+        )
+    again = resume_mod.PartialRun(tmp_path, "hash-1", "test_vit")
+    state = again.load(len(paths))
+    assert done == [2, 4] and state.done == 4 and state.used == [0, 1, 2, 3]
+    resumed = measure_model(loaded, paths, device=cpu, batch_size=2, checkpointing=again.checkpointing(state))
+    for name in ("layers", "heads", "images"):
+        pd.testing.assert_frame_equal(getattr(resumed, name), getattr(ref, name), check_exact=True)
+    assert resumed.info["images_used"] == ref.info["images_used"]
+    with pytest.raises(ConfigError, match="other settings"):
+        resume_mod.PartialRun(tmp_path, "hash-2", "test_vit").load(len(paths))
+    (tmp_path / PARTIAL / "chunk-000000.npz").unlink()
+    with pytest.raises(ConfigError, match="damaged"):
+        resume_mod.PartialRun(tmp_path, "hash-1", "test_vit").load(len(paths))
+
+
+# ---------------------------------------------------------------- entropy and compare, in process
+
+
+@pytest.mark.slow
+def test_interrupted_entropy_resumes_to_the_same_csvs(tmp_path, interrupt_after):
+    images = make_images(tmp_path, copies=1)
+    args = ["entropy", "--model", "test_vit", "--random-init", "--images", str(images), "--batch-size", "2"]
+    assert invoke(*args, "--out", str(tmp_path / "ref")).exit_code == 0
+    out = tmp_path / "run"
+    interrupt_after(2)  # 2 commits of 2 images each
+    result = invoke(*args, "--out", str(out))
+    assert result.exit_code == 130
+    (line,) = error_lines(result.output)
+    assert line.startswith(f"interrupted: 4 of 7 images of test_vit are committed in {out}; to continue: ")
+    assert line.endswith("--resume")
+    assert not (out / "run.json").exists() and (out / PARTIAL / "state.npz").is_file()
+
+    result = invoke(*args, "--out", str(out))  # without --resume: says what is there, changes nothing
+    assert result.exit_code == 2
+    assert error_lines(result.output) == [
+        f"{out} holds an interrupted run of test_vit (4 of 7 images committed); pass --resume to "
+        "continue it, or --overwrite to start over"
+    ]
+    result = invoke(*args, "--out", str(out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resumed after 4 of 7" in result.output  # the bar covers the 3 images left
+    assert_same_csvs(tmp_path / "ref", out)
+    for name in CSVS:  # same batches, same order of additions: the very same bytes
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    info = json.loads((out / "run.json").read_text())["models"]["test_vit"]
+    assert info["resumed_after"] == 4 and len(info["images_used"]) == 7
+    assert no_leftovers(out)
+
+
+@pytest.mark.slow
+def test_resume_refuses_what_it_cannot_trust(tmp_path, interrupt_after):
+    images = make_images(tmp_path, copies=1)
+    args = ["entropy", "--model", "test_vit", "--random-init", "--images", str(images), "--batch-size", "2"]
+    args += ["--max-images", "5", "--format", "svg"]
+    out = tmp_path / "run"
+    interrupt_after(2)
+    assert invoke(*args, "--out", str(out)).exit_code == 130
+
+    # other settings: the hash of model, weights, input size, dtype and images differs
+    result = invoke(*args, "--img-size", "128", "--out", str(out), "--resume")
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "cannot resume test_vit" in line and "other settings" in line and line.endswith("--overwrite")
+
+    # a damaged chunk is refused, never added to
+    chunk = sorted((out / PARTIAL).glob("chunk-*.npz"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:-7] + b"garbage")
+    result = invoke(*args, "--out", str(out), "--resume")
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "damaged" in line and "does not match its checksum" in line
+
+    # --overwrite starts over; the run is complete and the partial state gone
+    assert invoke(*args, "--out", str(out), "--overwrite").exit_code == 0
+    assert no_leftovers(out) and (out / "run.json").is_file()
+
+    # --resume on a finished run: nothing to resume
+    result = invoke(*args, "--out", str(out), "--resume")
+    assert result.exit_code == 2
+    assert error_lines(result.output) == [
+        f"{out} holds a finished run: nothing to resume (pass --overwrite to rerun it)"
+    ]
+
+    # --resume into a new folder starts from the first image and says so
+    fresh = tmp_path / "fresh"
+    result = invoke(*args, "--out", str(fresh), "--resume")
+    assert result.exit_code == 0 and "no interrupted run in" in result.output
+    assert_same_csvs(out, fresh)
+
+
+@pytest.mark.slow
+def test_interrupted_compare_resumes_the_model_that_was_running(tmp_path, interrupt_after):
+    from attnscope.commands.compare import CompareConfig, run
+
+    images = make_images(tmp_path, copies=1)
+    config = dict(models=("test_vit", "test_vit2"), images=(str(images),), random_init=True, gallery=2)
+    config["batch_size"] = 2
+    ref = run(CompareConfig(**config, out=tmp_path / "ref"))
+    out = tmp_path / "cmp"
+    interrupt_after(6)  # test_vit: 4 commits (2, 2, 2, 1 images); test_vit2: 2 commits
+    with pytest.raises(KeyboardInterrupt) as info:
+        run(CompareConfig(**config, out=out))
+    assert str(info.value) == (
+        f"test_vit complete in {out / 'runs'}; 4 of 7 images of test_vit2 are committed in "
+        f"{out / 'runs' / 'test_vit2'}"
+    )
+    assert info.value.resumable
+    result = invoke(
+        "compare", "test_vit", "test_vit2", "--random-init", "--images", str(images), "--out", str(out)
+    )
+    assert result.exit_code == 2
+    assert error_lines(result.output) == [
+        f"{out} holds interrupted model runs (test_vit2: 4 of 7 images committed); pass --resume to "
+        "continue them, or --overwrite to start them over"
+    ]
+    again = run(CompareConfig(**config, out=out, resume=True))
+    assert [r.status for r in again.runs] == ["reused", "resumed"]
+    for model in ("test_vit", "test_vit2"):
+        assert_same_csvs(tmp_path / "ref" / "runs" / model, out / "runs" / model)
+        assert no_leftovers(out / "runs" / model)
+    assert_same_csvs(tmp_path / "ref", out)
+    pd.testing.assert_frame_equal(again.intervals, ref.intervals, rtol=0, atol=1e-12)
+    assert again.findings == ref.findings
+
+
+# ---------------------------------------------------------------- subprocesses: Ctrl-C and kill -9
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "COLUMNS": "200",
+        resume_mod.ENV_IMAGES: "1",
+    }
+
+
+def _command(images: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "attnscope", "entropy", "--model", "test_vit", "--random-init",
+        "--images", str(images), "--batch-size", "1", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def _run(cwd: Path, images: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _command(images, out, *extra), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300
+    )
+
+
+def _start(cwd: Path, images: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        _command(images, out, *extra),
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_what_is_committed_and_exits_130(tmp_path):
+    images = make_images(tmp_path)
+    ref = _run(tmp_path, images, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "run"
+    proc = _start(tmp_path, images, out)
+    deadline = time.monotonic() + 120
+    while not (out / PARTIAL / "state.npz").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (line,) = error_lines(err)
+    assert "images of test_vit are committed in" in line and line.endswith("--resume"), line
+    committed = int(line.split("interrupted: ")[1].split(" of ")[0])
+    assert 1 <= committed < 14
+    resumed = _run(tmp_path, images, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_csvs(tmp_path / "ref", out)
+    assert no_leftovers(out)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_never_leaves_a_file_a_rerun_trusts_but_is_corrupt(tmp_path):
+    """Kill the same run again and again at seeded random moments (before the first commit,
+    inside a commit, while the CSVs and figures are written, after the end), resuming it each
+    time. After every kill a copy of the folder must resume to the uninterrupted CSVs, or be
+    refused in one line (and then start over cleanly with --overwrite)."""
+    images = make_images(tmp_path)
+    start = time.monotonic()
+    ref = _run(tmp_path, images, tmp_path / "ref")
+    duration = time.monotonic() - start
+    assert ref.returncode == 0, ref.stderr
+    rng = random.Random(20240611)
+    out = tmp_path / "run"
+    outcomes = []
+    for trial in range(5):
+        proc = _start(tmp_path, images, out, "--resume")
+        time.sleep(rng.uniform(0.3, duration))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        check = tmp_path / f"check{trial}"
+        if out.exists():
+            shutil.copytree(out, check, symlinks=True)
+        result = _run(tmp_path, images, check, "--resume")
+        if result.returncode == 0:
+            assert_same_csvs(tmp_path / "ref", check)
+            assert no_leftovers(check)  # no partial state, no temporary file of the killed writer
+            outcomes.append("resumed")
+            continue
+        assert result.returncode == 2, result.stderr
+        (line,) = error_lines(result.stderr)
+        if "holds a finished run" in line:  # the kill came after the end: the run is complete
+            assert_same_csvs(tmp_path / "ref", check)
+            outcomes.append("finished")
+            continue
+        outcomes.append("refused")
+        again = _run(tmp_path, images, check, "--overwrite")
+        assert again.returncode == 0, again.stderr
+        assert_same_csvs(tmp_path / "ref", check)
+    final = _run(tmp_path, images, out, "--resume")
+    assert final.returncode in (0, 2), final.stderr
+    assert_same_csvs(tmp_path / "ref", out)
+    assert outcomes.count("refused") <= 1, outcomes  # nothing damaged should be the rule
+
+
+def _compare(images: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "attnscope", "compare", "test_vit", "test_vit2", "--random-init",
+        "--images", str(images), "--batch-size", "1", "--gallery", "1", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_9_during_compare_never_leaves_a_model_run_that_is_reused_but_wrong(tmp_path):
+    """The same for compare: after each kill the folder resumes (reusing finished model runs,
+    continuing the interrupted one) to the uninterrupted tables, or is refused in one line."""
+    images = make_images(tmp_path, copies=1)
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            _compare(images, out, *extra),
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    start = time.monotonic()
+    assert run(tmp_path / "ref").returncode == 0
+    duration = time.monotonic() - start
+    rng = random.Random(7)
+    out = tmp_path / "run"
+    for trial in range(3):
+        proc = subprocess.Popen(
+            _compare(images, out, "--resume"), cwd=tmp_path, env=_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        time.sleep(rng.uniform(0.3, duration))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        check = tmp_path / f"check{trial}"
+        if out.exists():
+            shutil.copytree(out, check, symlinks=True)
+        result = run(check, "--resume")
+        if result.returncode != 0:
+            assert result.returncode == 2 and len(error_lines(result.stderr)) == 1, result.stderr
+            assert run(check, "--overwrite").returncode == 0
+        for model in ("test_vit", "test_vit2"):
+            assert_same_csvs(tmp_path / "ref" / "runs" / model, check / "runs" / model)
+            assert no_leftovers(check / "runs" / model)
+        assert_same_csvs(tmp_path / "ref", check)
+        ref_iv = pd.read_csv(tmp_path / "ref" / "intervals.csv")
+        pd.testing.assert_frame_equal(pd.read_csv(check / "intervals.csv"), ref_iv)
