@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from attnscope.data import Images
     from attnscope.metrics import MetricAccumulator
     from attnscope.models import LoadedModel, TokenLayout
 
@@ -81,7 +82,7 @@ def as_loaded_model(model: str | nn.Module | LoadedModel, **load_kwargs: Any) ->
 
 def measure_model(
     loaded: LoadedModel,
-    paths: Sequence[Path],
+    paths: Images,
     *,
     device: torch.device,
     batch_size: int = 16,
@@ -116,7 +117,7 @@ def measure_model(
         if accumulator is None or layout is None:
             raise AttnscopeError(f"none of the {len(paths)} images could be read")
     layers, heads = accumulator.tables()
-    images = accumulator.images_table([str(p) for p in paths])
+    images = accumulator.images_table([str(paths[i]) for i in range(len(paths))])
     info = build_info(
         loaded, layout, paths, used, failures, device=device, dtype=dtype, seed=seed, batch_size=batch_size
     )
@@ -126,8 +127,9 @@ def measure_model(
 
 def analyze(
     model: str | nn.Module | LoadedModel,
-    images: Sequence[str | Path] | None = None,
+    images: Any = None,
     *,
+    preprocessed: bool = False,
     checkpoint: str | Path | None = None,
     random_init: bool = False,
     seed: int = 0,
@@ -144,14 +146,19 @@ def analyze(
     """Attention statistics of one model over a set of images, as DataFrames.
 
     The notebook entry point: nothing is written or printed. `images` takes folders,
-    files or globs (None: the bundled samples). Returns `layers` and `heads` tables with
-    the columns of docs/metrics.md, the per-image table `images` (model, image, layer,
-    metric, value; what images.csv holds) and an `info` dict (what run.json records).
+    files or globs (None: the bundled samples), PIL images, arrays or tensors (one, a list,
+    or an (N, 3, H, W) batch), a torch Dataset or a DataLoader. Pictures (PIL, arrays,
+    tensors in [0, 1] or uint8) go through the model's eval transform; tensors already
+    normalised at the model's input size need `preprocessed=True` (a DataLoader's items are
+    taken as preprocessed). Images in memory are named `images[i]` / `dataset[i]`. Returns
+    `layers` and `heads` tables with the columns of docs/metrics.md, the per-image table
+    `images` (model, image, layer, metric, value; what images.csv holds) and an `info` dict
+    (what run.json records).
     """
     import torch
 
     from attnscope import distributed
-    from attnscope.data import collect_image_paths
+    from attnscope.data import image_source
 
     check_at_least("batch_size", batch_size, 1)
     check_at_least("num_workers", num_workers, 0)
@@ -162,10 +169,10 @@ def analyze(
     loaded = as_loaded_model(
         model, checkpoint=checkpoint, random_init=random_init, seed=seed, img_size=img_size, family=family
     )
-    paths = collect_image_paths(images, max_images=max_images)
+    source = image_source(images, preprocessed=preprocessed, max_images=max_images)
     return measure_model(
         loaded,
-        paths,
+        source,
         device=dev,
         batch_size=batch_size,
         dtype=dtype,
@@ -196,7 +203,7 @@ def provenance(
 def build_info(
     loaded: LoadedModel,
     layout: TokenLayout,
-    paths: Sequence[Path],
+    paths: Images,
     used: Sequence[int],
     failures: Sequence[tuple[int, str]],
     *,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -38,7 +38,6 @@ __all__ = [
     "collate_images",
     "collect_image_paths",
     "image_source",
-    "loader_batches",
     "load_rgb",
     "make_loader",
 ]
@@ -356,6 +355,10 @@ class ImageSource:
     def describe(self, i: int) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def __getitem__(self, i: int) -> str | Path:
+        """The name of image `i` (what run.json and images.csv call it)."""
+        return self.describe(i)
+
 
 class PathImages(ImageSource):
     """Image files, decoded by `load_rgb`."""
@@ -371,6 +374,9 @@ class PathImages(ImageSource):
 
     def describe(self, i: int) -> str:
         return str(self.paths[i])
+
+    def __getitem__(self, i: int) -> Path:
+        return self.paths[i]
 
 
 class MemoryImages(ImageSource):
@@ -414,22 +420,28 @@ class MemoryImages(ImageSource):
         return f"{self.name}[{i}]"
 
 
+# What the measuring loop takes: file paths, or any ImageSource (indexing gives a name).
+Images = Sequence[Path] | ImageSource
+
+
 def image_source(
     images: Any,
     *,
     preprocessed: bool = False,
     max_images: int | None = None,
     ignored: list[Path] | None = None,
-) -> ImageSource | DataLoader:
+) -> ImageSource:
     """What a caller has at hand -> the images to measure.
 
     Takes folders, files or globs (one or a list; None: the bundled samples), PIL images,
     arrays or tensors (one picture, a list, or a (N, 3, H, W) batch), a torch Dataset, or a
-    DataLoader (returned as it is: its batches are model input, `preprocessed` or not).
-    `max_images` keeps the first N.
+    DataLoader, whose dataset's items are taken as model input (the DataLoader's own
+    batching is not needed: attnscope batches them itself). `max_images` keeps the first N.
     """
     if isinstance(images, DataLoader):
-        return images
+        if not hasattr(images.dataset, "__len__") or not hasattr(images.dataset, "__getitem__"):
+            raise ConfigError("images", "takes a DataLoader over an indexable Dataset, not an iterable one")
+        images, preprocessed = images.dataset, True
     if images is None or isinstance(images, str | Path) or _all_paths(images):
         return PathImages(collect_image_paths(images, max_images=max_images, ignored=ignored))
     if isinstance(images, Image.Image | np.ndarray | torch.Tensor) and not _is_batch(images):
@@ -458,19 +470,6 @@ def _is_batch(images: Any) -> bool:
     if isinstance(images, torch.Tensor):
         return images.ndim == 4
     return isinstance(images, np.ndarray) and images.ndim == 4
-
-
-def loader_batches(loader: DataLoader) -> Iterator[ImageBatch]:
-    """A user's DataLoader as `ImageBatch`es: each batch (or its first element) is model input."""
-    seen = 0
-    for batch in loader:
-        images = batch[0] if isinstance(batch, tuple | list) else batch
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ConfigError(
-                "images", f"a DataLoader must yield (B, 3, H, W) tensors, got {type(images).__name__}"
-            )
-        yield ImageBatch(images=images.float(), indices=list(range(seen, seen + len(images))))
-        seen += len(images)
 
 
 class ImageDataset(Dataset):

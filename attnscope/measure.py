@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from attnscope.capture import BlockTensors
-    from attnscope.data import ImageBatch
+    from attnscope.data import ImageBatch, Images
     from attnscope.metrics import MetricAccumulator
     from attnscope.models import LoadedModel, TokenLayout
 
@@ -183,7 +183,7 @@ Statistics = tuple["MetricAccumulator | None", "TokenLayout | None", list[int], 
 
 def run_statistics(
     loaded: LoadedModel,
-    paths: Sequence[Path],
+    paths: Images,
     *,
     batch_size: int = 16,
     device: str | torch.device = "auto",
@@ -233,7 +233,7 @@ def _stream(
     batches: Iterator[tuple[ImageBatch, TokenLayout | None]],
     state: StreamState,
     stats: StreamingStats,
-    paths: Sequence[Path],
+    paths: Images,
     checkpointing: Checkpointing | None,
     progress: ProgressFn | None,
     on_skip: SkipFn | None,
@@ -262,7 +262,7 @@ def _stream(
 
 def run_statistics_all_ranks(
     loaded: LoadedModel,
-    paths: Sequence[Path],
+    paths: Images,
     *,
     on_skip: SkipFn | None = None,
     **kwargs: Any,

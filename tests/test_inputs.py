@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from attnscope.data import ImageDataset, MemoryImages, PathImages, image_source, loader_batches
+from attnscope.data import ImageDataset, MemoryImages, PathImages, image_source
 from attnscope.errors import ConfigError
 
 
@@ -53,11 +53,28 @@ def test_dataset_items_use_their_first_element_and_bad_items_are_failures():
     assert ImageDataset(bad, _identity)[0][2].startswith("expected a (3, H, W) tensor")
 
 
-def test_dataloader_batches_are_model_input():
-    loader = DataLoader(TensorDataset(torch.randn(5, 3, 6, 8), torch.arange(5)), batch_size=2)
-    assert image_source(loader) is loader
-    batches = list(loader_batches(loader))
-    assert [b.indices for b in batches] == [[0, 1], [2, 3], [4]]
+def test_a_dataloader_contributes_its_dataset_as_model_input():
+    items = torch.randn(5, 3, 6, 8)
+    loader = DataLoader(TensorDataset(items, torch.arange(5)), batch_size=2)
+    source = image_source(loader)
+    assert isinstance(source, MemoryImages) and source.preprocessed and len(source) == 5
+    kept, _, _ = ImageDataset(source, _identity)[3]
+    assert torch.equal(kept, items[3])
+
+
+def test_analyze_takes_pil_images_and_tensors_and_names_them(sample_paths):
+    import attnscope
+
+    picture = Image.open(sample_paths[0]).convert("RGB")
+    from_files = attnscope.analyze("test_vit", sample_paths[:1], random_init=True, device="cpu")
+    from_pil = attnscope.analyze("test_vit", [picture], random_init=True, device="cpu")
+    cols = ["layer", "metric", "mean"]
+    assert from_pil.layers[cols].equals(from_files.layers[cols])  # the same picture, the same numbers
+    assert from_pil.info["images_used"] == ["images[0]"]
+    assert set(from_pil.images["image"]) == {"images[0]"}
+    transform_input = torch.randn(2, 3, 160, 160)
+    result = attnscope.analyze("test_vit", transform_input, preprocessed=True, random_init=True, device="cpu")
+    assert result.info["images_used"] == ["images[0]", "images[1]"]
 
 
 def test_unsupported_input_names_the_argument():
