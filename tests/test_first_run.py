@@ -84,3 +84,22 @@ def test_probe_usage_line_offline_is_one_line_and_writes_nothing(tmp_path):
     assert len(lines) == 1 and "vit_base_patch16_224.mae" in lines[0]  # the paper's model by default
     assert "--checkpoint" in lines[0] and "--random-init" in lines[0]
     assert not out.exists() and not cache.exists()
+
+
+def test_a_random_weights_report_says_what_a_real_comparison_needs(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "test_vit", "test_vit2", "--random-init", "--max-images", "1", "--gallery", "0"]
+    result = _invoke(*args, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for report in ("report.html", "report.md"):
+        text = (out / report).read_text()
+        assert "RANDOM WEIGHTS" in text and "A real comparison needs the pretrained weights" in text
+    (hint,) = [ln for ln in (out / "report.md").read_text().splitlines() if "Once they are there" in ln]
+    assert "--random-init" not in hint  # the command to run then is this one without it
+
+
+def test_the_hint_drops_random_init_from_the_command():
+    from attnscope.report.content import real_comparison_hint
+
+    hint = real_comparison_hint("attnscope compare mae dino --random-init --out r")
+    assert hint.endswith("run: attnscope compare mae dino --out r")

@@ -162,3 +162,14 @@ def random_models(runs: Sequence[ModelRun]) -> list[str]:
 
 
 RANDOM_WARNING = "These numbers describe untrained networks and say nothing about pretrained models."
+
+
+def real_comparison_hint(command: str) -> str:
+    """What a comparison of pretrained models needs, and the command to run then."""
+    words = [w for w in command.split() if w != "--random-init"]
+    rerun = " ".join(words) if words else "the same command without --random-init"
+    return (
+        "A real comparison needs the pretrained weights: in the local Hugging Face cache "
+        "(downloaded on first use where the Hub can be reached) or as files passed with "
+        f"--checkpoint NAME=PATH. Once they are there, run: {rerun}"
+    )

@@ -20,6 +20,7 @@ from attnscope.report.content import (
     image_count,
     models_rows,
     random_models,
+    real_comparison_hint,
     summary_rows,
     title,
 )
@@ -128,6 +129,7 @@ def render_html(
     ]
     if random:
         parts.append(f'<p class="warn">RANDOM WEIGHTS: {_e(", ".join(random))}. {_e(RANDOM_WARNING)}</p>')
+        parts.append(f'<p class="meta">{_e(real_comparison_hint(command))}</p>')
     parts += ["<h2>Models</h2>", _html_table(MODEL_HEADER, models_rows(runs), palette)]
     parts += ["<h2>Findings</h2>", "<ul>", *(f"<li>{_e(s)}</li>" for s in sentences), "</ul>"]
     if notes:

@@ -12,6 +12,7 @@ from attnscope.report.content import (
     image_count,
     models_rows,
     random_models,
+    real_comparison_hint,
     summary_rows,
     title,
 )
@@ -64,6 +65,8 @@ def render_markdown(
         lines += [
             "",
             f"> **RANDOM WEIGHTS: {', '.join(random)}.** {RANDOM_WARNING}",
+            ">",
+            f"> {real_comparison_hint(command)}",
         ]
     lines += ["", "## Models", "", _md_table(MODEL_HEADER, models_rows(runs)), "", "## Findings", ""]
     lines += [f"- {s}" for s in sentences]
