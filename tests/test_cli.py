@@ -32,6 +32,7 @@ def assert_one_line_error(result, *needles: str):
         assert needle in text, text
 
 
+@pytest.mark.slow
 def test_entropy_writes_spec_files(tmp_path):
     out = tmp_path / "run"
     result = invoke("entropy", *TINY, "--out", str(out), "--format", "png", "--format", "svg")
@@ -75,6 +76,7 @@ def test_no_cls_model_has_no_cls_rows_and_register_rows(tmp_path):
     assert "patch_register_mass" in metrics and "patch_residual_ratio" in metrics
 
 
+@pytest.mark.slow
 def test_non_empty_out_is_refused_and_kept(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -86,6 +88,7 @@ def test_non_empty_out_is_refused_and_kept(tmp_path):
     assert result.exit_code == 0 and (out / "layers.csv").exists() and (out / "precious.txt").exists()
 
 
+@pytest.mark.slow
 def test_non_square_img_size(tmp_path):
     out = tmp_path / "run"
     assert invoke("entropy", *TINY, "--img-size", "160x96", "--out", str(out)).exit_code == 0
@@ -130,6 +133,7 @@ def test_all_images_corrupt_is_an_error_and_each_is_warned(tmp_path):
     assert result.output.count("skipped") == 3
 
 
+@pytest.mark.slow
 def test_some_images_corrupt_are_listed_in_run_json(tmp_path):
     imgs = tmp_path / "imgs"
     imgs.mkdir()

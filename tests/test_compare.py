@@ -31,6 +31,7 @@ def report(tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow
 def test_compare_writes_every_file(report):
     out, output = report
     for name in (
@@ -67,6 +68,7 @@ def test_compare_writes_every_file(report):
     assert not [p for p in out.rglob(".*") if p.is_file()]  # no temp files left behind
 
 
+@pytest.mark.slow
 def test_stacked_tables_equal_the_single_model_runs(report, tmp_path):
     out, _ = report
     layers = pd.read_csv(out / "layers.csv")
@@ -138,6 +140,7 @@ def test_report_md_links_every_png(report):
     assert "| model | family | timm name |" in md and "— (no class token)" in md
 
 
+@pytest.mark.slow
 def test_second_compare_reuses_runs_and_no_reuse_recomputes(report):
     out, _ = report
     stamp = (out / "runs" / "test_vit" / "layers.csv").stat().st_mtime_ns
@@ -373,6 +376,7 @@ def test_foreign_non_empty_folder_needs_overwrite(tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_per_model_checkpoints_and_families(tmp_path, tiny):
     import torch
 
@@ -425,6 +429,7 @@ def test_per_model_checkpoints_and_families(tmp_path, tiny):
     assert [r.info["random_init"] for r in third.runs] == [False, True]
 
 
+@pytest.mark.slow
 def test_file_deleted_after_listing_is_skipped_not_a_crash(tmp_path, monkeypatch):
     """Images are listed before hashing; one vanishing in between must be skipped and listed."""
     import shutil

@@ -25,6 +25,8 @@ import attnscope
 from attnscope.cli.app import app
 from attnscope.data import bundled_sample_paths
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun with two processes
+
 TINY = ["--model", "test_vit", "--random-init"]
 LAUNCH_TIMEOUT = 150  # seconds; a hang fails here, long after a healthy run (~20 s on 2 cores)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
 from attnscope.cli.app import app
@@ -86,6 +87,7 @@ def test_probe_usage_line_offline_is_one_line_and_writes_nothing(tmp_path):
     assert not out.exists() and not cache.exists()
 
 
+@pytest.mark.slow
 def test_a_random_weights_report_says_what_a_real_comparison_needs(tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "test_vit", "test_vit2", "--random-init", "--max-images", "1", "--gallery", "0"]

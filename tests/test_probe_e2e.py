@@ -20,7 +20,8 @@ runner = CliRunner()
 TINY = ["--model", "test_vit", "--random-init", "--img-size", "48"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+# end-to-end probe runs (slow); one thread: see conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def invoke(*args: str):

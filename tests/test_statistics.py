@@ -154,6 +154,7 @@ def comparison(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_intervals_csv_columns_means_and_differences(comparison):
     out, result = comparison
     intervals = pd.read_csv(out / "intervals.csv")
