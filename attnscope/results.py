@@ -24,17 +24,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 RUNS_ROOT = Path("attnscope-runs")
-_VERSIONED = (
-    "attnscope",
-    "torch",
-    "torchvision",
-    "timm",
-    "numpy",
-    "pandas",
-    "matplotlib",
-    "seaborn",
-    "pillow",
-)
 
 
 def default_run_dir(label: str, root: Path = RUNS_ROOT) -> Path:

@@ -21,7 +21,8 @@ from typing import Any, TypeAlias
 import numpy as np
 from PIL import Image
 
-from attnscope.data import IMAGE_EXTENSIONS, ImageLoadError, load_rgb
+from attnscope import data
+from attnscope.data import IMAGE_EXTENSIONS, ImageLoadError
 from attnscope.errors import AttnscopeError, ConfigError
 
 __all__ = [
@@ -56,18 +57,11 @@ Positions: TypeAlias = Sequence[int] | np.ndarray
 # --------------------------------------------------------------------------- sources
 
 
-class ImageSource:
-    """Decodes item `i` of a fixed, ordered list into an RGB PIL image."""
-
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+class ImageSource(data.ImageSource):
+    """An image source whose items have ids for the feature cache's key (always pictures)."""
 
     def load(self, i: int) -> Image.Image:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def describe(self, i: int) -> str:
-        """What a person would call item `i` (a path, or `cifar10/test/17`)."""
-        return str(i)
 
     def item_ids(self) -> list[str]:  # pragma: no cover - abstract
         """One string per item that changes whenever the item's pixels may have changed."""
@@ -78,20 +72,8 @@ class ImageSource:
         return Path(self.describe(i))
 
 
-class FileSource(ImageSource):
+class FileSource(data.PathImages, ImageSource):
     """Image files on disk, decoded with attnscope's robust loader."""
-
-    def __init__(self, paths: Sequence[str | Path]) -> None:
-        self.paths = [Path(p) for p in paths]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, i: int) -> Image.Image:
-        return load_rgb(self.paths[i])
-
-    def describe(self, i: int) -> str:
-        return str(self.paths[i])
 
     def path(self, i: int) -> Path:
         return self.paths[i]
