@@ -25,12 +25,13 @@ wide = result.layers.pivot_table(index="layer", columns="metric", values="mean")
 print(wide[["cls_self_attn", "cls_patch_entropy_norm", "attn_distance_px"]].round(3))
 print(result.info["token_layout"])
 
-# 3. Lower level: stream one block's maps yourself.
-from attnscope.capture import AttentionRecorder  # noqa: E402
-from attnscope.metrics import block_metrics  # noqa: E402
+# Each image's own values (what images.csv holds), e.g. the spread of the last block's [cls] entropy.
+last = result.images.query("metric == 'cls_patch_entropy_norm' and layer == 3")
+print(last[["image", "value"]].assign(image=lambda d: d["image"].str.rsplit("/", n=1).str[-1]))
 
+# 3. Lower level: stream one block's maps yourself.
 layout = attnscope.token_layout(model, (96, 96))
-with torch.no_grad(), AttentionRecorder(model, lambda b: print(b.index, tuple(b.attn.shape))):
+with torch.no_grad(), attnscope.AttentionRecorder(model, lambda b: print(b.index, tuple(b.attn.shape))):
     model.forward_features(torch.randn(1, 3, 96, 96))
-per_head, per_block = block_metrics(torch.full((1, 1, 37, 37), 1 / 37), layout)
+per_head, per_block = attnscope.block_metrics(torch.full((1, 1, 37, 37), 1 / 37), layout)
 print("uniform attention -> entropy/ln N =", per_head["cls_patch_entropy_norm"].item())
