@@ -64,6 +64,10 @@ class EntropyConfig:
         object.__setattr__(self, "formats", normalise_formats(self.formats))
         # no sources means the bundled samples; run.json records that as null
         object.__setattr__(self, "images", tuple(str(i) for i in self.images) if self.images else None)
+        for name in ("out", "checkpoint"):  # notebooks pass strings
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser())
 
     def as_dict(self) -> dict[str, Any]:
         return {"command": "entropy", **config_dict(self, skip=("seed", "out", "overwrite", "resume"))}
