@@ -55,7 +55,7 @@ DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data",
-        help="ImageFolder tree: DIR/train/<class>/ and DIR/val/ (or test/), or DIR/<class>/ only "
+        help="ImageFolder tree: DIR/train/CLASS/ and DIR/val/ (or test/), or DIR/CLASS/ only "
         "(then a stratified --val-fraction split). Default: built-in handwritten digits (no network needed).",
         show_default=False,
     ),
