@@ -63,7 +63,7 @@ _HOLDOUT_STREAM = 31  # random stream of the hold-out split
 class ProbeConfig:
     """Everything a probe run depends on; recorded as run.json's `config`."""
 
-    model: str = "mae"
+    model: str = "mae_vit_base"  # the paper's model
     checkpoint: Path | None = None
     random_init: bool = False
     data_config: str | None = None  # timm tag or mean=...,std=...; None: the model's own
