@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnscope.commands.steps import list_images, load_with_ui, measure_with_ui
+from attnscope.commands.steps import list_images, load_configured, measure_with_ui
 from attnscope.commands.ui import UI, NullUI
 from attnscope.config import (
     check_at_least,
@@ -182,7 +182,6 @@ def run(
     result (the other ranks get None); such runs are not resumable.
     """
     from attnscope import distributed
-    from attnscope.models import load_model
     from attnscope.results import RunWriter, run_metadata
 
     if config.resume and distributed.launched_by_torchrun():  # before the process group: said once
@@ -199,20 +198,7 @@ def run(
     partial, state = _partial(config, out_dir, paths, found)
     resumed_after = state.done if state is not None else None  # the state object moves on
     try:
-        loaded = load_with_ui(
-            config.model,
-            ui,
-            seed=config.seed,
-            load=lambda: load_model(
-                config.model,
-                checkpoint=config.checkpoint,
-                random_init=config.random_init,
-                seed=config.seed,
-                img_size=config.img_size,
-                family=config.family,
-                data_config=config.data_config,
-            ),
-        )
+        loaded = load_configured(config, ui)
         result = measure_with_ui(
             loaded,
             paths,

@@ -189,27 +189,14 @@ def _info(loaded: LoadedModel, result: AttentionMaps) -> dict[str, Any]:
 
 def run(config: MapsConfig, ui: UI | None = None, *, command: str = "") -> tuple[Path, AttentionMaps]:
     """One overlay figure per image, maps.npz and run.json; returns the folder and the maps."""
-    from attnscope.commands.steps import list_images, load_with_ui
-    from attnscope.models import load_model
+    from attnscope.commands.steps import list_images, load_configured
     from attnscope.results import RunWriter, default_run_dir, run_metadata
 
     ui = ui or NullUI()
     # refuse a bad out folder before any work
     writer = RunWriter(config.out or default_run_dir(f"maps-{config.model}"), overwrite=config.overwrite)
     paths, _ = list_images(config.images, config.max_images, ui)
-    loaded = load_with_ui(
-        config.model,
-        ui,
-        seed=config.seed,
-        load=lambda: load_model(
-            config.model,
-            checkpoint=config.checkpoint,
-            random_init=config.random_init,
-            seed=config.seed,
-            img_size=config.img_size,
-            data_config=config.data_config,
-        ),
-    )
+    loaded = load_configured(config, ui)
     result = _collect(config, loaded, paths, ui)
     stems = figure_stems(result.paths)
     _write_figures(writer, config, result, stems)

@@ -30,6 +30,27 @@ def load_with_ui(name: str, ui: UI, *, seed: int, load: Callable[[], LoadedModel
     return loaded
 
 
+def load_configured(config: Any, ui: UI) -> LoadedModel:
+    """`load_with_ui` for a command config with the usual model fields (model, checkpoint,
+    random_init, seed, img_size, data_config, and family where the command has one)."""
+    from attnscope.models import load_model
+
+    return load_with_ui(
+        config.model,
+        ui,
+        seed=config.seed,
+        load=lambda: load_model(
+            config.model,
+            checkpoint=config.checkpoint,
+            random_init=config.random_init,
+            seed=config.seed,
+            img_size=config.img_size,
+            family=getattr(config, "family", None),
+            data_config=config.data_config,
+        ),
+    )
+
+
 def list_images(
     images: Sequence[str] | None, max_images: int | None, ui: UI | None = None
 ) -> tuple[list[Path], list[Path]]:
