@@ -575,8 +575,8 @@ def check_partial_runs(
     if waiting:
         raise ConfigError(
             None,
-            f"{out} holds interrupted model runs ({'; '.join(waiting)}); pass {{resume}} to continue "
-            "them, or {overwrite} to start them over",
+            f"{out} holds interrupted model runs ({'; '.join(waiting)}); pass `resume` to continue "
+            "them, or `overwrite` to start them over",
         )
     return states
 
@@ -622,7 +622,7 @@ def run(config: CompareConfig, ui: UI | None = None, *, command: str = "") -> Co
         raise ConfigError(
             "resume",
             "is not available under torchrun (each rank streams its own share); continue the compare in "
-            "one process, or start the interrupted runs over with {overwrite}",
+            "one process, or start the interrupted runs over with `overwrite`",
         )
     dev = distributed.setup(config.device)  # the device; under torchrun also joins the process group
     main = distributed.is_main()

@@ -133,11 +133,11 @@ def check_out(out: Path, config: EntropyConfig, ui: UI) -> bool:
             raise ConfigError(
                 None,
                 f"{out} holds an interrupted run of {config.model} ({partial.describe()}); "
-                "pass {resume} to continue it, or {overwrite} to start over",
+                "pass `resume` to continue it, or `overwrite` to start over",
             )
     if config.resume and finished:
         raise ConfigError(
-            None, f"{out} holds a finished run: nothing to resume (pass {{overwrite}} to rerun it)"
+            None, f"{out} holds a finished run: nothing to resume (pass `overwrite` to rerun it)"
         )
     if config.resume:
         ui.warn(f"no interrupted run in {out}: starting from the first image")
@@ -188,7 +188,7 @@ def run(
         raise ConfigError(
             "resume",
             "is not available under torchrun (each rank streams its own share); continue the run in one "
-            "process, or start over with {overwrite}",
+            "process, or start over with `overwrite`",
         )
     dev = distributed.setup(config.device)
     main = distributed.is_main()

@@ -160,7 +160,7 @@ class PartialRun:
 
     def _refuse(self, reason: str) -> ConfigError:
         return ConfigError(
-            None, f"cannot resume {self.what} from {self.dir}: {reason}; start it over with {{overwrite}}"
+            None, f"cannot resume {self.what} from {self.dir}: {reason}; start it over with `overwrite`"
         )
 
     def load(self, total: int) -> StreamState | None:
