@@ -23,6 +23,7 @@ from attnscope.config import (
     check_at_least,
     check_dtype,
     check_img_size,
+    normalise_families,
     normalise_formats,
     plain,
 )
@@ -64,6 +65,7 @@ _SHARED = (
     "num_workers",
     "device",
     "dtype",
+    "metrics",
     "gallery",
 )
 
@@ -98,6 +100,7 @@ class CompareConfig:
     num_workers: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    metrics: tuple[str, ...] = ("attention", "tokens")  # the metric families measured
     gallery: int = 4
 
     def __post_init__(self) -> None:
@@ -110,6 +113,7 @@ class CompareConfig:
             self.models, checkpoints=self.checkpoints, families=self.families, data_configs=self.data_configs
         )
         check_dtype(self.dtype)
+        object.__setattr__(self, "metrics", normalise_families(self.metrics))
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("num_workers", self.num_workers, 0)
         check_at_least("max_images", self.max_images, 1)
@@ -136,6 +140,7 @@ class CompareConfig:
         )
         if plan.name in self.data_configs:  # preprocessing changes every number
             inputs["data_config"] = self.data_configs[plan.name]
+        inputs["metrics"] = list(self.metrics)  # a reused run must hold the same metric set
         return inputs
 
 
@@ -406,6 +411,7 @@ def _computed(
             batch_size=config.batch_size,
             dtype=config.dtype,
             num_workers=config.num_workers,
+            families=config.metrics,
             checkpointing=partial.checkpointing(resume) if partial is not None else None,
         )
         if not distributed.is_main():  # torchrun: the sums are in; rank 0 writes
