@@ -263,8 +263,17 @@ class BlockContext:
         x = self.out_tokens[:, self.P].to(self.wide)
         x = x - x.mean(dim=1, keepdim=True)
         gram = x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
-        eig = torch.linalg.eigvalsh(gram).clamp_min(0).flip(-1)
-        return eig.sqrt()
+        if gram.device.type != "cpu":
+            return torch.linalg.eigvalsh(gram).clamp_min(0).flip(-1).sqrt()
+        # LAPACK's threaded eigensolver on a batch of small matrices is several times slower
+        # than one thread, and erratic (x10) when other processes share the cores
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            eig = torch.linalg.eigvalsh(gram)
+        finally:
+            torch.set_num_threads(threads)
+        return eig.clamp_min(0).flip(-1).sqrt()
 
     @cached_property
     def patch_log_amplitude(self) -> torch.Tensor:
