@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from attnscope.cka import GramCollector
     from attnscope.metrics import MetricAccumulator
     from attnscope.models import LoadedModel, TokenLayout
 
@@ -92,10 +93,12 @@ def measure_model(
     on_skip: SkipFn | None = None,
     checkpointing: Checkpointing | None = None,
     families: tuple[str, ...] = ("attention",),
+    grams: GramCollector | None = None,
 ) -> AnalysisResult:
     """Statistics of `loaded` over `paths`: tables and the provenance of run.json.
 
-    `families` names the metric families measured (docs/metrics.md).
+    `families` names the metric families measured (docs/metrics.md); `grams`, when given,
+    collects each forward batch's CKA Gram matrices (`attnscope.cka`).
 
     Under torchrun every rank streams its share and ends with the all-reduced totals (the
     same result on every rank, per-image values included). It is an error, on every rank
@@ -115,6 +118,7 @@ def measure_model(
         on_skip=on_skip,
         checkpointing=checkpointing,
         families=families,
+        grams=grams,
     )
     with distributed.step():  # the same outcome on every rank; rank 0 alone reports it
         if accumulator is None or layout is None:

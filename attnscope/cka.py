@@ -40,6 +40,35 @@ class GramCollector:
     num_blocks: int
     # kind -> positions of each minibatch -> (blocks, k, k)
     grams: dict[str, dict[tuple[int, ...], np.ndarray]] = field(default_factory=dict)
+    # False when some minibatches were never seen here (a resumed or sharded stream)
+    complete: bool = True
+
+    def add_block(self, block: int, positions: tuple[int, ...], out: torch.Tensor, layout: object) -> None:
+        """The [cls] and mean-patch features of one block's output (B, T, C)."""
+        if getattr(layout, "has_cls", False):
+            self.add(block, positions, "cls", out[:, 0].float())
+        self.add(block, positions, "patch_mean", out[:, layout.patch_slice].float().mean(dim=1))  # type: ignore[attr-defined]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (for an .npz beside a model run) that `from_arrays` reads back."""
+        import numpy as np
+
+        arrays: dict[str, np.ndarray] = {"num_blocks": np.asarray(self.num_blocks)}
+        for kind, batches in self.grams.items():
+            for i, (positions, stack) in enumerate(sorted(batches.items())):
+                arrays[f"{kind}.{i}.positions"] = np.asarray(positions, dtype=np.int64)
+                arrays[f"{kind}.{i}.grams"] = stack
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> GramCollector:
+        col = cls(int(arrays["num_blocks"]))
+        for key in arrays:
+            if key.endswith(".positions"):
+                kind, i, _ = key.split(".")
+                positions = tuple(int(p) for p in arrays[key])
+                col.grams.setdefault(kind, {})[positions] = arrays[f"{kind}.{i}.grams"]
+        return col
 
     def add(self, block: int, positions: tuple[int, ...], kind: str, features: torch.Tensor) -> None:
         """features: (k, C) of one block for the images at `positions` (k >= 4 to count)."""

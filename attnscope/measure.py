@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from attnscope.capture import BlockTensors
+    from attnscope.cka import GramCollector
     from attnscope.data import ImageBatch
     from attnscope.metrics import MetricAccumulator
     from attnscope.models import LoadedModel, TokenLayout
@@ -120,6 +121,7 @@ class StreamingStats:
         self.accumulator: MetricAccumulator | None = None
         self.positions: Sequence[int] | None = None
         self.workspace = Workspace()
+        self.grams: GramCollector | None = None  # each minibatch's CKA Grams, when asked for
         self._checked = False
 
     def begin(self, layout: TokenLayout) -> None:
@@ -151,6 +153,8 @@ class StreamingStats:
                 )
             self._checked = True
         self.accumulator.update(block.index, per_head, per_block, positions=self.positions)
+        if self.grams is not None and block.out is not None and self.positions is not None:
+            self.grams.add_block(block.index, tuple(int(p) for p in self.positions), block.out, self.layout)
 
 
 @dataclass
@@ -206,6 +210,7 @@ def run_statistics(
     indices: Sequence[int] | None = None,
     residual: bool = True,
     families: tuple[str, ...] = ("attention",),
+    grams: GramCollector | None = None,
     progress: ProgressFn | None = None,
     on_skip: SkipFn | None = None,
     checkpointing: Checkpointing | None = None,
@@ -234,6 +239,9 @@ def run_statistics(
         raise AttnscopeError(f"the saved state covers {state.total} images, this run lists {len(positions)}")
     stats = StreamingStats(loaded.name, loaded.num_blocks, residual, families)
     stats.accumulator, stats.layout = state.accumulator, state.layout
+    if grams is not None:
+        stats.grams = grams
+        grams.complete = indices is None and state.done == 0  # a shard or a resumed stream sees a part
     if state.done < state.total:
         subset = indices if state.done == 0 else positions[state.done :]
         loader = make_loader(paths, transform, batch_size, num_workers, indices=subset)
