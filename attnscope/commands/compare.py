@@ -50,6 +50,7 @@ _COMPARE_ENTRIES = frozenset(
         "images.csv",
         "intervals.csv",
         "summary.csv",
+        "cka.csv",
         "run.json",
         "report.html",
         "report.md",
