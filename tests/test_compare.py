@@ -120,7 +120,7 @@ def test_report_html_is_self_contained_and_embeds_every_figure(report):
     html = (out / "report.html").read_text()
     pngs = sorted((out / "figures").glob("*.png"))
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(embedded) == len(pngs) == 7
+    assert len(embedded) == len(pngs) == 8  # with tokens_depth
     assert sorted(base64.b64decode(e) for e in embedded) == sorted(p.read_bytes() for p in pngs)
     assert not re.search(r'(src|href)="(https?:)?//', html) and "<script" not in html and "<link" not in html
     for model in MODELS:
@@ -493,6 +493,9 @@ def test_compare_writes_cka_for_every_pair_and_reuses_it(tmp_path):
     }
     diag = cka[(cka.model_a == cka.model_b) & (cka.block_a == cka.block_b)]
     np.testing.assert_allclose(diag["cka"], 1.0, rtol=1e-9)
+    for stem in ("tokens_depth", "cka_patch_mean", "cka_cls"):
+        assert (out / "figures" / f"{stem}.png").is_file(), stem
+        assert f"figures/{stem}.png" in (out / "report.md").read_text()
     again = out.parent / "again"
     import shutil
 

@@ -573,7 +573,7 @@ def _write_comparison(
         writer.write_csv("cka.csv", cka)
     else:
         notes = [*notes, cka_note]
-    figures = build_figures(runs, layers, heads, writer, formats=config.formats, intervals=intervals)
+    figures = build_figures(runs, layers, heads, writer, formats=config.formats, intervals=intervals, cka=cka)
     html = render_html(
         runs, summary, sentences, notes, figures, command=command, out_dir=out, intervals=intervals
     )
