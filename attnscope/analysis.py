@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnscope.config import check_at_least, check_dtype, check_img_size
+from attnscope.config import check_at_least, check_dtype, check_img_size, normalise_families
 from attnscope.errors import AttnscopeError
 from attnscope.measure import Checkpointing, ProgressFn, SkipFn, run_statistics_all_ranks
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from attnscope.cka import GramCollector
     from attnscope.data import Images
     from attnscope.metrics import MetricAccumulator
     from attnscope.models import LoadedModel, TokenLayout
@@ -92,8 +93,13 @@ def measure_model(
     progress: ProgressFn | None = None,
     on_skip: SkipFn | None = None,
     checkpointing: Checkpointing | None = None,
+    families: tuple[str, ...] = ("attention",),
+    grams: GramCollector | None = None,
 ) -> AnalysisResult:
     """Statistics of `loaded` over `paths`: tables and the provenance of run.json.
+
+    `families` names the metric families measured (docs/metrics.md); `grams`, when given,
+    collects each forward batch's CKA Gram matrices (`attnscope.cka`).
 
     Under torchrun every rank streams its share and ends with the all-reduced totals (the
     same result on every rank, per-image values included). It is an error, on every rank
@@ -112,6 +118,8 @@ def measure_model(
         progress=progress,
         on_skip=on_skip,
         checkpointing=checkpointing,
+        families=families,
+        grams=grams,
     )
     with distributed.step():  # the same outcome on every rank; rank 0 alone reports it
         if accumulator is None or layout is None:
@@ -142,8 +150,9 @@ def analyze(
     max_images: int | None = None,
     progress: ProgressFn | None = None,
     on_skip: SkipFn | None = None,
+    metrics: Sequence[str] = ("attention",),
 ) -> AnalysisResult:
-    """Attention statistics of one model over a set of images, as DataFrames.
+    """Attention and token statistics of one model over a set of images, as DataFrames.
 
     The notebook entry point: nothing is written or printed. `images` takes folders,
     files or globs (None: the bundled samples), PIL images, arrays or tensors (one, a list,
@@ -164,6 +173,7 @@ def analyze(
     check_at_least("num_workers", num_workers, 0)
     check_dtype(dtype)
     check_img_size(img_size)
+    families = normalise_families(metrics)
     dev = distributed.setup(device)  # resolve_device, or this rank's device under torchrun
     torch.manual_seed(seed)
     loaded = as_loaded_model(
@@ -180,6 +190,7 @@ def analyze(
         seed=seed,
         progress=progress,
         on_skip=on_skip,
+        families=families,
     )
 
 

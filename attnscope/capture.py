@@ -31,6 +31,9 @@ class BlockTensors:
     attn: torch.Tensor  # (B, H, T, T) post-softmax, in the forward's dtype
     x: torch.Tensor | None  # (B, T, C) residual stream entering the block
     y: torch.Tensor | None  # (B, T, C) attention branch as added to the stream
+    # (B, T, C) the block's output, the residual stream leaving it (for the last block: before
+    # the model's final norm); None unless the recorder was asked for tokens
+    out: torch.Tensor | None = None
 
 
 BlockConsumer = Callable[[BlockTensors], None]
@@ -63,10 +66,13 @@ class AttentionRecorder:
     raises if a block produced no map (a module that bypasses `attn_drop`).
     """
 
-    def __init__(self, model: nn.Module, consumer: BlockConsumer, *, residual: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, consumer: BlockConsumer, *, residual: bool = True, tokens: bool = False
+    ) -> None:
         self.model = model
         self.consumer = consumer
         self.residual = residual
+        self.tokens = tokens
         self.blocks = find_attention_blocks(model)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fused: list[tuple[Any, bool]] = []
@@ -85,10 +91,11 @@ class AttentionRecorder:
                 attn.fused_attn = False
             self._handles.append(attn.attn_drop.register_forward_hook(self._attn_hook(index)))
             drop_path = getattr(block, "drop_path1", None)
-            if self.residual and drop_path is not None:
+            if self.tokens or (self.residual and drop_path is not None):
                 self._handles.append(
                     block.register_forward_pre_hook(self._input_hook(index), with_kwargs=True)
                 )
+            if self.residual and drop_path is not None:
                 self._handles.append(drop_path.register_forward_hook(self._branch_hook(index)))
             self._handles.append(block.register_forward_hook(self._done_hook(index)))
         return self
@@ -151,6 +158,7 @@ class AttentionRecorder:
                     f"{self.blocks[index][0]} produced no attention map (its attention bypassed attn_drop)"
                 )
             self._seen.add(index)
-            self.consumer(BlockTensors(index, attn, slot.get("x"), slot.get("y")))
+            out = output if self.tokens and not isinstance(output, tuple) else None
+            self.consumer(BlockTensors(index, attn, slot.get("x"), slot.get("y"), out))
 
         return hook

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
+    from attnscope.cka import GramCollector
     from attnscope.models import LoadedModel, ModelSpec
 
 HEADLINE_METRICS: tuple[str, ...] = tuple(HEADLINE)  # the metric registry decides
@@ -245,6 +246,7 @@ class ModelRun:
     status: str  # "computed", "reused", "reused (gallery recomputed)", "resumed"
     gallery: Gallery | None = None
     images: pd.DataFrame | None = None  # images.csv: each image's value per (layer, metric)
+    grams: GramCollector | None = None  # each minibatch's CKA Grams (None: not available)
 
     @property
     def name(self) -> str:

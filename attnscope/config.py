@@ -15,6 +15,8 @@ from attnscope.errors import ConfigError
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 FIGURE_FORMATS: tuple[str, ...] = ("png", "svg", "pdf")
+#: The metric families (docs/metrics.md): attention maps and residual ratios, and the tokens.
+METRIC_FAMILIES: tuple[str, ...] = ("attention", "tokens")
 
 
 def check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
@@ -53,6 +55,15 @@ def normalise_formats(values: Iterable[str], field: str = "formats") -> tuple[st
     if bad or not formats:
         raise ConfigError(field, f"takes png, svg or pdf, got {', '.join(bad) or 'nothing'}")
     return tuple(dict.fromkeys(formats))
+
+
+def normalise_families(values: Iterable[str], field: str = "metrics") -> tuple[str, ...]:
+    """Metric families named in `values` (comma lists allowed), in the canonical order."""
+    named = {f.strip().lower() for v in values for f in str(v).split(",") if f.strip()}
+    bad = sorted(named - set(METRIC_FAMILIES))
+    if bad or not named:
+        raise ConfigError(field, f"takes {', '.join(METRIC_FAMILIES)}, got {', '.join(bad) or 'nothing'}")
+    return tuple(f for f in METRIC_FAMILIES if f in named)
 
 
 def plain(value: Any) -> Any:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from attnscope.capture import BlockTensors
+    from attnscope.cka import GramCollector
     from attnscope.data import ImageBatch, Images
     from attnscope.metrics import MetricAccumulator
     from attnscope.models import LoadedModel, TokenLayout
@@ -71,17 +72,22 @@ def forwards(
     device: torch.device,
     dtype: str = "float32",
     residual: bool = True,
+    tokens: bool = False,
 ) -> Generator[tuple[ImageBatch, TokenLayout | None], None, None]:
     """Run `loaded` over each `ImageBatch` of `batches` with every block's attention going
-    to `consumer`; yield each batch after its forward with the token layout it had (None
-    for a batch in which no image could be read, which is not run)."""
+    to `consumer` (and its output tokens, with `tokens`); yield each batch after its
+    forward with the token layout it had (None for a batch in which no image could be
+    read, which is not run)."""
     import torch
 
     from attnscope.capture import AttentionRecorder
     from attnscope.models import token_layout
 
     model = loaded.model.to(device).eval()
-    with AttentionRecorder(model, consumer, residual=residual) as recorder, torch.inference_mode():
+    with (
+        AttentionRecorder(model, consumer, residual=residual, tokens=tokens) as recorder,
+        torch.inference_mode(),
+    ):
         for batch in batches:
             layout = None
             if batch.images is not None:
@@ -102,16 +108,20 @@ class StreamingStats:
     `accumulator` (a resumed run) is checked once against what this run measures.
     """
 
-    def __init__(self, name: str, num_blocks: int, residual: bool) -> None:
+    def __init__(
+        self, name: str, num_blocks: int, residual: bool, families: tuple[str, ...] = ("attention",)
+    ) -> None:
         from attnscope.metrics import Workspace
 
         self.name = name
         self.num_blocks = num_blocks
         self.residual = residual
+        self.families = families
         self.layout: TokenLayout | None = None
         self.accumulator: MetricAccumulator | None = None
         self.positions: Sequence[int] | None = None
         self.workspace = Workspace()
+        self.grams: GramCollector | None = None  # each minibatch's CKA Grams, when asked for
         self._checked = False
 
     def begin(self, layout: TokenLayout) -> None:
@@ -122,10 +132,16 @@ class StreamingStats:
 
         assert self.layout is not None
         per_head, per_block = block_metrics(
-            block.attn, self.layout, block.x, block.y, workspace=self.workspace
+            block.attn,
+            self.layout,
+            block.x,
+            block.y,
+            workspace=self.workspace,
+            out=block.out,
+            families=self.families,
         )
         if self.accumulator is None or not self._checked:
-            heads, blocks = applicable_metrics(self.layout, residual=self.residual)
+            heads, blocks = applicable_metrics(self.layout, residual=self.residual, families=self.families)
             expected = (self.num_blocks, block.attn.shape[1], heads, blocks if per_block else [])
             if self.accumulator is None:
                 self.accumulator = MetricAccumulator(self.name, *expected)
@@ -137,6 +153,8 @@ class StreamingStats:
                 )
             self._checked = True
         self.accumulator.update(block.index, per_head, per_block, positions=self.positions)
+        if self.grams is not None and block.out is not None and self.positions is not None:
+            self.grams.add_block(block.index, tuple(int(p) for p in self.positions), block.out, self.layout)
 
 
 @dataclass
@@ -191,6 +209,8 @@ def run_statistics(
     num_workers: int = 0,
     indices: Sequence[int] | None = None,
     residual: bool = True,
+    families: tuple[str, ...] = ("attention",),
+    grams: GramCollector | None = None,
     progress: ProgressFn | None = None,
     on_skip: SkipFn | None = None,
     checkpointing: Checkpointing | None = None,
@@ -217,12 +237,23 @@ def run_statistics(
     state = resume if resume is not None else StreamState(len(positions))
     if state.total != len(positions) or not 0 <= state.done <= state.total:
         raise AttnscopeError(f"the saved state covers {state.total} images, this run lists {len(positions)}")
-    stats = StreamingStats(loaded.name, loaded.num_blocks, residual)
+    stats = StreamingStats(loaded.name, loaded.num_blocks, residual, families)
     stats.accumulator, stats.layout = state.accumulator, state.layout
+    if grams is not None:
+        stats.grams = grams
+        grams.complete = indices is None and state.done == 0  # a shard or a resumed stream sees a part
     if state.done < state.total:
         subset = indices if state.done == 0 else positions[state.done :]
         loader = make_loader(paths, transform, batch_size, num_workers, indices=subset)
-        batches = forwards(loaded, _tagged(loader, stats), stats, device=dev, dtype=dtype, residual=residual)
+        batches = forwards(
+            loaded,
+            _tagged(loader, stats),
+            stats,
+            device=dev,
+            dtype=dtype,
+            residual=residual,
+            tokens="tokens" in families,
+        )
         # closed on any exit: a suspended generator would keep inference mode (and the hooks) on
         with contextlib.closing(batches):
             _stream(batches, state, stats, paths, checkpointing, progress, on_skip)

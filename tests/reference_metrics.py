@@ -62,6 +62,20 @@ HEAD_METRICS: tuple[str, ...] = (
 )
 #: Per (image, block) metric names (no head dimension), in the spec table's order.
 BLOCK_METRICS: tuple[str, ...] = ("cls_residual_ratio", "patch_residual_ratio")
+#: Per (image, block) token metrics (the "tokens" family), in the spec table's order.
+TOKEN_METRICS: tuple[str, ...] = (
+    "cls_patch_cos",
+    "patch_patch_cos",
+    "patch_norm_mean",
+    "cls_norm",
+    "patch_outlier_frac",
+    "cls_outlier_mass",
+    "patch_eff_rank",
+    "patch_hf_amp",
+)
+TOKEN_NEEDS_CLS = frozenset({"cls_patch_cos", "cls_norm", "cls_outlier_mass"})
+#: k of the outlier rule norm > median + k * MAD (docs/metrics.md).
+OUTLIER_K = 5.0
 
 #: Which per-head metrics need the class token ``c`` / at least one register.
 NEEDS_CLS = frozenset(
@@ -273,6 +287,73 @@ def reference_block_metrics(
     return per_head, per_block
 
 
+def _outliers(norms: np.ndarray) -> np.ndarray:
+    med = np.median(norms)
+    mad = np.median(np.abs(norms - med))
+    return norms > med + OUTLIER_K * mad
+
+
+def effective_rank(tokens: np.ndarray) -> float:
+    """Roy & Vetterli: exp of the entropy of the singular values (normalised to sum 1) of the
+    centred (N, C) matrix; 0 for a zero centred matrix."""
+    centred = tokens - tokens.mean(axis=0, keepdims=True)
+    s = np.linalg.svd(centred, compute_uv=False)
+    if s.sum() == 0:
+        return 0.0
+    return float(np.exp(entr(s / s.sum()).sum()))
+
+
+def log_amplitude(tokens: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(gh, gw) mean over channels of ln(|DFT2| + 1e-6) of the (N, C) patch tokens on the grid,
+    DC at [0, 0]."""
+    gh, gw = grid
+    maps = tokens.T.reshape(tokens.shape[1], gh, gw)
+    return np.log(np.abs(np.fft.fft2(maps, axes=(1, 2))) + 1e-6).mean(axis=0)
+
+
+def reference_token_metrics(
+    out: np.ndarray,
+    x: np.ndarray,
+    A: np.ndarray,
+    *,
+    has_cls: bool,
+    num_registers: int,
+    grid: tuple[int, int],
+) -> dict[str, np.ndarray]:
+    """The token family of one block for B images, one image and one pair at a time.
+
+    out, x: (B, T, C) block output and input; A: (B, H, T, T) the block's attention.
+    Returns metric -> (B,) for every token metric that applies."""
+    out = np.asarray(out, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    A = np.asarray(A, dtype=np.float64)
+    p0 = int(bool(has_cls)) + int(num_registers)
+    gh, gw = grid
+    result: dict[str, list[float]] = {m: [] for m in TOKEN_METRICS if has_cls or m not in TOKEN_NEEDS_CLS}
+    for b in range(out.shape[0]):
+        z = out[b, p0:]
+        n = z.shape[0]
+        norms = np.linalg.norm(z, axis=1)
+        pair = [z[i] @ z[j] / (norms[i] * norms[j]) for i in range(n) for j in range(n) if i != j]
+        result["patch_patch_cos"].append(float(np.mean(pair)))
+        result["patch_norm_mean"].append(float(norms.mean()))
+        result["patch_outlier_frac"].append(float(_outliers(norms).mean()))
+        result["patch_eff_rank"].append(effective_rank(z))
+        amp = log_amplitude(z, grid)
+        result["patch_hf_amp"].append(float(amp[(gh - 1) // 2, (gw - 1) // 2] - amp[0, 0]))
+        if has_cls:
+            c = out[b, 0]
+            cn = np.linalg.norm(c)
+            result["cls_patch_cos"].append(
+                float(np.mean([c @ zj / (cn * nj) for zj, nj in zip(z, norms, strict=True)]))
+            )
+            result["cls_norm"].append(float(cn))
+            mask = _outliers(np.linalg.norm(x[b, p0:], axis=1))
+            mass = [A[b, h, 0, p0:][mask].sum() for h in range(A.shape[1])]
+            result["cls_outlier_mass"].append(float(np.mean(mass)))
+    return {m: np.asarray(v, dtype=np.float64) for m, v in result.items()}
+
+
 # --------------------------------------------------------------------------- aggregation
 
 LAYERS_COLUMNS = ["model", "layer", "metric", "mean", "std", "count"]
@@ -280,7 +361,7 @@ HEADS_COLUMNS = ["model", "layer", "head", "metric", "mean", "std", "count"]
 
 
 def _order(names) -> list[str]:
-    known = list(HEAD_METRICS) + list(BLOCK_METRICS)
+    known = list(HEAD_METRICS) + list(BLOCK_METRICS) + list(TOKEN_METRICS)
     return sorted(names, key=lambda m: (known.index(m) if m in known else len(known), m))
 
 

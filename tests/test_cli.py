@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from attnscope.cli.app import app
-from attnscope.metrics import ALL_METRICS
+from attnscope.metrics import ALL_METRICS, METRICS
 
 runner = CliRunner()
 TINY = ["--model", "test_vit", "--random-init", "--max-images", "2"]
@@ -42,7 +42,8 @@ def test_entropy_writes_spec_files(tmp_path):
     assert list(layers.columns) == ["model", "layer", "metric", "mean", "std", "count"]
     assert list(heads.columns) == ["model", "layer", "head", "metric", "mean", "std", "count"]
     assert set(layers["layer"]) == set(range(6)) and (layers["count"] == 2).all()
-    assert set(layers["metric"]) == {m for m in ALL_METRICS if "register" not in m}
+    attention = {m for m in ALL_METRICS if METRICS[m].family == "attention"}  # the default family
+    assert set(layers["metric"]) == {m for m in attention if "register" not in m}
     assert (layers["model"] == "test_vit").all()
     meta = json.loads((out / "run.json").read_text())
     info = meta["models"]["test_vit"]

@@ -479,3 +479,45 @@ def test_file_deleted_after_listing_is_skipped_not_a_crash(tmp_path, monkeypatch
         info = meta["models"][model]
         assert [s["path"] for s in info["images_skipped"]] == [str(victim)]
         assert str(victim) not in info["images_used"] and len(info["images_used"]) == 2
+
+
+@pytest.mark.slow
+def test_compare_writes_cka_for_every_pair_and_reuses_it(tmp_path):
+    out = tmp_path / "cka"
+    args = [
+        "compare",
+        *MODELS,
+        "--random-init",
+        "--max-images",
+        "7",
+        "--batch-size",
+        "4",
+        "--gallery",
+        "0",
+        "--metrics",
+        "attention,tokens",
+    ]
+    assert invoke(*args, "--out", str(out)).exit_code == 0
+    cka = pd.read_csv(out / "cka.csv")
+    assert list(cka.columns) == ["model_a", "block_a", "model_b", "block_b", "token", "cka"]
+    pairs = cka.groupby(["model_a", "model_b", "token"]).size().to_dict()
+    # test_vit: 6 blocks with [cls]; test_vit2: 8 blocks, no [cls]
+    assert pairs == {
+        ("test_vit", "test_vit", "cls"): 36,
+        ("test_vit", "test_vit", "patch_mean"): 36,
+        ("test_vit", "test_vit2", "patch_mean"): 48,
+        ("test_vit2", "test_vit2", "patch_mean"): 64,
+    }
+    diag = cka[(cka.model_a == cka.model_b) & (cka.block_a == cka.block_b)]
+    np.testing.assert_allclose(diag["cka"], 1.0, rtol=1e-9)
+    for stem in ("tokens_depth", "cka_patch_mean", "cka_cls"):
+        assert (out / "figures" / f"{stem}.png").is_file(), stem
+        assert f"figures/{stem}.png" in (out / "report.md").read_text()
+    again = out.parent / "again"
+    import shutil
+
+    shutil.copytree(out, again)
+    assert invoke(*args, "--out", str(again), "--overwrite").exit_code == 0
+    meta = json.loads((again / "run.json").read_text())
+    assert {r["status"] for r in meta["runs"].values()} == {"reused"}
+    pd.testing.assert_frame_equal(pd.read_csv(again / "cka.csv"), cka)

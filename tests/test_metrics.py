@@ -223,7 +223,9 @@ def test_registry_records_drive_names_order_and_absence():
     )
 
     assert ALL_METRICS == tuple(METRICS) == HEAD_METRICS + BLOCK_METRICS  # records in spec order
-    assert BLOCK_METRICS == ("cls_residual_ratio", "patch_residual_ratio")
+    from reference_metrics import TOKEN_METRICS
+
+    assert BLOCK_METRICS == ("cls_residual_ratio", "patch_residual_ratio", *TOKEN_METRICS)
     spec_order = ["attn_distance_px", "cls_self_attn_adj", "patch_self_attn_adj", "attn_nmi"]
     assert [m for m in HEAD_METRICS if m in spec_order] == spec_order
     assert HEADLINE_METRICS == (

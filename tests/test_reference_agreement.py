@@ -13,7 +13,12 @@ import pytest
 import timm
 import torch
 from conftest import sharpen_qk
-from reference_metrics import reference_block_metrics, reference_images, reference_tables
+from reference_metrics import (
+    reference_block_metrics,
+    reference_images,
+    reference_tables,
+    reference_token_metrics,
+)
 from timm.utils import AttentionExtract
 
 from attnscope.analysis import analyze
@@ -58,19 +63,25 @@ def _independent_tables(model, paths, label):
         # shape, and that input noise is not what this test is about.
         chunks = [list(extractor(x[i : i + BATCH]).values()) for i in range(0, len(x), BATCH)]
     maps = [torch.cat([c[layer] for c in chunks]) for layer in range(len(chunks[0]))]
-    inputs = {}
+    inputs, outputs = {}, {}
     handles = [
         b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach().clone()))
+        for i, b in enumerate(model.blocks)
+    ] + [
+        b.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.detach().clone()))
         for i, b in enumerate(model.blocks)
     ]
     try:
         with torch.no_grad():
-            parts = {}
+            parts, out_parts = {}, {}
             for i in range(0, len(x), BATCH):
                 model.forward_features(x[i : i + BATCH])
                 for k, v in inputs.items():
                     parts.setdefault(k, []).append(v)
+                for k, v in outputs.items():
+                    out_parts.setdefault(k, []).append(v)
             inputs = {k: torch.cat(v) for k, v in parts.items()}
+            outputs = {k: torch.cat(v) for k, v in out_parts.items()}
     finally:
         for hd in handles:
             hd.remove()
@@ -79,17 +90,24 @@ def _independent_tables(model, paths, label):
         for i, block in enumerate(model.blocks):
             block.attn.fused_attn = True  # a different kernel for the branch than the one captured
             y = torch.cat([block.ls1(block.attn(block.norm1(c))) for c in inputs[i].split(BATCH)])
-            per_layer.append(
-                reference_block_metrics(
-                    maps[i].double().numpy(),
-                    has_cls=has_cls,
-                    num_registers=n_reg,
-                    grid=grid,
-                    patch_size=(ph, pw),
-                    x=inputs[i].double().numpy(),
-                    y=y.double().numpy(),
-                )
+            per_head, per_block = reference_block_metrics(
+                maps[i].double().numpy(),
+                has_cls=has_cls,
+                num_registers=n_reg,
+                grid=grid,
+                patch_size=(ph, pw),
+                x=inputs[i].double().numpy(),
+                y=y.double().numpy(),
             )
+            tokens = reference_token_metrics(
+                outputs[i].numpy(),
+                inputs[i].numpy(),
+                maps[i].double().numpy(),
+                has_cls=has_cls,
+                num_registers=n_reg,
+                grid=grid,
+            )
+            per_layer.append((per_head, {**per_block, **tokens}))
     return (*reference_tables(per_layer, label), reference_images(per_layer, label, [str(p) for p in paths]))
 
 
@@ -110,11 +128,12 @@ def test_tables_equal_independent_float64_reference(case, sample_paths):
     name, kwargs = CASES[case]
     model = _build(name, kwargs)
     paths = sample_paths[:3] if case != "dinov2reg518" else sample_paths[:2]
-    ours = analyze(model, paths, batch_size=BATCH)  # several batches: exercises streaming merges
+    ours = analyze(model, paths, batch_size=BATCH, metrics=("attention", "tokens"))  # several batches
     ref_layers, ref_heads, ref_images = _independent_tables(model, paths, ours.layers["model"].iloc[0])
     _assert_tables_equal(ours.layers, ref_layers, ["model", "layer", "metric"])
     _assert_tables_equal(ours.heads, ref_heads, ["model", "layer", "head", "metric"])
     assert ours.layers["metric"].nunique() >= 7
+    assert {"patch_patch_cos", "patch_eff_rank", "patch_hf_amp"} <= set(ours.layers["metric"])
     # images.csv: every image's value, in the reference's row order (image, layer, metric)
     keys = ["model", "image", "layer", "metric"]
     pd.testing.assert_frame_equal(ours.images[keys], ref_images[keys], check_dtype=False)

@@ -16,6 +16,7 @@ from attnscope.cli.options import (
     ImagesOpt,
     ImgSizeOpt,
     MaxImagesOpt,
+    MetricsOpt,
     OverwriteOpt,
     RandomInitOpt,
     ResumeOpt,
@@ -118,6 +119,7 @@ def compare_cmd(
     num_workers: WorkersOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    metrics: MetricsOpt = "attention",
     seed: SeedOpt = 0,
     gallery: GalleryOpt = 4,
     formats: FormatOpt = None,
@@ -162,6 +164,7 @@ def compare_cmd(
         num_workers=num_workers,
         device=device,
         dtype=dtype,
+        metrics=(metrics,),
         gallery=gallery,
     )
     ui = CliUI()

@@ -15,6 +15,7 @@ from attnscope.cli.options import (
     ImagesOpt,
     ImgSizeOpt,
     MaxImagesOpt,
+    MetricsOpt,
     ModelArg,
     OptionalModelOpt,
     OutOpt,
@@ -52,6 +53,7 @@ def entropy_cmd(
     num_workers: WorkersOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    metrics: MetricsOpt = "attention",
     seed: SeedOpt = 0,
     formats: FormatOpt = None,
 ) -> None:
@@ -93,6 +95,7 @@ def entropy_cmd(
         num_workers=num_workers,
         device=device,
         dtype=dtype,
+        metrics=(metrics,),
         seed=seed,
         formats=tuple(formats or ("png",)),
     )

@@ -113,6 +113,14 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), c
 DtypeOpt = Annotated[
     str, typer.Option(help="Forward precision: float32, bfloat16 or float16 (metrics stay float32).")
 ]
+MetricsOpt = Annotated[
+    str,
+    typer.Option(
+        help="Metric families, comma-separated: attention (attention maps, residual ratios), tokens "
+        "(the block outputs: cosines, norms, outliers, effective rank, frequency; slower, and needed "
+        "for compare's CKA). Default: attention."
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed for random init and anything random.")]
 ImgSizeOpt = Annotated[
     str | None, typer.Option(help="Run at another input size: H or HxW (e.g. 224 for DINOv2, 320x256).")

@@ -23,6 +23,7 @@ from attnscope.config import (
     check_at_least,
     check_dtype,
     check_img_size,
+    normalise_families,
     normalise_formats,
     plain,
 )
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from attnscope.analysis import AnalysisResult
+    from attnscope.cka import GramCollector
     from attnscope.compare import Gallery, ModelPlan, ModelRun
     from attnscope.measure import StreamState
     from attnscope.models import LoadedModel
@@ -48,6 +50,7 @@ _COMPARE_ENTRIES = frozenset(
         "images.csv",
         "intervals.csv",
         "summary.csv",
+        "cka.csv",
         "run.json",
         "report.html",
         "report.md",
@@ -64,6 +67,7 @@ _SHARED = (
     "num_workers",
     "device",
     "dtype",
+    "metrics",
     "gallery",
 )
 
@@ -98,6 +102,7 @@ class CompareConfig:
     num_workers: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    metrics: tuple[str, ...] = ("attention",)  # the metric families measured (tokens: opt-in)
     gallery: int = 4
 
     def __post_init__(self) -> None:
@@ -110,6 +115,7 @@ class CompareConfig:
             self.models, checkpoints=self.checkpoints, families=self.families, data_configs=self.data_configs
         )
         check_dtype(self.dtype)
+        object.__setattr__(self, "metrics", normalise_families(self.metrics))
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("num_workers", self.num_workers, 0)
         check_at_least("max_images", self.max_images, 1)
@@ -136,6 +142,7 @@ class CompareConfig:
         )
         if plan.name in self.data_configs:  # preprocessing changes every number
             inputs["data_config"] = self.data_configs[plan.name]
+        inputs["metrics"] = list(self.metrics)  # a reused run must hold the same metric set
         return inputs
 
 
@@ -324,8 +331,9 @@ def _reused(
     info["family"] = plan.family  # family never changes a number, so an override needs no rerun
     k = min(config.gallery, len(info["images_used"]))
     gallery = _read_gallery(run_dir / GALLERY_FILE, chash, k) if k else None
+    grams = _read_grams(run_dir)
     if not k or gallery is not None:
-        return ModelRun(plan, layers, heads, info, chash, "reused", gallery, images)
+        return ModelRun(plan, layers, heads, info, chash, "reused", gallery, images, grams)
     torch.manual_seed(config.seed)
     loaded = _load(plan, config)  # rank 0 alone is here: no step() that would wait for the others
     with ui.status(f"{plan.name}: statistics reused, computing the gallery maps"):
@@ -333,7 +341,41 @@ def _reused(
     _free(loaded)
     if gallery is not None:
         RunWriter(run_dir, overwrite=True).write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
-    return ModelRun(plan, layers, heads, info, chash, "reused (gallery recomputed)", gallery, images)
+    return ModelRun(plan, layers, heads, info, chash, "reused (gallery recomputed)", gallery, images, grams)
+
+
+GRAMS_FILE = "cka_grams.npz"
+
+
+def _read_grams(run_dir: Path) -> GramCollector | None:
+    """The CKA Grams a model run kept beside its tables, or None (older run, resumed run)."""
+    import numpy as np
+
+    from attnscope.cka import GramCollector
+
+    path = run_dir / GRAMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            return GramCollector.from_arrays({k: data[k] for k in data.files})
+    except (OSError, ValueError, KeyError):
+        return None  # damaged: CKA is left out, the statistics stand
+
+
+def _write_grams(run_dir: Path, grams: GramCollector | None) -> GramCollector | None:
+    """Keep a complete set of Grams beside the model run (so a reuse can compute CKA)."""
+    import numpy as np
+
+    from attnscope.results import RunWriter
+
+    if grams is None or not grams.complete:
+        (run_dir / GRAMS_FILE).unlink(missing_ok=True)
+        return None
+    buffer = io.BytesIO()
+    np.savez(buffer, **grams.to_arrays())  # type: ignore[arg-type]
+    RunWriter(run_dir, overwrite=True).write_bytes(GRAMS_FILE, buffer.getvalue())
+    return grams
 
 
 def _write_model_run(
@@ -388,6 +430,7 @@ def _computed(
     `resume` when given; Ctrl-C then raises `Interrupted` saying what is committed.
     """
     from attnscope import distributed
+    from attnscope.cka import GramCollector
     from attnscope.commands.resume import PartialRun
     from attnscope.commands.steps import load_with_ui, measure_with_ui
     from attnscope.compare import ModelRun
@@ -395,8 +438,11 @@ def _computed(
 
     partial = None if distributed.is_distributed() else PartialRun(run_dir, chash, plan.name)
     resumed_after = resume.done if resume is not None else None  # the state object moves on
+    grams = None
     try:
         loaded = load_with_ui(plan.name, ui, seed=config.seed, load=lambda: _load(plan, config))
+        if "tokens" in config.metrics and not distributed.is_distributed():
+            grams = GramCollector(loaded.num_blocks)
         result = measure_with_ui(
             loaded,
             paths,
@@ -406,6 +452,8 @@ def _computed(
             batch_size=config.batch_size,
             dtype=config.dtype,
             num_workers=config.num_workers,
+            families=config.metrics,
+            grams=grams,
             checkpointing=partial.checkpointing(resume) if partial is not None else None,
         )
         if not distributed.is_main():  # torchrun: the sums are in; rank 0 writes
@@ -416,6 +464,7 @@ def _computed(
         gallery = _gallery(loaded, result.info, config, dev)
         _free(loaded)
         _write_model_run(run_dir, plan, config, result, gallery, inputs, chash, command)
+        grams = _write_grams(run_dir, grams)
     except KeyboardInterrupt:
         if partial is None:
             raise
@@ -426,7 +475,7 @@ def _computed(
     # Round-trip through the CSV so reused and fresh runs stack to byte-identical tables.
     layers, heads, _ = read_run(run_dir)
     status = "resumed" if resume is not None else "computed"
-    return ModelRun(plan, layers, heads, result.info, chash, status, gallery, read_images(run_dir))
+    return ModelRun(plan, layers, heads, result.info, chash, status, gallery, read_images(run_dir), grams)
 
 
 def run_or_reuse(
@@ -519,7 +568,12 @@ def _write_comparison(
     writer.write_csv("images.csv", images, float_format=None)
     writer.write_csv("intervals.csv", intervals)
     writer.write_csv("summary.csv", summary)
-    figures = build_figures(runs, layers, heads, writer, formats=config.formats, intervals=intervals)
+    cka, cka_note = _cka(runs)
+    if cka is not None:
+        writer.write_csv("cka.csv", cka)
+    else:
+        notes = [*notes, cka_note]
+    figures = build_figures(runs, layers, heads, writer, formats=config.formats, intervals=intervals, cka=cka)
     html = render_html(
         runs, summary, sentences, notes, figures, command=command, out_dir=out, intervals=intervals
     )
@@ -541,6 +595,32 @@ def _write_comparison(
     )
     writer.write_json("run.json", _run_json(config, plans, comparison, command))
     return comparison, writer.written
+
+
+def _cka(runs: Sequence[ModelRun]) -> tuple[pd.DataFrame | None, str]:
+    """cka.csv's table, or None and the one line the report says about why it is missing."""
+    import pandas as pd
+
+    from attnscope import distributed
+    from attnscope.cka import cka_table
+
+    if distributed.is_distributed():
+        return (
+            None,
+            "CKA is not computed under torchrun (each rank sees other minibatches); "
+            "run compare in one process",
+        )
+    missing = [r.name for r in runs if r.grams is None]
+    if missing:
+        return None, (
+            "CKA needs the token family measured in one uninterrupted pass; "
+            f"not available for {', '.join(missing)}"
+        )
+    try:
+        rows = cka_table({r.name: r.grams for r in runs if r.grams is not None})
+    except AttnscopeError as exc:
+        return None, str(exc)
+    return pd.DataFrame(rows, columns=["model_a", "block_a", "model_b", "block_b", "token", "cka"]), ""
 
 
 def check_partial_runs(

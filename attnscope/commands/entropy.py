@@ -18,6 +18,7 @@ from attnscope.config import (
     check_dtype,
     check_img_size,
     config_dict,
+    normalise_families,
     normalise_formats,
 )
 from attnscope.errors import ConfigError
@@ -49,6 +50,7 @@ class EntropyConfig:
     num_workers: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    metrics: tuple[str, ...] = ("attention",)  # the metric families measured (tokens: opt-in)
     seed: int = 0
     formats: tuple[str, ...] = ("png",)
     out: Path | None = field(default=None, compare=False)
@@ -60,6 +62,7 @@ class EntropyConfig:
         check_at_least("num_workers", self.num_workers, 0)
         check_at_least("max_images", self.max_images, 1)
         check_dtype(self.dtype)
+        object.__setattr__(self, "metrics", normalise_families(self.metrics))
         check_img_size(self.img_size)
         object.__setattr__(self, "formats", normalise_formats(self.formats))
         # no sources means the bundled samples; run.json records that as null
@@ -89,6 +92,7 @@ class EntropyConfig:
         )
         if self.data_config is not None:  # preprocessing changes every number
             inputs["data_config"] = self.data_config
+        inputs["metrics"] = list(self.metrics)  # a resumed run must measure the same metric set
         return config_hash({"command": "entropy", **inputs})
 
 
@@ -208,6 +212,7 @@ def run(
             batch_size=config.batch_size,
             dtype=config.dtype,
             num_workers=config.num_workers,
+            families=config.metrics,
             checkpointing=partial.checkpointing(state) if partial is not None else None,
         )
         if not main:  # not rank 0: the sums are in; rank 0 writes the folder

@@ -121,8 +121,10 @@ class BlockContext:
         x: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         workspace: Workspace | None = None,
+        out: torch.Tensor | None = None,
     ) -> None:
         self.A = attn.float()
+        self.out = out
         self.layout = layout
         self.x = x
         self.y = y
@@ -222,3 +224,74 @@ class BlockContext:
         """(norm(x_t), norm(y_t)), L2 over channels: two (B, T)."""
         assert self.x is not None and self.y is not None
         return self.x.float().norm(dim=-1), self.y.float().norm(dim=-1)
+
+    # ---------------------------------------------------------------- the tokens leaving the block
+
+    @cached_property
+    def wide(self) -> torch.dtype:
+        """float64 where the device has it (not MPS): the token sums that cancel run in it."""
+        import torch
+
+        return torch.float32 if self.A.device.type == "mps" else torch.float64
+
+    @cached_property
+    def out_tokens(self) -> torch.Tensor:
+        """The block output as float32: (B, T, C)."""
+        assert self.out is not None
+        return self.out.float()
+
+    @cached_property
+    def out_norms(self) -> torch.Tensor:
+        """L2 norm of every output token over channels: (B, T)."""
+        norms = self.out_tokens.norm(dim=-1)
+        if bool((norms <= 0).any()):
+            raise AttnscopeError("a block output token has zero norm: its cosine similarity is undefined")
+        return norms
+
+    @cached_property
+    def patch_units(self) -> torch.Tensor:
+        """Patch tokens scaled to unit norm: (B, N, C)."""
+        return self.out_tokens[:, self.P] / self.out_norms[:, self.P].unsqueeze(-1)
+
+    @cached_property
+    def patch_spectrum(self) -> torch.Tensor:
+        """Singular values of each image's centred patch-token matrix, descending, in the wide
+        dtype: (B, min(N, C)). From the eigenvalues of the smaller Gram matrix (exact in
+        float64 to ~1e-8 of the largest singular value, far cheaper than an SVD)."""
+        import torch
+
+        x = self.out_tokens[:, self.P].to(self.wide)
+        x = x - x.mean(dim=1, keepdim=True)
+        gram = x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
+        if gram.device.type != "cpu":
+            return torch.linalg.eigvalsh(gram).clamp_min(0).flip(-1).sqrt()
+        # LAPACK's threaded eigensolver on a batch of small matrices is several times slower
+        # than one thread, and erratic (x10) when other processes share the cores
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            eig = torch.linalg.eigvalsh(gram)
+        finally:
+            torch.set_num_threads(threads)
+        return eig.clamp_min(0).flip(-1).sqrt()
+
+    @cached_property
+    def patch_log_amplitude(self) -> torch.Tensor:
+        """mean over channels of ln(|F[u, v]| + 1e-6), F the 2-D DFT of each channel of the
+        patch tokens laid out on the true gh x gw grid: (B, gh, gw), unshifted (DC at [0, 0])."""
+        import torch
+
+        gh, gw = self.layout.grid
+        x = self.out_tokens[:, self.P].to(self.wide)
+        grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
+        return torch.log(torch.fft.fft2(grid).abs() + 1e-6).mean(dim=1)
+
+
+def robust_outliers(norms: torch.Tensor, k: float) -> torch.Tensor:
+    """norms (B, N) -> (B, N) bool: norm > median + k * MAD, medians over each row (the mean
+    of the two middle values when N is even)."""
+    import torch
+
+    med = torch.quantile(norms, 0.5, dim=-1, keepdim=True)
+    mad = torch.quantile((norms - med).abs(), 0.5, dim=-1, keepdim=True)
+    return norms > med + k * mad

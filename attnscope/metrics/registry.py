@@ -18,8 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from attnscope.config import METRIC_FAMILIES
 from attnscope.errors import AttnscopeError
-from attnscope.metrics.context import BlockContext, Workspace, entropy, patch_distance_matrix
+from attnscope.metrics.context import (
+    BlockContext,
+    Workspace,
+    entropy,
+    patch_distance_matrix,
+    robust_outliers,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +53,7 @@ class MetricSpec:
     needs_residual: bool = False
     unit_interval: bool = False  # every value lies in [0, 1]
     headline: bool = False  # leads comparisons (summary.csv columns, headline panels and table)
+    family: str = "attention"  # "attention" or "tokens" (needs each block's output tokens)
 
     def absent_reason(self, *, has_cls: bool, num_registers: int) -> str | None:
         """Why the metric has no rows for this token layout, or None when it applies."""
@@ -71,6 +79,7 @@ def metric(
     needs_residual: bool = False,
     unit_interval: bool = False,
     headline: bool = False,
+    family: str = "attention",
 ) -> Callable[[Formula], Formula]:
     """Register the decorated formula as metric `name`, after those registered before it."""
 
@@ -90,6 +99,7 @@ def metric(
             needs_residual=needs_residual,
             unit_interval=unit_interval,
             headline=headline,
+            family=family,
         )
         return compute
 
@@ -315,6 +325,114 @@ def patch_residual_ratio(ctx: BlockContext) -> torch.Tensor:
     return (yn[:, ctx.P] / xn[:, ctx.P]).mean(-1)
 
 
+# ---------------------------------------------------------------- tokens leaving the block (per block)
+
+#: The metric families, in spec order.
+FAMILIES: tuple[str, ...] = METRIC_FAMILIES
+
+#: Outlier patches: norm > median + OUTLIER_K * MAD over the image's patches. The high-norm
+#: tokens of "Vision Transformers Need Registers" have several times the typical norm, far
+#: beyond this; for normally distributed norms (MAD = 0.674 sigma) it is 3.4 sigma above the
+#: median, which 3e-4 of ordinary patches exceed.
+OUTLIER_K = 5.0
+
+
+@metric("cls_patch_cos", "[cls]-patch cosine similarity", needs_cls=True, per_head=False, family="tokens")
+def cls_patch_cos(ctx: BlockContext) -> torch.Tensor:
+    """mean_{j in P} cos(z_c, z_j)"""
+    cls_unit = ctx.out_tokens[:, 0] / ctx.out_norms[:, 0].unsqueeze(-1)
+    return (ctx.patch_units @ cls_unit.unsqueeze(-1)).squeeze(-1).mean(-1)
+
+
+@metric("patch_patch_cos", "patch-patch cosine similarity", per_head=False, family="tokens")
+def patch_patch_cos(ctx: BlockContext) -> torch.Tensor:
+    """(norm(sum_j u_j)^2 - N) / (N (N - 1)), u_j = z_j / norm(z_j): the mean over pairs i != j.
+
+    The square of the sum cancels N against values up to N^2, so the sum runs in float64
+    where the device has it.
+    """
+    n = ctx.n
+    total = ctx.patch_units.to(ctx.wide).sum(dim=1)
+    return ((total * total).sum(-1) - n) / (n * (n - 1))
+
+
+@metric("patch_norm_mean", "mean patch token norm", per_head=False, family="tokens")
+def patch_norm_mean(ctx: BlockContext) -> torch.Tensor:
+    """mean_{j in P} norm(z_j)"""
+    return ctx.out_norms[:, ctx.P].mean(-1)
+
+
+@metric("cls_norm", "[cls] token norm", needs_cls=True, per_head=False, family="tokens")
+def cls_norm(ctx: BlockContext) -> torch.Tensor:
+    """norm(z_c)"""
+    return ctx.out_norms[:, 0]
+
+
+@metric(
+    "patch_outlier_frac", "fraction of high-norm patches", per_head=False, unit_interval=True, family="tokens"
+)
+def patch_outlier_frac(ctx: BlockContext) -> torch.Tensor:
+    """mean_{j in P} [norm(z_j) > median + k MAD]"""
+    return robust_outliers(ctx.out_norms[:, ctx.P].to(ctx.wide), OUTLIER_K).to(ctx.wide).mean(-1)
+
+
+@metric(
+    "cls_outlier_mass",
+    "[cls] attention mass on high-norm patches",
+    needs_cls=True,
+    per_head=False,
+    unit_interval=True,
+    family="tokens",
+)
+def cls_outlier_mass(ctx: BlockContext) -> torch.Tensor:
+    """mean_h sum_{j in O} A[c, j], O = the outlier patches of the stream entering the block.
+
+    The stream entering block l is exactly block l-1's output, so this is the next block's
+    [cls] mass on the patches `patch_outlier_frac` flags one row earlier, with no state kept
+    from block to block (block 0 looks at the embedded patches).
+    """
+    assert ctx.x is not None
+    norms = ctx.x.float()[:, ctx.P].norm(dim=-1).to(ctx.wide)
+    mask = robust_outliers(norms, OUTLIER_K).to(ctx.A.dtype)  # (B, N)
+    return (ctx.cls_patch * mask.unsqueeze(1)).sum(-1).mean(-1)
+
+
+@metric("patch_eff_rank", "effective rank of patch tokens", per_head=False, family="tokens")
+def patch_eff_rank(ctx: BlockContext) -> torch.Tensor:
+    """exp(H(s / sum s)), s the singular values of the centred patch-token matrix (Roy & Vetterli);
+    0 when the centred matrix is zero (every patch token the same: no spectrum to spread)."""
+    import torch
+
+    s = ctx.patch_spectrum
+    total = s.sum(-1, keepdim=True)
+    rank = torch.exp(entropy(s / total.clamp_min(torch.finfo(s.dtype).tiny)))
+    return torch.where(total.squeeze(-1) > 0, rank, torch.zeros_like(rank))
+
+
+@metric("patch_hf_amp", "high-frequency log amplitude of patch tokens", per_head=False, family="tokens")
+def patch_hf_amp(ctx: BlockContext) -> torch.Tensor:
+    """L[(gh - 1) // 2, (gw - 1) // 2] - L[0, 0], L = mean_ch ln(|DFT| + 1e-6) on the gh x gw grid.
+
+    Only these two DFT coefficients are needed, so they are computed directly (two
+    matrix-vector products per image, in the wide dtype) instead of the whole transform.
+    """
+    import math
+
+    import torch
+
+    gh, gw = ctx.layout.grid
+    kh, kw = (gh - 1) // 2, (gw - 1) // 2
+    z = ctx.out_tokens[:, ctx.P].to(ctx.wide)  # (B, N, C), row-major over the grid
+    rows = torch.arange(gh, dtype=ctx.wide, device=z.device).repeat_interleave(gw)
+    cols = torch.arange(gw, dtype=ctx.wide, device=z.device).repeat(gh)
+    phase = 2 * math.pi * (kh * rows / gh + kw * cols / gw)
+    basis = torch.stack([phase.cos(), phase.sin()])  # (2, N)
+    re_im = basis @ z  # (B, 2, C)
+    high = torch.log(re_im.norm(dim=1) + 1e-6).mean(-1)
+    dc = torch.log(z.sum(dim=1).abs() + 1e-6).mean(-1)
+    return high - dc
+
+
 # ---------------------------------------------------------------- derived from the records
 
 HEAD_METRICS: tuple[str, ...] = tuple(name for name, spec in METRICS.items() if spec.per_head)
@@ -339,17 +457,24 @@ def absent_reason(name: str, *, has_cls: bool, num_registers: int) -> str | None
     return metric_spec(name).absent_reason(has_cls=has_cls, num_registers=num_registers)
 
 
-def applicable_metrics(layout: TokenLayout, *, residual: bool = True) -> tuple[list[str], list[str]]:
+def applicable_metrics(
+    layout: TokenLayout, *, residual: bool = True, families: tuple[str, ...] = ("attention",)
+) -> tuple[list[str], list[str]]:
     """(head metrics, block metrics) that exist for this token layout, in spec order.
 
     Absent metrics are left out entirely (no NaN rows), as the contract requires; so are
-    the ones that need the residual stream when `residual` is False.
+    the ones that need the residual stream when `residual` is False, and those of a family
+    not in `families`.
     """
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise AttnscopeError(f"unknown metric family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
     keep = [
         spec
         for spec in (METRICS[name] for name in ALL_METRICS)
         if spec.absent_reason(has_cls=layout.has_cls, num_registers=layout.num_registers) is None
         and (residual or not spec.needs_residual)
+        and spec.family in families
     ]
     return [s.name for s in keep if s.per_head], [s.name for s in keep if not s.per_head]
 
@@ -361,14 +486,17 @@ def block_metrics(
     y: torch.Tensor | None = None,
     *,
     workspace: Workspace | None = None,
+    out: torch.Tensor | None = None,
+    families: tuple[str, ...] = ("attention",),
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-image metrics of one block.
 
     attn: (B, H, T, T) post-softmax attention. x, y: (B, T, C) block input and attention
-    branch (the residual metrics need both). `workspace`: scratch memory to reuse from
-    call to call (see `Workspace`). Returns (per_head {name: (B, H)}, per_block {name:
-    (B,)}), float32 (float64 for attn_distance_px where the device has it), on attn's
-    device, holding exactly the metrics `applicable_metrics` names, in spec order.
+    branch (the residual metrics need both). out: (B, T, C) block output (the token family
+    needs it, and x). `workspace`: scratch memory to reuse from call to call (see
+    `Workspace`). Returns (per_head {name: (B, H)}, per_block {name: (B,)}), float32
+    (float64 for attn_distance_px and several token metrics where the device has it), on
+    attn's device, holding exactly the metrics `applicable_metrics` names, in spec order.
     """
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise AttnscopeError(f"expected attention of shape (B, H, T, T), got {tuple(attn.shape)}")
@@ -377,8 +505,10 @@ def block_metrics(
             f"attention has {attn.shape[-1]} tokens but the layout expects {layout.num_tokens} "
             f"({layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches)"
         )
-    ctx = BlockContext(attn, layout, x, y, workspace)
-    heads, blocks = applicable_metrics(layout, residual=x is not None and y is not None)
+    if "tokens" in families and (out is None or x is None):
+        raise AttnscopeError("the token metrics need each block's input and output tokens")
+    ctx = BlockContext(attn, layout, x, y, workspace, out)
+    heads, blocks = applicable_metrics(layout, residual=x is not None and y is not None, families=families)
     per_head = {name: METRICS[name].compute(ctx) for name in heads}
     per_block = {name: METRICS[name].compute(ctx) for name in blocks}
     return per_head, per_block

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from attnscope.metrics import METRICS
 from attnscope.plots.entropy import UNIT_INTERVAL, _setup, metric_label
 
 if TYPE_CHECKING:
@@ -178,7 +179,12 @@ def depth_panels(
         handles, labels, loc="center", frameon=False, fontsize=8, title="model (family)", title_fontsize=8
     )
     band = "95% bootstrap interval of the mean" if intervals is not None else "± std over images"
-    title = f"Attention metrics against depth (line: mean over images, band: {band})"
+    what = (
+        "Token metrics"
+        if all(METRICS[m].family == "tokens" for m in metrics if m in METRICS)
+        else "Attention metrics"
+    )
+    title = f"{what} against depth (line: mean over images, band: {band})"
     fig.suptitle(_with_note(title, note), fontsize=11)
     fig.tight_layout()
     return fig
@@ -324,4 +330,40 @@ def heatmaps_side_by_side(
     fig.suptitle(
         _with_note(f"{metric_label(metric)} per block and head (mean over images)", note), fontsize=11
     )
+    return fig
+
+
+def cka_heatmaps(cka: pd.DataFrame, token: str, *, models: Sequence[str], note: str = "") -> Figure:
+    """Linear CKA block x block for every pair of models (upper triangle, self included), one
+    panel per pair, on the common [0, 1] scale."""
+    plt, _ = _setup()
+    from matplotlib.colors import Normalize
+
+    data = cka[cka["token"] == token]
+    pairs = [
+        (a, b)
+        for i, a in enumerate(models)
+        for b in models[i:]
+        if not data[(data["model_a"] == a) & (data["model_b"] == b)].empty
+    ]
+    ncols = min(len(pairs), 3) or 1
+    nrows = max(1, -(-len(pairs) // ncols))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(1.0 + 3.4 * ncols, 0.8 + 3.2 * nrows), squeeze=False, layout="constrained"
+    )
+    norm = Normalize(0, 1)
+    image = None
+    for ax, (a, b) in zip(axes.flat, pairs, strict=False):
+        d = data[(data["model_a"] == a) & (data["model_b"] == b)]
+        grid = d.pivot_table(index="block_a", columns="block_b", values="cka", aggfunc="first").sort_index()
+        image = ax.imshow(grid.to_numpy(), cmap="magma", norm=norm, origin="lower", interpolation="nearest")
+        ax.grid(False)
+        ax.set_xlabel(f"{b} block")
+        ax.set_ylabel(f"{a} block")
+        ax.set_title(f"{a} vs {b}" if a != b else a, fontsize=9)
+    for ax in list(axes.flat)[len(pairs) :]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), label="linear CKA", fraction=0.04, pad=0.02)
+    fig.suptitle(_with_note(f"Linear CKA between blocks ({token} features)", note), fontsize=11)
     return fig

@@ -188,6 +188,51 @@ def _gallery_figure(emit: _Emitter, enc: _Encoding, runs: Sequence[ModelRun]) ->
     )
 
 
+TOKEN_CAPTION = (
+    "The residual stream leaving each block (docs/metrics.md, tokens family), mean over images, "
+    'band ± std over images. How to read it: "What do self-supervised ViTs learn?" reports that '
+    "contrastive / joint-embedding models (JEA) drive the patch tokens together in the later blocks "
+    "(patch-patch cosine rising towards 1, effective rank and high-frequency amplitude falling) "
+    'while masked-image-modelling models (MIM) keep them diverse and high-frequency; "Vision '
+    'Transformers Need Registers" finds a few high-norm patches in large JEA models that take much of '
+    "the [cls] attention (outlier fraction and [cls] outlier mass above zero in the middle blocks). "
+)
+CKA_CAPTION = (
+    "Linear CKA (unbiased minibatch estimator of Nguyen, Raghu & Kornblith 2021) between every block "
+    "of one model (rows) and every block of another (columns) on the same images; 1 = the same "
+    "representation up to rotation and scale. A model against itself shows its block structure "
+    "(bright blocks along the diagonal); between models, a bright diagonal means the blocks "
+    "correspond depth for depth, and a dark lower-right corner means the last blocks diverge, as "
+    "between MIM and JEA models trained on the same data. "
+)
+
+
+def _token_figures(emit: _Emitter, enc: _Encoding, layers: pd.DataFrame, cka: pd.DataFrame | None) -> None:
+    """The token metrics against depth and the CKA heatmaps, when measured."""
+    from attnscope.metrics import METRICS
+    from attnscope.plots.compare import cka_heatmaps
+
+    present = set(layers["metric"])
+    tokens = [m for m, spec in METRICS.items() if spec.family == "tokens" and m in present]
+    if tokens:
+        emit(
+            "tokens_depth",
+            _depth_panels(enc, layers, tokens),
+            "What the tokens carry, block by block",
+            TOKEN_CAPTION + enc.x_note,
+        )
+    if cka is not None and not cka.empty:
+        for token in ("patch_mean", "cls"):
+            if token in set(cka["token"]):
+                what = "mean-pooled patch tokens" if token == "patch_mean" else "the [cls] token"
+                emit(
+                    f"cka_{token}",
+                    cka_heatmaps(cka, token, models=enc.models, note=enc.warn),
+                    f"Block correspondence: linear CKA of {what}",
+                    CKA_CAPTION + "Pairs where a model has no [cls] are absent from the [cls] figure.",
+                )
+
+
 def build_figures(
     runs: Sequence[ModelRun],
     layers: pd.DataFrame,
@@ -196,6 +241,7 @@ def build_figures(
     *,
     formats: Sequence[str] = ("png",),
     intervals: pd.DataFrame | None = None,
+    cka: pd.DataFrame | None = None,
 ) -> list[ReportFigure]:
     """Draw and write every comparison figure (PNG always, plus `formats`), in report order.
 
@@ -224,6 +270,7 @@ def build_figures(
     )
     _head_figures(emit, enc, heads)
     _gallery_figure(emit, enc, runs)
+    _token_figures(emit, enc, layers, cka)
     present = [m for m in ALL_METRICS if m in set(layers["metric"])]
     emit(
         "depth_panels_all",

@@ -1,0 +1,116 @@
+"""The token family (docs/metrics.md): known answers and agreement with the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference_metrics import TOKEN_METRICS, reference_token_metrics
+
+from attnscope.metrics import applicable_metrics, block_metrics
+from attnscope.models import TokenLayout
+
+FAMILIES = ("attention", "tokens")
+
+
+def _attn(b: int, t: int, heads: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(b, heads, t, t, generator=g) * 2, dim=-1)
+
+
+def _tokens(layout: TokenLayout, out: torch.Tensor, x: torch.Tensor | None = None, seed: int = 0):
+    b, t, _ = out.shape
+    x = out if x is None else x
+    _, per_block = block_metrics(_attn(b, t, seed=seed), layout, x, None, out=out, families=("tokens",))
+    return per_block
+
+
+@pytest.mark.parametrize(
+    "has_cls, registers, grid", [(True, 0, (4, 4)), (True, 2, (3, 5)), (False, 0, (4, 6)), (False, 1, (5, 3))]
+)
+def test_token_metrics_match_the_float64_reference(has_cls, registers, grid):
+    prefix = int(has_cls) + registers
+    layout = TokenLayout(has_cls, registers, prefix, grid, (16, 16))
+    t = prefix + grid[0] * grid[1]
+    g = torch.Generator().manual_seed(3)
+    out = torch.randn(3, t, 24, generator=g) + 0.5 * torch.randn(1, 1, 24, generator=g)
+    x = torch.randn(3, t, 24, generator=g)
+    x[:, prefix + 1] *= 20  # one outlier patch in the input: cls_outlier_mass is not 0
+    attn = _attn(3, t, seed=1)
+    _, ours = block_metrics(attn, layout, x, None, out=out, families=("tokens",))
+    ref = reference_token_metrics(
+        out.numpy(), x.numpy(), attn.numpy(), has_cls=has_cls, num_registers=registers, grid=grid
+    )
+    assert list(ours) == [m for m in TOKEN_METRICS if m in ref]
+    for name, want in ref.items():
+        got = ours[name].double().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    if has_cls:
+        assert (ref["cls_outlier_mass"] > 0).all()
+
+
+def test_identical_tokens_known_answers():
+    layout = TokenLayout(True, 0, 1, (4, 4), (16, 16))
+    out = torch.randn(1, 1, 32).expand(2, 17, 32).contiguous()
+    m = _tokens(layout, out)
+    assert m["patch_patch_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert m["cls_patch_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert float(m["patch_outlier_frac"][0]) == 0.0
+    assert float(m["patch_eff_rank"][0]) == 0.0  # the centred matrix is zero: no spectrum
+    # tokens along one direction around a common point: rank one, effective rank exactly 1
+    base, direction = torch.randn(32), torch.randn(32)
+    line = base + torch.linspace(-1, 1, 17)[:, None] * direction
+    m = _tokens(layout, line[None])
+    # float32 rounding leaves the other singular values at ~1e-7 of the first
+    assert float(m["patch_eff_rank"][0]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_gaussian_tokens_are_near_orthogonal_and_near_full_rank():
+    layout = TokenLayout(True, 0, 1, (8, 8), (16, 16))
+    out = torch.randn(2, 65, 512, generator=torch.Generator().manual_seed(0))
+    m = _tokens(layout, out)
+    assert m["patch_patch_cos"].abs().max() < 0.01
+    assert m["cls_patch_cos"].abs().max() < 0.02
+    # the Marchenko-Pastur spread of 64 x 512 Gaussian singular values keeps the effective
+    # rank a little below its maximum of 63 (rank after centring)
+    assert (m["patch_eff_rank"] > 0.95 * 63).all()
+    assert m["patch_norm_mean"].double().sub(math.sqrt(512)).abs().max() < 1.0
+
+
+@pytest.mark.parametrize("grid, freq", [((8, 8), (3, 3)), ((6, 10), (2, 4)), ((6, 10), (1, 1))])
+def test_sinusoid_puts_its_amplitude_at_its_frequency(grid, freq):
+    gh, gw = grid
+    layout = TokenLayout(False, 0, 0, grid, (16, 16))
+    r = torch.arange(gh, dtype=torch.float64)[:, None]
+    s = torch.arange(gw, dtype=torch.float64)[None, :]
+    wave = torch.cos(2 * math.pi * (freq[0] * r / gh + freq[1] * s / gw)).reshape(-1)
+    out = (3.0 + wave[:, None] * torch.ones(1, 4, dtype=torch.float64)).float()[None]  # 4 equal channels
+    from attnscope.metrics import BlockContext
+
+    ctx = BlockContext(_attn(1, gh * gw), layout, out, None, None, out)
+    amp = ctx.patch_log_amplitude[0]
+    peak = sorted(((float(amp[u, v]), (u, v)) for u in range(gh) for v in range(gw)), reverse=True)
+    # DC (3 * N) first, then the wave at +freq and its mirror -freq
+    assert peak[0][1] == (0, 0)
+    assert {peak[1][1], peak[2][1]} == {freq, ((gh - freq[0]) % gh, (gw - freq[1]) % gw)}
+    hf = _tokens(layout, out)["patch_hf_amp"]
+    if freq == ((gh - 1) // 2, (gw - 1) // 2):  # the metric's own frequency: ln(N/2 / 3N) = ln(1/6)
+        assert float(hf[0]) == pytest.approx(math.log(1 / 6), abs=1e-4)
+    else:
+        assert float(hf[0]) < -10  # nothing there but rounding (ln 1e-6 against ln 3N)
+
+
+def test_families_select_the_metrics():
+    layout = TokenLayout(True, 0, 1, (2, 2), (16, 16))
+    heads, blocks = applicable_metrics(layout, families=("tokens",))
+    assert heads == [] and blocks == list(TOKEN_METRICS)
+    heads, blocks = applicable_metrics(layout, families=FAMILIES)
+    assert heads and blocks[:2] == ["cls_residual_ratio", "patch_residual_ratio"]
+    no_cls = TokenLayout(False, 0, 0, (2, 2), (16, 16))
+    assert "cls_norm" not in applicable_metrics(no_cls, families=FAMILIES)[1]
+    from attnscope.errors import AttnscopeError
+
+    with pytest.raises(AttnscopeError, match="unknown metric family"):
+        applicable_metrics(layout, families=("tokenz",))
