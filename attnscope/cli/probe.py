@@ -179,6 +179,15 @@ PrenormOpt = Annotated[
         "--prenorm", help="Tokens before the model's final norm (the paper's code) instead of after it."
     ),
 ]
+BlocksOpt = Annotated[
+    str,
+    typer.Option(
+        "--blocks",
+        help="Which blocks' tokens to probe: last, all, or block numbers counted from 1 (3,6,9,12; "
+        "-1 is the last; the paper code's --return_block is k-1). One forward fills every block's "
+        "cache; the heads are trained on each block in turn. Only the last block gets the final norm.",
+    ),
+]
 CacheDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -245,6 +254,7 @@ def probe_cmd(
     lrs: LrsOpt = None,
     wds: WdsOpt = None,
     prenorm: PrenormOpt = False,
+    blocks: BlocksOpt = "last",
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     device: DeviceOpt = "auto",
@@ -386,8 +396,15 @@ def _show_plan(ui: CliUI, plan: FeaturePlan) -> None:
         highlight=False,
     )
     lay = plan.token_layout
+    where = f"last block of {plan.model}, {plan.norm}"
+    if plan.blocks and plan.blocks != [plan.num_blocks]:
+        listed = ", ".join(str(b) for b in plan.blocks)
+        where = (
+            f"blocks {listed} of {plan.num_blocks} of {plan.model} (counted from 1; the last block: "
+            f"{plan.norm}, the others: their raw output)"
+        )
     ui.err.print(
-        f"features: last block of {plan.model}, {plan.norm}; {plan.tokens} tokens "
+        f"features: {where}; {plan.tokens} tokens "
         f"({lay['num_prefix_tokens']} prefix kept out of the patch bag, {lay['grid'][0]}x{lay['grid'][1]} "
         f"patches) x {plan.dim}",
         highlight=False,
@@ -398,9 +415,12 @@ def _show_plan(ui: CliUI, plan: FeaturePlan) -> None:
         return
     todo = cache.bytes_to_write
     state = "complete, reused" if todo == 0 else f"{format_bytes(todo)} to extract"
+    per_image = f"{format_bytes(cache.bytes_per_image)} per image"
+    if cache.blocks > 1:
+        per_image += f" and block, {cache.blocks} blocks"
     ui.err.print(
-        f"feature cache: {format_bytes(cache.bytes_total)} fp16 ({format_bytes(cache.bytes_per_image)} per "
-        f"image), {state}; {format_bytes(cache.disk_free)} free in {cache.folder}",
+        f"feature cache: {format_bytes(cache.bytes_total)} fp16 ({per_image}), {state}; "
+        f"{format_bytes(cache.disk_free)} free in {cache.folder}",
         highlight=False,
     )
 
@@ -449,8 +469,10 @@ def _show_result(ui: CliUI, config: ProbeConfig, result: ProbeResult, out_dir: P
     rhos = [m.spearman for m in result.maps if not math.isnan(m.spearman)]
     if rhos:
         shown = ", ".join(f"{r:+.2f}" for r in rhos)
+        blocks = result.info["features"].get("blocks") or [result.info["num_blocks"]]
+        where = "last-block" if blocks[-1] == result.info["num_blocks"] else f"block-{blocks[-1]}"
         ui.print(
-            f"{result.maps[0].aggregator} weights vs last-block \\[cls] attention, Spearman ρ per image: "
+            f"{result.maps[0].aggregator} weights vs {where} \\[cls] attention, Spearman ρ per image: "
             f"{shown} (mean {sum(rhos) / len(rhos):+.2f})"
         )
     skipped = len(result.info["images_skipped"])
@@ -475,6 +497,9 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
 
     table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     baseline = summary["baseline"].iloc[0] if len(summary) else None
+    by_block = "block" in summary and summary["block"].nunique() > 1
+    if by_block:
+        table.add_column("block", justify="right", no_wrap=True)
     table.add_column("aggregator", no_wrap=True)
     for col in ("lr", "wd", "params", "hold", "top-1", "top-5", "best*"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -488,6 +513,8 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
             _with_interval(row, "eval_top1", "eval_top1_ci"), _pct(row["eval_top5"]),
             _pct(row["best_over_grid_eval_top1"]),
         ]  # fmt: skip
+        if by_block:
+            cells.insert(0, str(int(row["block"])))
         if isinstance(baseline, str):
             delta = (
                 "—"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -47,7 +47,14 @@ if TYPE_CHECKING:
 
     from attnscope.models import LoadedModel
     from attnscope.probe.datasets import LabelledSplit, Positions, ProbeData
-    from attnscope.probe.features import CacheIndex, ExtractReport, FeatureCache, StreamSource, TokenExtractor
+    from attnscope.probe.features import (
+        CacheIndex,
+        ExtractReport,
+        FeatureCache,
+        FeatureStore,
+        StreamSource,
+        TokenExtractor,
+    )
     from attnscope.probe.heads import HeadBank
     from attnscope.probe.selection import MapRecord
     from attnscope.probe.train import BankResult, FeatureSource, Recipe
@@ -57,6 +64,10 @@ __all__ = ["BankPlan", "CachePlan", "FeaturePlan", "ProbeConfig", "ProbeHooks", 
 
 DEFAULT_AGGREGATORS = ("cls", "mean", "abmilp")
 _HOLDOUT_STREAM = 31  # random stream of the hold-out split
+BLOCK_NUMBERING = (
+    "1-based: block k is the output of the k-th transformer block (timm's blocks[k-1]); "
+    "the paper code's return_block is k - 1"
+)
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,9 @@ class ProbeConfig:
     lrs: tuple[float, ...] | None = None
     wds: tuple[float, ...] | None = None
     prenorm: bool = False
+    # which blocks' tokens: "last", "all" or 1-based numbers (block k = the k-th block's
+    # output; the paper code's return_block is k - 1)
+    blocks: str | tuple[int, ...] = "last"
     cache_dir: Path | None = None
     no_cache: bool = False
     device: str = "auto"
@@ -102,6 +116,7 @@ class ProbeConfig:
     overwrite: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
+        from attnscope.probe.features import normalise_blocks
         from attnscope.probe.heads import parse_aggregators
         from attnscope.probe.train import RECIPES, grid_values
 
@@ -120,6 +135,7 @@ class ProbeConfig:
         set_(self, "lrs", tuple(self.lrs) if self.lrs is not None else None)
         set_(self, "wds", tuple(self.wds) if self.wds is not None else None)
         set_(self, "formats", normalise_formats(self.formats))
+        set_(self, "blocks", normalise_blocks(self.blocks))
 
     def as_dict(self) -> dict[str, Any]:
         return {"command": "probe", **config_dict(self, skip=("out", "overwrite"))}
@@ -146,10 +162,11 @@ class CachePlan:
     """The feature cache of a run, before extraction."""
 
     folder: Path
-    bytes_total: int  # both splits, fp16
-    bytes_per_image: int
+    bytes_total: int  # both splits, every block, fp16
+    bytes_per_image: int  # one block
     bytes_to_write: int  # what is not cached yet
     disk_free: int
+    blocks: int = 1  # one cache per block and split
 
 
 @dataclass(frozen=True)
@@ -162,8 +179,10 @@ class FeaturePlan:
     tokens: int
     dim: int
     token_layout: dict[str, Any]
-    norm: str
+    norm: str  # of the last block's tokens; every other block's are its raw output
     cache: CachePlan | None  # None: not cached, streamed through the backbone every epoch
+    blocks: list[int] = field(default_factory=list)  # 1-based
+    num_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -280,14 +299,24 @@ class _Setup:
     def splits(self) -> dict[str, LabelledSplit]:
         return {"train": self.data.train, "eval": self.data.eval}
 
+    @property
+    def blocks(self) -> list[int]:
+        """The probed blocks, 1-based and ascending."""
+        return self.extractor.blocks
+
 
 @dataclass
 class _Features:
-    """Where the heads read their features from, and which images could not be read."""
+    """Where the heads read their features from, and which images could not be read.
+
+    `sources` are those of block `block`, the one being trained (the deepest once training
+    is over); `_use_block` swaps them, so one block's features are in memory at a time."""
 
     sources: dict[str, FeatureSource]
     failures: dict[str, dict[int, str]] = field(default_factory=dict)
     cache_info: dict[str, Any] = field(default_factory=dict)
+    stores: dict[int, dict[str, FeatureStore]] | None = None  # each block's caches; None: streamed
+    block: int | None = None
 
 
 @dataclass
@@ -324,7 +353,10 @@ def _probe(ctx: _Context) -> ProbeResult | None:
         return None
     training = _plan_training(ctx, setup, features)
     t2 = time.perf_counter()
-    trained = _train(ctx, setup, features, training)
+    trained: dict[int, BankResult] = {}
+    for i, block in enumerate(setup.blocks):  # the deepest last: its features stay loaded for the maps
+        _use_block(ctx, features, setup, block)
+        trained[block] = _train(ctx, setup, features, training, i)
     ctx.timings["train"] = time.perf_counter() - t2
     if config.no_cache:
         features.failures = _stream_failures(ctx, setup, features)
@@ -350,7 +382,9 @@ def _load(ctx: _Context) -> _Setup:
     )  # fmt: skip
     for notice in loaded.notices:  # e.g. which preprocessing a bare checkpoint was given
         ctx.note(notice)
-    extractor = feat.TokenExtractor(loaded, prenorm=config.prenorm, device=ctx.device, dtype=config.dtype)
+    extractor = feat.TokenExtractor(
+        loaded, prenorm=config.prenorm, device=ctx.device, dtype=config.dtype, blocks=config.blocks
+    )
     aggregators = _usable_aggregators(ctx, loaded.name, extractor.layout.has_cls)
     if config.prenorm and not extractor.has_token_norm:
         ctx.note(f"{loaded.name} has no per-token final norm; `prenorm` changes nothing")
@@ -385,37 +419,43 @@ def _usable_aggregators(ctx: _Context, model: str, has_cls: bool) -> list[str]:
     return kept
 
 
-def _plan_features(ctx: _Context, setup: _Setup) -> tuple[dict[str, FeatureCache], FeaturePlan]:
-    """Open (or find) the feature cache of each split, keyed by everything that changes its
-    tokens, and say how much of it is still to extract."""
+def _plan_features(ctx: _Context, setup: _Setup) -> tuple[dict[str, dict[int, FeatureCache]], FeaturePlan]:
+    """Open (or find) the feature cache of each split and block, keyed by everything that
+    changes its tokens, and say how much of it is still to extract."""
     from attnscope.probe import features as feat
 
     config, loaded, extractor = ctx.config, setup.loaded, setup.extractor
-    caches: dict[str, FeatureCache] = {}
+    caches: dict[str, dict[int, FeatureCache]] = {}
     cache_plan = None
     if not config.no_cache:
         cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else feat.default_cache_dir()
         to_write = 0
         for name, split in setup.splits.items():
-            material = feat.feature_key_material(
-                loaded, transform_config=extractor.transform_config, prenorm=config.prenorm,
-                dtype=config.dtype, seed=config.seed, item_ids=split.source.item_ids(),
-                model_kwargs=config.model_kwargs,
-            )  # fmt: skip
-            cache = feat.open_cache(
-                cache_dir, f"{loaded.spec.arch}-{name}", material, len(split), setup.tokens, setup.dim,
-                config.shard_images,
-            )  # fmt: skip
-            caches[name] = cache
-            if not cache.is_complete():
-                to_write += len(cache.pending(range(len(split)))) * cache.bytes_per_image
+            caches[name] = {}
+            for block in setup.blocks:
+                material = feat.feature_key_material(
+                    loaded, transform_config=extractor.transform_config, prenorm=config.prenorm,
+                    dtype=config.dtype, seed=config.seed, item_ids=split.source.item_ids(),
+                    model_kwargs=config.model_kwargs, block=block, num_blocks=extractor.num_blocks,
+                )  # fmt: skip
+                # the last block's folder keeps the name it had before blocks could be chosen
+                label = f"{loaded.spec.arch}-{name}"
+                if block != extractor.num_blocks:
+                    label = f"{loaded.spec.arch}-b{block}-{name}"
+                cache = feat.open_cache(
+                    cache_dir, label, material, len(split), setup.tokens, setup.dim, config.shard_images
+                )
+                caches[name][block] = cache
+                if not cache.is_complete():
+                    to_write += len(cache.pending(range(len(split)))) * cache.bytes_per_image
         cache_plan = CachePlan(
-            cache_dir, sum(c.total_bytes() for c in caches.values()), setup.tokens * setup.dim * 2, to_write,
-            feat.disk_free(cache_dir),
+            cache_dir, sum(c.total_bytes() for cs in caches.values() for c in cs.values()),
+            setup.tokens * setup.dim * 2, to_write, feat.disk_free(cache_dir), len(setup.blocks),
         )  # fmt: skip
     plan = FeaturePlan(
         loaded.name, setup.data.summary(), len(setup.hold_all), setup.tokens, setup.dim,
-        extractor.layout.as_dict(), extractor.norm_label, cache_plan,
+        extractor.layout.as_dict(), extractor.norm_label, cache_plan, list(setup.blocks),
+        extractor.num_blocks,
     )  # fmt: skip
     return caches, plan
 
@@ -435,80 +475,141 @@ def _streamed_features(ctx: _Context, setup: _Setup) -> _Features:
             num_workers=config.num_workers, on_skip=ctx.ui.skip,
         )  # fmt: skip
     ctx.note("`no_cache`: features are streamed through the backbone every epoch")
+    if len(setup.blocks) > 1:
+        ctx.note(f"`no_cache`: the backbone is streamed again for each of the {len(setup.blocks)} blocks")
     if ctx.data_parallel:
         ctx.note(
             f"torchrun: each of the {distributed.world_size()} ranks streams its share of every batch; "
             "the heads are trained data-parallel (gradients and BatchNorm statistics summed over the ranks)"
         )
-    return _Features(sources)
+    return _Features(sources, block=setup.blocks[-1])
 
 
-def _cached_features(ctx: _Context, setup: _Setup, caches: dict[str, FeatureCache]) -> _Features | None:
-    """Extract what the caches lack (each torchrun rank its share), then read them back: into
-    RAM while half the available memory holds them, memory-mapped beyond. None on a rank
-    other than 0, which has nothing left to do."""
-    import torch
-
+def _cached_features(
+    ctx: _Context, setup: _Setup, caches: dict[str, dict[int, FeatureCache]]
+) -> _Features | None:
+    """Extract what the caches lack (each torchrun rank its share; one forward fills every
+    block's cache), then open them for reading. None on a rank other than 0, which has
+    nothing left to do."""
     from attnscope import distributed
     from attnscope.probe import features as feat
-    from attnscope.probe.train import StoreSource, TensorSource
 
     # torchrun: every rank extracts into the same caches and follows rank 0's view of them
-    keys = distributed.all_gather({n: c.key for n, c in caches.items()})
+    keys = distributed.all_gather({n: [c.key for c in cs.values()] for n, cs in caches.items()})
     if any(k != keys[0] for k in keys):
         raise distributed.RankFailure(
             "the ranks see different images or settings (feature cache keys differ); the data must be "
             "at the same path on every node",
             [],
         )
-    complete = distributed.broadcast_object({n: c.is_complete() for n, c in caches.items()})
-    features, budget = _Features({}), _ram_budget()
+    complete = distributed.broadcast_object(
+        {n: [b for b, c in cs.items() if c.is_complete()] for n, cs in caches.items()}
+    )
+    features = _Features({}, stores={b: {} for b in setup.blocks})
     for name, split in setup.splits.items():
-        cache = caches[name]
-        shown: set[int] = set()  # skipped positions already reported while extracting
-        if complete[name]:
-            index, report = feat.read_cache_index(cache) if ctx.main else None, feat.ExtractReport()
-        else:
-            index, report, shown = _extract(ctx, setup, name, cache)
-        if index is None:  # not rank 0
+        todo = {b: c for b, c in caches[name].items() if b not in complete[name]}
+        report, shown = feat.ExtractReport(), set[int]()  # shown: skipped positions reported while extracting
+        indices: dict[int, CacheIndex] | None = {}
+        if todo:
+            indices, report, shown = _extract(ctx, setup, name, todo)
+        if indices is None or not ctx.main:  # not rank 0
             continue
-        for pos, reason in sorted(index.failures.items()):
+        for block, cache in caches[name].items():
+            if block not in indices:
+                indices[block] = feat.read_cache_index(cache)
+        failures = dict(indices[setup.blocks[-1]].failures)
+        for index in indices.values():  # the same images fail in every block; a cache may have been resumed
+            failures.update({p: r for p, r in index.failures.items() if p not in failures})
+        for pos, reason in sorted(failures.items()):
             if pos not in shown:  # a reused cache still lists what it skipped; so do other ranks' shares
                 ctx.ui.skip(split.source.path(pos), reason)
-        features.failures[name] = dict(index.failures)
-        in_ram = cache.total_bytes() <= budget
-        budget -= cache.total_bytes() if in_ram else 0  # both splits share the one budget
-        store = feat.FeatureStore(cache, index)
+        features.failures[name] = failures
+        assert features.stores is not None
+        for block in setup.blocks:
+            features.stores[block][name] = feat.FeatureStore(caches[name][block], indices[block])
+        features.cache_info[name] = _cache_info(caches[name], report, len(split) - len(failures))
+    return features if ctx.main else None
+
+
+def _cache_info(caches: dict[int, FeatureCache], report: ExtractReport, readable: int) -> dict[str, Any]:
+    """run.json's entry for one split's caches (`read_into_ram` is set when a block is loaded)."""
+    counts = {"extracted": report.extracted, "reused": readable - report.extracted}
+    if len(caches) == 1:
+        cache = next(iter(caches.values()))
+        return {
+            "path": str(cache.root), "key": cache.key, **counts, "shards_written": report.shards_written,
+            "bytes": cache.total_bytes(), "read_into_ram": False,
+        }  # fmt: skip
+    blocks = {
+        str(b): {
+            "path": str(c.root),
+            "key": c.key,
+            "written": report.rows.get(b, 0),
+            "bytes": c.total_bytes(),
+            "read_into_ram": False,
+        }  # fmt: skip
+        for b, c in caches.items()
+    }
+    total = sum(c.total_bytes() for c in caches.values())
+    return {**counts, "shards_written": report.shards_written, "bytes": total, "blocks": blocks}
+
+
+def _use_block(ctx: _Context, features: _Features, setup: _Setup, block: int) -> None:
+    """Point `features.sources` at block `block`: its caches read into RAM while half the
+    available memory holds them (memory-mapped beyond), or streams of its tokens."""
+    import torch
+
+    from attnscope.probe.features import StreamSource
+    from attnscope.probe.train import StoreSource, TensorSource
+
+    if features.block == block:
+        return
+    if features.stores is None:
+        streams: dict[str, FeatureSource] = {}
+        for name, old in features.sources.items():
+            old = cast("StreamSource", old)
+            new = StreamSource(
+                setup.extractor, old.source, batch_size=old.batch_size, num_workers=old.num_workers,
+                on_skip=old.on_skip, block=block,
+            )  # fmt: skip
+            new.failures = old.failures  # shared: an unreadable image is reported once
+            streams[name] = new
+        features.sources, features.block = streams, block
+        return
+    features.sources = {}  # the previous block's tensors go before the next block's come
+    budget = _ram_budget()
+    for name, store in features.stores[block].items():
+        size = store.cache.total_bytes()
+        in_ram = size <= budget
+        budget -= size if in_ram else 0  # both splits share the one budget
         features.sources[name] = (
             TensorSource(torch.from_numpy(store.load_all()), ctx.device)
             if in_ram
             else StoreSource(store, ctx.device)
         )
-        features.cache_info[name] = {
-            "path": str(cache.root), "key": cache.key, "extracted": report.extracted,
-            "reused": len(split) - len(index.failures) - report.extracted,
-            "shards_written": report.shards_written,
-            "bytes": cache.total_bytes(), "read_into_ram": in_ram,
-        }  # fmt: skip
-    return features if ctx.main else None
+        entry = features.cache_info[name]
+        (entry["blocks"][str(block)] if "blocks" in entry else entry)["read_into_ram"] = in_ram
+    features.block = block
 
 
 def _extract(
-    ctx: _Context, setup: _Setup, name: str, cache: FeatureCache
-) -> tuple[CacheIndex | None, ExtractReport, set[int]]:
-    """Extract this rank's share of split `name` (all of it outside torchrun) into `cache`;
-    rank 0 then writes its index. Returns (index or None, every rank's report summed, the
-    skipped positions this rank already reported)."""
+    ctx: _Context, setup: _Setup, name: str, caches: dict[int, FeatureCache]
+) -> tuple[dict[int, CacheIndex] | None, ExtractReport, set[int]]:
+    """Extract this rank's share of split `name` (all of it outside torchrun) into the
+    `caches` (one per block; one forward serves them all); rank 0 then writes their
+    indexes. Returns (indexes or None, every rank's report summed, the skipped positions
+    this rank already reported)."""
     from attnscope import distributed
     from attnscope.probe import features as feat
 
     config, split = ctx.config, setup.splits[name]
     share = distributed.shard_positions(len(split))  # torchrun: this rank's share
     positions = range(len(split)) if share is None else share
+    pending = any(c.pending(positions) for c in caches.values())
     with distributed.step():
-        with _progress(ctx.ui, f"features {name}", bool(cache.pending(positions))) as progress:
+        with _progress(ctx.ui, f"features {name}", pending) as progress:
             report = feat.extract_shards(
-                setup.extractor, split.source, cache, positions, batch_size=config.extract_batch_size,
+                setup.extractor, split.source, caches, positions, batch_size=config.extract_batch_size,
                 num_workers=config.num_workers, progress=progress, on_skip=ctx.ui.skip,
             )  # fmt: skip
     shown = set(report.failures)
@@ -517,10 +618,11 @@ def _extract(
     report = feat.ExtractReport(
         sum(r.extracted for r in reports), {p: r for x in reports for p, r in x.failures.items()},
         max(r.seconds for r in reports), sum(r.shards_written for r in reports),
+        {b: sum(r.rows.get(b, 0) for r in reports) for b in caches},
     )  # fmt: skip
     with distributed.step():
-        index = feat.write_cache_index(cache) if ctx.main else None
-    return index, report, shown
+        indices = {b: feat.write_cache_index(c) for b, c in caches.items()} if ctx.main else None
+    return indices, report, shown
 
 
 @contextlib.contextmanager
@@ -581,10 +683,11 @@ def _plan_training(ctx: _Context, setup: _Setup, features: _Features) -> _Traini
     return _Training(fit, hold, ev, recipe, bank)
 
 
-def _train(ctx: _Context, setup: _Setup, features: _Features, training: _Training) -> BankResult:
+def _train(ctx: _Context, setup: _Setup, features: _Features, training: _Training, index: int) -> BankResult:
+    """Train the bank on the features of `features.block`, the `index`-th probed block."""
     from attnscope.probe.train import BankSpec, TrainingData, train_bank
 
-    data, layout = setup.data, setup.extractor.layout
+    data, layout, blocks = setup.data, setup.extractor.layout, len(setup.blocks)
     return train_bank(
         TrainingData(
             features.sources["train"], data.train.labels, training.fit, training.hold,
@@ -595,7 +698,8 @@ def _train(ctx: _Context, setup: _Setup, features: _Features, training: _Trainin
         training.recipe,
         seed=ctx.config.seed,
         device=ctx.device,
-        progress=lambda done, total, loss: ctx.hooks.epoch(done, total),
+        # one bar over every block's epochs
+        progress=lambda done, total, loss: ctx.hooks.epoch(index * total + done, blocks * total),
         data_parallel=ctx.data_parallel,
     )  # fmt: skip
 
@@ -620,18 +724,24 @@ def _stream_failures(ctx: _Context, setup: _Setup, features: _Features) -> dict[
 
 
 def _report(
-    ctx: _Context, setup: _Setup, features: _Features, training: _Training, trained: BankResult, t0: float
+    ctx: _Context,
+    setup: _Setup,
+    features: _Features,
+    training: _Training,
+    trained: dict[int, BankResult],
+    t0: float,
 ) -> ProbeResult:
-    """Each aggregator's selected head, the selection maps and the provenance for run.json."""
-    from attnscope.probe.selection import grid_edge_notes, select_hyperparameters, selection_maps
+    """Each block's and aggregator's selected head, the selection maps (of the deepest block)
+    and the provenance for run.json."""
+    from attnscope.probe.selection import selection_maps
 
-    results, summary = select_hyperparameters(trained.results, trained.eval_hits, ctx.config.seed)
-    for text in grid_edge_notes(results, summary):
-        ctx.note(text)
+    results, summary = _select(ctx, setup, trained)
+    deepest = setup.blocks[-1]
     t3 = time.perf_counter()
     maps = selection_maps(
-        trained.bank, summary, setup.extractor, setup.data.eval, setup.data.classes,
-        features.sources["eval"], training.eval, count=ctx.config.map_images, seed=ctx.config.seed,
+        trained[deepest].bank, summary[summary["block"] == deepest], setup.extractor, setup.data.eval,
+        setup.data.classes, features.sources["eval"], training.eval, count=ctx.config.map_images,
+        seed=ctx.config.seed, block=deepest,
     )  # fmt: skip
     if maps and not setup.extractor.layout.has_cls:
         ctx.notes.append("maps: the model has no class token, so only the selective weights are shown")
@@ -640,7 +750,29 @@ def _report(
     info = _provenance(ctx, setup, features, training, trained, maps)
     results.insert(0, "model", setup.loaded.name)
     summary.insert(0, "model", setup.loaded.name)
-    return ProbeResult(results, summary, info, maps, trained.bank)
+    return ProbeResult(results, summary, info, maps, trained[deepest].bank)
+
+
+def _select(
+    ctx: _Context, setup: _Setup, trained: dict[int, BankResult]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every head, the selected head per aggregator), block by block, with a `block` column
+    (and the summary a `relative_depth`: block / number of blocks)."""
+    import pandas as pd
+
+    from attnscope.probe.selection import grid_edge_notes, select_hyperparameters
+
+    every, chosen = [], []
+    for block, bank in trained.items():
+        results, summary = select_hyperparameters(bank.results, bank.eval_hits, ctx.config.seed)
+        for text in grid_edge_notes(results, summary):
+            ctx.note(f"block {block}: {text}" if len(trained) > 1 else text)
+        results.insert(0, "block", block)
+        summary.insert(0, "block", block)
+        summary.insert(1, "relative_depth", block / setup.extractor.num_blocks)
+        every.append(results)
+        chosen.append(summary)
+    return pd.concat(every, ignore_index=True), pd.concat(chosen, ignore_index=True)
 
 
 def _provenance(
@@ -648,34 +780,26 @@ def _provenance(
     setup: _Setup,
     features: _Features,
     training: _Training,
-    trained: BankResult,
+    trained: dict[int, BankResult],
     maps: list[MapRecord],
 ) -> dict[str, Any]:
     """run.json's entry for the model: where its features came from and how the heads were trained."""
     from attnscope import distributed
 
-    config, loaded, extractor = ctx.config, setup.loaded, setup.extractor
-    blocks = len(cast(Sized, loaded.model.blocks))
+    loaded, extractor = setup.loaded, setup.extractor
     transform = {k: (list(v) if isinstance(v, tuple) else v) for k, v in extractor.transform_config.items()}
+    deepest = trained[setup.blocks[-1]]
     info = loaded.provenance()
     info.update(
         {
             "token_layout": extractor.layout.as_dict(),
-            "num_blocks": blocks,
-            "features": {
-                "layer": f"last block (blocks.{blocks - 1})",
-                "prenorm": config.prenorm,
-                "norm": extractor.norm_label,
-                "tokens": setup.tokens,
-                "dim": setup.dim,
-                "transform": transform,
-                "forward_dtype": config.dtype,
-            },  # fmt: skip
+            "num_blocks": extractor.num_blocks,
+            "features": _features_info(ctx, setup, transform),
             "data": setup.data.summary(),
             "splits": {"train": len(training.fit), "holdout": len(training.hold), "eval": len(training.eval)},
             "cache": features.cache_info or None,
             "recipe": training.recipe.as_dict(),
-            "bank": {**training.bank.as_dict(), "steps": trained.steps, "epoch_losses": trained.losses},
+            "bank": {**training.bank.as_dict(), "steps": deepest.steps, "epoch_losses": deepest.losses},
             "bn_stats": "recomputed over the training split after the last step"
             + (" (statistics of each batch summed over the ranks)" if ctx.data_parallel else ""),
             "images_skipped": [
@@ -693,6 +817,30 @@ def _provenance(
             **distributed.describe(),
         }
     )
+    if len(trained) > 1:
+        info["bank"]["epoch_losses_by_block"] = {str(b): t.losses for b, t in trained.items()}
+    return info
+
+
+def _features_info(ctx: _Context, setup: _Setup, transform: dict[str, Any]) -> dict[str, Any]:
+    """run.json's `features`: which blocks, which norm, the token geometry and the transform."""
+    extractor, blocks, n = setup.extractor, setup.blocks, setup.extractor.num_blocks
+    layer = f"last block (blocks.{n - 1})"
+    if blocks != [n]:
+        layer = "blocks " + ", ".join(f"{b} (blocks.{b - 1})" for b in blocks)
+    info: dict[str, Any] = {
+        "layer": layer,
+        "prenorm": ctx.config.prenorm,
+        "norm": extractor.norm_label,
+        "tokens": setup.tokens,
+        "dim": setup.dim,
+        "transform": transform,
+        "forward_dtype": ctx.config.dtype,
+        "blocks": list(blocks),
+        "block_numbering": BLOCK_NUMBERING,
+    }
+    if blocks[0] < n:
+        info["intermediate_blocks"] = "the block's output, without the final norm (as the paper's code)"
     return info
 
 
@@ -707,23 +855,42 @@ def _ram_budget() -> int:
 def write_probe_run(
     writer: RunWriter, result: ProbeResult, meta: dict[str, Any], formats: Sequence[str] = ("png",)
 ) -> None:
-    """results.csv, summary.csv, maps.csv, figures/, then run.json last (it marks a finished run)."""
-    from attnscope.plots.probe import accuracy_by_aggregator, accuracy_by_lr, selection_maps
+    """results.csv, summary.csv, maps.csv, figures/, then run.json last (it marks a finished run).
+
+    The aggregator and lr figures show the deepest probed block (the last one by default);
+    with several blocks, figures/accuracy_by_depth shows them all."""
+    from attnscope.plots.probe import (
+        accuracy_by_aggregator,
+        accuracy_by_depth,
+        accuracy_by_lr,
+        selection_maps,
+    )
     from attnscope.probe.selection import maps_table
 
     writer.write_csv("results.csv", result.results)
     writer.write_csv("summary.csv", result.summary)
     label = display_name(result.info["name"], bool(result.info.get("random_init")))
     num_classes = result.info["data"]["num_classes"]
+    blocks = sorted(set(result.summary["block"]))
+    deepest = blocks[-1]
+    results = result.results[result.results["block"] == deepest]
+    summary = result.summary[result.summary["block"] == deepest]
+    shown = label if len(blocks) == 1 else f"{label}, block {deepest}"
     writer.write_figure(
         "figures/accuracy_by_aggregator",
-        accuracy_by_aggregator(result.results, result.summary, label=label, num_classes=num_classes),
+        accuracy_by_aggregator(results, summary, label=shown, num_classes=num_classes),
         formats,
     )
-    writer.write_figure("figures/accuracy_by_lr", accuracy_by_lr(result.results, label=label), formats)
+    writer.write_figure("figures/accuracy_by_lr", accuracy_by_lr(results, label=shown), formats)
+    if len(blocks) > 1:
+        writer.write_figure(
+            "figures/accuracy_by_depth",
+            accuracy_by_depth(result.summary, label=label, num_classes=num_classes),
+            formats,
+        )
     if result.maps:
         writer.write_csv("maps.csv", maps_table(result.maps))
         writer.write_figure(
-            "figures/selection_vs_cls_attention", selection_maps(result.maps, label=label), formats
+            "figures/selection_vs_cls_attention", selection_maps(result.maps, label=shown), formats
         )
     writer.write_json("run.json", meta)

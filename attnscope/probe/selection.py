@@ -169,11 +169,13 @@ def selection_maps(
     *,
     count: int,
     seed: int,
+    block: int | None = None,
 ) -> list[MapRecord]:
     """For `count` evaluation images drawn (seeded) from `positions`: the weights of the first
-    selective aggregator of the bank (its selected head) beside the model's last-block [cls]
-    attention on the same preprocessed image. Empty when `count` is 0 or the bank has no
-    selective aggregator; without a class token `cls_attention` is None."""
+    selective aggregator of the bank (its selected head) beside the model's [cls] attention
+    in block `block` (1-based; default the last, the block the bank was trained on) on the
+    same preprocessed image. Empty when `count` is 0 or the bank has no selective
+    aggregator; without a class token `cls_attention` is None."""
     from attnscope.data import collate_images
     from attnscope.probe.features import ProbeImageDataset
     from attnscope.probe.heads import AGGREGATORS
@@ -189,7 +191,7 @@ def selection_maps(
     batch = collate_images([dataset[int(p)] for p in picks if int(p) in weights])
     if batch.images is None:
         return []
-    cls_attn = _cls_attention(extractor, batch) if extractor.layout.has_cls else {}
+    cls_attn = _cls_attention(extractor, batch, block) if extractor.layout.has_cls else {}
     gh, gw = extractor.layout.grid
     records = []
     for i, p in enumerate(batch.indices):
@@ -231,9 +233,9 @@ def _head_weights(
     return weights, preds
 
 
-class _LastBlockClsAttention:
-    """`measure.forwards` consumer: the last block's [cls] attention over the patches,
-    averaged over heads, one `(B, N)` tensor per forward."""
+class _BlockClsAttention:
+    """`measure.forwards` consumer: one block's [cls] attention over the patches (`last`:
+    its 0-based index), averaged over heads, one `(B, N)` tensor per forward."""
 
     def __init__(self, last: int) -> None:
         self.last = last
@@ -249,12 +251,15 @@ class _LastBlockClsAttention:
             self.maps.append(block.attn[:, :, 0, self.layout.patch_slice].float().mean(1).cpu())
 
 
-def _cls_attention(extractor: TokenExtractor, batch: ImageBatch) -> dict[int, np.ndarray]:
-    """Per image of `batch`: the model's own last-block [cls] attention over the patches
-    (float32 forward), renormalised to sum to 1 over the patches."""
+def _cls_attention(
+    extractor: TokenExtractor, batch: ImageBatch, block: int | None = None
+) -> dict[int, np.ndarray]:
+    """Per image of `batch`: the model's own [cls] attention over the patches in block
+    `block` (1-based, default the last; float32 forward), renormalised to sum to 1 over the
+    patches."""
     from attnscope.measure import forwards
 
-    grab = _LastBlockClsAttention(len(cast(Sized, extractor.model.blocks)) - 1)
+    grab = _BlockClsAttention((block or len(cast(Sized, extractor.model.blocks))) - 1)
     for _ in forwards(extractor.loaded, [batch], grab, device=extractor.device, residual=False):
         pass
     attn = grab.maps[-1].numpy()
