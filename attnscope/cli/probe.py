@@ -188,6 +188,17 @@ BlocksOpt = Annotated[
         "cache; the heads are trained on each block in turn. Only the last block gets the final norm.",
     ),
 ]
+CurvesOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--curves/--no-curves",
+        help="Measure every head after every epoch on the training images, the hold-out and the "
+        "evaluation split (curves.csv, figures/learning_curves; summary: best_epoch, best_epoch_top1, "
+        "the paper code's 'Max accuracy'). Default: on, off with --no-cache (each measurement would "
+        "run the backbone again).",
+        show_default=False,
+    ),
+]
 CacheDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -255,6 +266,7 @@ def probe_cmd(
     wds: WdsOpt = None,
     prenorm: PrenormOpt = False,
     blocks: BlocksOpt = "last",
+    curves: CurvesOpt = None,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     device: DeviceOpt = "auto",
@@ -501,7 +513,8 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
     if by_block:
         table.add_column("block", justify="right", no_wrap=True)
     table.add_column("aggregator", no_wrap=True)
-    for col in ("lr", "wd", "params", "hold", "top-1", "top-5", "best*"):
+    epochs = "best_epoch_top1" in summary and bool(summary["best_epoch_top1"].notna().any())
+    for col in ("lr", "wd", "params", "hold", "top-1", "top-5", "best*") + (("max*",) if epochs else ()):
         table.add_column(col, justify="right", no_wrap=True)
     if isinstance(baseline, str):
         table.add_column(f"Δ {baseline}", justify="right", no_wrap=True, min_width=8)
@@ -513,6 +526,8 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
             _with_interval(row, "eval_top1", "eval_top1_ci"), _pct(row["eval_top5"]),
             _pct(row["best_over_grid_eval_top1"]),
         ]  # fmt: skip
+        if epochs:
+            cells.append(f"{_pct(row['best_epoch_top1'])}\n[dim]ep {int(row['best_epoch'])}[/]")
         if by_block:
             cells.insert(0, str(int(row["block"])))
         if isinstance(baseline, str):
@@ -527,5 +542,11 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
         "hold: hold-out top-1 used for selection; top-1 / top-5: evaluation split (%), under top-1 "
         "its 95% bootstrap interval over the evaluation images (under the gain: the paired one); "
         "best*: best head of the lr x wd grid on the evaluation split itself (optimistic)"
+        + (
+            "; max*: the selected head's best epoch on the evaluation split, the paper code's "
+            "'Max accuracy' (optimistic)"
+            if epochs
+            else ""
+        )
     )
     return table

@@ -103,6 +103,8 @@ class ProbeConfig:
     # which blocks' tokens: "last", "all" or 1-based numbers (block k = the k-th block's
     # output; the paper code's return_block is k - 1)
     blocks: str | tuple[int, ...] = "last"
+    # learning curves: measure every head after every epoch (curves.csv); None: on unless `no_cache`
+    curves: bool | None = None
     cache_dir: Path | None = None
     no_cache: bool = False
     device: str = "auto"
@@ -230,6 +232,7 @@ class ProbeResult:
     info: dict[str, Any]  # run.json's entry for the model
     maps: list[MapRecord] = field(default_factory=list)
     bank: HeadBank | None = field(default=None, repr=False)
+    curves: pd.DataFrame | None = None  # every head after every epoch (with `curves`)
 
 
 # --------------------------------------------------------------------------- the job
@@ -358,6 +361,8 @@ def _probe(ctx: _Context) -> ProbeResult | None:
         _use_block(ctx, features, setup, block)
         trained[block] = _train(ctx, setup, features, training, i)
     ctx.timings["train"] = time.perf_counter() - t2
+    if _curves_on(config):  # part of `train`
+        ctx.timings["curves"] = sum(t.curve_seconds for t in trained.values())
     if config.no_cache:
         features.failures = _stream_failures(ctx, setup, features)
     if not ctx.main:  # data-parallel: every rank holds the same bank; rank 0 alone reports and writes
@@ -701,7 +706,14 @@ def _train(ctx: _Context, setup: _Setup, features: _Features, training: _Trainin
         # one bar over every block's epochs
         progress=lambda done, total, loss: ctx.hooks.epoch(index * total + done, blocks * total),
         data_parallel=ctx.data_parallel,
+        curves=_curves_on(ctx.config),
     )  # fmt: skip
+
+
+def _curves_on(config: ProbeConfig) -> bool:
+    """Learning curves unless asked not to; by default not when streaming, where each
+    measurement would run the backbone over the hold-out and evaluation images again."""
+    return config.curves if config.curves is not None else not config.no_cache
 
 
 def _stream_failures(ctx: _Context, setup: _Setup, features: _Features) -> dict[str, dict[int, str]]:
@@ -748,9 +760,22 @@ def _report(
     ctx.timings["maps"] = time.perf_counter() - t3
     ctx.timings["total"] = time.perf_counter() - t0
     info = _provenance(ctx, setup, features, training, trained, maps)
-    results.insert(0, "model", setup.loaded.name)
-    summary.insert(0, "model", setup.loaded.name)
-    return ProbeResult(results, summary, info, maps, trained[deepest].bank)
+    curves = _curves(trained)
+    for table in (results, summary) + ((curves,) if curves is not None else ()):
+        table.insert(0, "model", setup.loaded.name)
+    return ProbeResult(results, summary, info, maps, trained[deepest].bank, curves)
+
+
+def _curves(trained: dict[int, BankResult]) -> pd.DataFrame | None:
+    """curves.csv: every block's learning curves, with a `block` column (None without curves)."""
+    import pandas as pd
+
+    parts = []
+    for block, bank in trained.items():
+        if bank.curves is None:
+            return None
+        parts.append(bank.curves.assign(block=block)[["block", *bank.curves.columns]])
+    return pd.concat(parts, ignore_index=True)
 
 
 def _select(
@@ -760,11 +785,12 @@ def _select(
     (and the summary a `relative_depth`: block / number of blocks)."""
     import pandas as pd
 
-    from attnscope.probe.selection import grid_edge_notes, select_hyperparameters
+    from attnscope.probe.selection import add_best_epochs, grid_edge_notes, select_hyperparameters
 
     every, chosen = [], []
     for block, bank in trained.items():
         results, summary = select_hyperparameters(bank.results, bank.eval_hits, ctx.config.seed)
+        add_best_epochs(summary, bank.curves)
         for text in grid_edge_notes(results, summary):
             ctx.note(f"block {block}: {text}" if len(trained) > 1 else text)
         results.insert(0, "block", block)
@@ -802,6 +828,7 @@ def _provenance(
             "bank": {**training.bank.as_dict(), "steps": deepest.steps, "epoch_losses": deepest.losses},
             "bn_stats": "recomputed over the training split after the last step"
             + (" (statistics of each batch summed over the ranks)" if ctx.data_parallel else ""),
+            "curves": _curves_info(ctx, trained),
             "images_skipped": [
                 {"split": name, "item": split.source.describe(p), "reason": r}
                 for name, split in setup.splits.items()
@@ -819,6 +846,25 @@ def _provenance(
     )
     if len(trained) > 1:
         info["bank"]["epoch_losses_by_block"] = {str(b): t.losses for b, t in trained.items()}
+    return info
+
+
+def _curves_info(ctx: _Context, trained: dict[int, BankResult]) -> dict[str, Any]:
+    """run.json's `curves`: whether every head was measured after every epoch, and at what cost."""
+    on = _curves_on(ctx.config)
+    seconds = sum(t.curve_seconds for t in trained.values())
+    training = sum(t.seconds for t in trained.values())
+    info: dict[str, Any] = {"measured": on, "default": ctx.config.curves is None}
+    if on:
+        info.update(
+            {
+                "splits": "train (the BatchNorm pass's images), holdout, eval (optimistic: an epoch chosen "
+                "on it is chosen on the evaluation split)",
+                "bn_stats": "recomputed over the training split before each measurement, as after the end",
+                "seconds": round(seconds, 3),
+                "training_seconds": round(training, 3),
+            }
+        )
     return info
 
 
@@ -855,7 +901,8 @@ def _ram_budget() -> int:
 def write_probe_run(
     writer: RunWriter, result: ProbeResult, meta: dict[str, Any], formats: Sequence[str] = ("png",)
 ) -> None:
-    """results.csv, summary.csv, maps.csv, figures/, then run.json last (it marks a finished run).
+    """results.csv, summary.csv, curves.csv, maps.csv, figures/, then run.json last (it marks a
+    finished run).
 
     The aggregator and lr figures show the deepest probed block (the last one by default);
     with several blocks, figures/accuracy_by_depth shows them all."""
@@ -863,6 +910,7 @@ def write_probe_run(
         accuracy_by_aggregator,
         accuracy_by_depth,
         accuracy_by_lr,
+        learning_curves,
         selection_maps,
     )
     from attnscope.probe.selection import maps_table
@@ -882,6 +930,13 @@ def write_probe_run(
         formats,
     )
     writer.write_figure("figures/accuracy_by_lr", accuracy_by_lr(results, label=shown), formats)
+    if result.curves is not None:
+        writer.write_csv("curves.csv", result.curves)
+        writer.write_figure(
+            "figures/learning_curves",
+            learning_curves(result.curves[result.curves["block"] == deepest], summary, label=shown),
+            formats,
+        )
     if len(blocks) > 1:
         writer.write_figure(
             "figures/accuracy_by_depth",

@@ -177,6 +177,42 @@ def accuracy_by_depth(
     return fig
 
 
+def learning_curves(curves: pd.DataFrame, summary: pd.DataFrame, *, label: str = "") -> Figure:
+    """Top-1 of each aggregator's selected head after every epoch: on the training images
+    (dotted), the hold-out (solid) and the evaluation split (dashed; optimistic to pick an
+    epoch on), with the best evaluation epoch marked (the paper code's "Max accuracy").
+    The other heads of the grid are the thin grey evaluation lines."""
+    plt, sns = _setup()
+    names = list(summary["aggregator"])
+    palette = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
+    fig, axes = plt.subplots(1, len(names), figsize=(1.0 + 3.4 * len(names), 3.8), squeeze=False, sharey=True)
+    styles = {"train": ":", "holdout": "-", "eval": "--"}
+    for ax, row in zip(axes[0], summary.itertuples(), strict=True):
+        mine = curves[curves["aggregator"] == row.aggregator]
+        for head, others in mine[mine["split"] == "eval"].groupby("head"):
+            if head != row.head:
+                ax.plot(others["epoch"], others["top1"] * 100, color="0.75", lw=0.6, zorder=1)
+        chosen = mine[mine["head"] == row.head]
+        for split, style in styles.items():
+            part = chosen[chosen["split"] == split].sort_values("epoch")
+            if not part.empty:
+                ax.plot(
+                    part["epoch"], part["top1"] * 100, ls=style, color=palette[row.aggregator], label=split
+                )
+        best = getattr(row, "best_epoch", float("nan"))
+        if best == best:  # not NaN
+            ax.scatter([best], [row.best_epoch_top1 * 100], marker="*", s=90, color="black", zorder=3,
+                       label="max accuracy (eval)")  # fmt: skip
+        ax.set_title(f"{row.aggregator} (lr {row.lr:g}, wd {row.wd:g})", fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("top-1 (%), selected head")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    title = "learning curves (dashed: evaluation split, optimistic)"
+    fig.suptitle(f"{label}: {title}" if label else title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def _overlay(ax, image: np.ndarray, grid_values: np.ndarray, vmax: float, title: str):
     h, w = image.shape[:2]
     ax.imshow(image.mean(axis=2), cmap="gray", extent=(0, w, h, 0), vmin=0, vmax=1)

@@ -18,6 +18,7 @@ live in one stacked tensor.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -479,6 +480,10 @@ class BankResult:
     steps: int
     seconds: float
     eval_hits: dict[str, np.ndarray] = field(default_factory=dict)  # aggregator -> (images, H) top-1 hits
+    # with `curves`: every head measured after every epoch (train, holdout, eval rows), the
+    # last epoch's rows being the final measurement; and the seconds those measurements took
+    curves: pd.DataFrame | None = None
+    curve_seconds: float = 0.0
 
 
 def _param_groups(bank: HeadBank, grid: Sequence[tuple[float, float]]) -> list[dict[str, Any]]:
@@ -827,12 +832,18 @@ def train_bank(
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
     data_parallel: bool = False,
+    curves: bool = False,
 ) -> BankResult:
     """Train every (aggregator, lr, wd) head together and measure each one.
 
     Each training batch is read once and every head takes its step on it. Accuracies are
     measured after training on the training split (at most `BN_PASS_IMAGES` of it), the
     hold-out and the evaluation split.
+
+    `curves`: measure every head the same way after every epoch too (`BankResult.curves`,
+    one row per head, epoch and split). Measuring recomputes the BatchNorm statistics,
+    which training in train mode never reads, so the heads train exactly as without
+    curves, and the last epoch's rows are the final measurement itself.
 
     `data_parallel` (under torchrun; every rank calls this with the same arguments): each
     rank reads its share of every batch, gradients and BatchNorm statistics are summed
@@ -848,11 +859,13 @@ def train_bank(
         raise AttnscopeError(f"only {len(positions)} readable training images; need at least 2")
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 21])  # the epochs' orders, then the BatchNorm pass's images
+    bn_positions = _bn_positions(positions, rng, recipe.epochs)
     bank = spec.build(len(recipe.grid), seed).to(device)
     bank.reuse_buffers = True  # every forward below is backpropagated (or no-grad) before the next one
     loop = _Loop(bank, data.train_source, labels, recipe, len(positions), ranks, device)
     losses: list[float] = []
-    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    start, curve_seconds = time.perf_counter(), 0.0
     for epoch in range(recipe.epochs):
         bank.train()
         # the same seeded order on every rank; each takes its share of every micro-batch
@@ -863,13 +876,69 @@ def train_bank(
                 torch.tensor([epoch_loss, float(seen)], dtype=torch.float64)
             ).tolist()
         losses.append(epoch_loss / max(1, seen))
+        if curves and epoch + 1 < recipe.epochs:
+            t = time.perf_counter()
+            scores = _measure(bank, data, recipe, bn_positions, ranks, per_image=False)
+            rows += _curve_rows(bank, recipe.grid, epoch + 1, loop.step, *scores)
+            curve_seconds += time.perf_counter() - t
         if progress is not None:
             progress(epoch + 1, recipe.epochs, losses[-1])
-    seconds = time.perf_counter() - start
-    measured = _measure(bank, data, recipe, rng, ranks)
+    seconds = time.perf_counter() - start - curve_seconds
+    measured = _measure(bank, data, recipe, bn_positions, ranks)
+    if curves:
+        rows += _curve_rows(bank, recipe.grid, recipe.epochs, loop.step, *measured)
     table = _results_table(bank, recipe.grid, *measured, seed=seed)
     hits = {name: measured[2][name]["hits"] for name in bank.names}
-    return BankResult(table, bank, recipe, losses, loop.step, seconds, hits)
+    table_of_curves = _curves_table(rows) if curves else None
+    return BankResult(table, bank, recipe, losses, loop.step, seconds, hits, table_of_curves, curve_seconds)
+
+
+def _bn_positions(positions: np.ndarray, rng: np.random.Generator, epochs: int) -> np.ndarray:
+    """The training images the BatchNorm statistics are recomputed over: all of them, or
+    `BN_PASS_IMAGES` drawn from `rng` after the epochs' orders (drawn here from a copy, so
+    the per-epoch measurements of the learning curves use the final pass's images)."""
+    if len(positions) <= BN_PASS_IMAGES:
+        return positions
+    ahead = copy.deepcopy(rng)
+    for _ in range(epochs):
+        ahead.permutation(len(positions))
+    return np.sort(ahead.choice(positions, BN_PASS_IMAGES, replace=False))
+
+
+CURVE_SPLITS = ("train", "holdout", "eval")
+
+
+def _curve_rows(
+    bank: HeadBank,
+    grid: Sequence[tuple[float, float]],
+    epoch: int,
+    step: int,
+    on_train: Scores,
+    on_hold: Scores | None,
+    on_eval: Scores,
+) -> list[dict[str, Any]]:
+    """One row per head and split of one epoch's measurement (the hold-out only when there is one)."""
+    rows = []
+    for name in bank.names:
+        for split, scores in zip(CURVE_SPLITS, (on_train, on_hold, on_eval), strict=True):
+            if scores is None:
+                continue
+            for h, (lr, wd) in enumerate(grid):
+                rows.append(
+                    {
+                        "aggregator": name, "lr": lr, "wd": wd, "head": h, "epoch": epoch, "step": step,
+                        "split": split, "top1": scores[name]["top1"][h], "top5": scores[name]["top5"][h],
+                        "loss": scores[name]["loss"][h], "images": scores[name]["images"],
+                        "optimistic": split == "eval",
+                    }
+                )  # fmt: skip
+    return rows
+
+
+def _curves_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(rows)
 
 
 class _Loop:
@@ -934,16 +1003,19 @@ Scores = dict[str, dict[str, Any]]  # evaluate_bank's result
 
 
 def _measure(
-    bank: HeadBank, data: TrainingData, recipe: Recipe, rng: np.random.Generator, ranks: _Ranks
+    bank: HeadBank,
+    data: TrainingData,
+    recipe: Recipe,
+    bn_positions: np.ndarray,
+    ranks: _Ranks,
+    *,
+    per_image: bool = True,
 ) -> tuple[Scores, Scores | None, Scores]:
-    """Scores on the training split, the hold-out (None when empty) and the evaluation split,
-    after the BatchNorm statistics are recomputed over the training split."""
-    positions = np.asarray(data.train_positions, dtype=np.int64)
+    """Scores on the training split (`bn_positions` of it), the hold-out (None when empty)
+    and the evaluation split (with per-image hits if `per_image`), after the BatchNorm
+    statistics are recomputed over `bn_positions`."""
     labels = np.asarray(data.train_labels, dtype=np.int64)
     eval_batch = max(recipe.micro_batch, 2)
-    bn_positions = positions
-    if len(bn_positions) > BN_PASS_IMAGES:
-        bn_positions = np.sort(rng.choice(positions, BN_PASS_IMAGES, replace=False))
     # Keep the pooled features of the BatchNorm pass (unless they are large) to score the
     # training images from them: one pass over the training split instead of two. The
     # decision depends only on sizes every rank knows, so all ranks take the same path.
@@ -958,7 +1030,7 @@ def _measure(
     on_hold = evaluate_bank(bank, data.train_source, labels, holdout, **measure) if len(holdout) else None
     eval_labels = np.asarray(data.eval_labels, dtype=np.int64)
     on_eval = evaluate_bank(
-        bank, data.eval_source, eval_labels, data.eval_positions, per_image=True, **measure
+        bank, data.eval_source, eval_labels, data.eval_positions, per_image=per_image, **measure
     )
     return on_train, on_hold, on_eval
 
