@@ -356,7 +356,8 @@ def test_schedule_and_recipes():
     paper = resolve_recipe("paper", n_train=50000)
     assert (paper.optimizer, paper.epochs, paper.warmup_epochs, paper.wds) == ("lars", 90, 10, [0.0])
     assert paper.batch_size == 16384 and paper.lrs == [pytest.approx(0.1 * 16384 / 256)]
-    assert paper.accumulation == 16 and paper.micro_batch * paper.accumulation == 16384
+    # BatchNorm over 2048 images, the per-GPU batch of the paper's published command
+    assert paper.accumulation == 8 and paper.micro_batch * paper.accumulation == 16384
     small = resolve_recipe("paper", n_train=1000, lrs=[0.05])
     assert (
         small.batch_size == 1000

@@ -140,13 +140,24 @@ RecipeOpt = Annotated[
     str,
     typer.Option(
         help="default: AdamW + lr/wd grid + cosine with warm-up. "
-        "paper: LARS, base lr 0.1 x batch/256, 90 epochs, 10 warm-up, no wd."
+        "paper: the paper's code: LARS, base lr 0.1 x batch/256, batch 16384 (BatchNorm over 2048), "
+        "90 epochs, 10 warm-up, no wd, nn.Linear's initialisation of the classifier."
     ),
 ]
 EpochsOpt = Annotated[
     int | None,
     typer.Option(
         help="Epochs. Default: about 1,000 steps (10-100 epochs); paper: 90.", min=1, show_default=False
+    ),
+]
+WarmupOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--warmup-epochs",
+        help="Linear warm-up epochs before the cosine decay. Default: 10% of the epochs; paper: 10, "
+        "whatever the epoch count (as its code).",
+        min=0.0,
+        show_default=False,
     ),
 ]
 TrainBatchOpt = Annotated[
@@ -261,6 +272,7 @@ def probe_cmd(
     abmilp_depth: DepthOpt = 1,
     recipe: RecipeOpt = "default",
     epochs: EpochsOpt = None,
+    warmup_epochs: WarmupOpt = None,
     batch_size: TrainBatchOpt = None,
     lrs: LrsOpt = None,
     wds: WdsOpt = None,
@@ -439,6 +451,8 @@ def _show_plan(ui: CliUI, plan: FeaturePlan) -> None:
 
 def _show_recipe(ui: CliUI, recipe: Recipe, bank: BankPlan) -> None:
     opt = "LARS (momentum 0.9, trust 0.001)" if recipe.optimizer == "lars" else "AdamW"
+    if recipe.classifier_init == "linear_default":
+        opt += ", classifier initialised as nn.Linear"
     accum = f" = {recipe.accumulation} x {recipe.micro_batch}" if recipe.accumulation > 1 else ""
     lrs = ", ".join(_num(v) for v in recipe.lrs)
     if recipe.base_lrs:

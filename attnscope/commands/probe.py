@@ -96,6 +96,7 @@ class ProbeConfig:
     abmilp_depth: int = 1
     recipe: str = "default"
     epochs: int | None = None
+    warmup_epochs: float | None = None  # None: 10% of the epochs; 10 with the paper recipe
     batch_size: int | None = None  # training: images per optimizer step
     lrs: tuple[float, ...] | None = None
     wds: tuple[float, ...] | None = None
@@ -670,7 +671,7 @@ def _plan_training(ctx: _Context, setup: _Setup, features: _Features) -> _Traini
             ctx.note("`holdout_fraction` 0: heads are selected on training accuracy")
         recipe = resolve_recipe(
             config.recipe, n_train=len(fit), batch_size=config.batch_size, epochs=config.epochs,
-            lrs=config.lrs, wds=config.wds,
+            lrs=config.lrs, wds=config.wds, warmup_epochs=config.warmup_epochs,
         )  # fmt: skip
         for text in recipe.notes:
             ctx.note(text)

@@ -40,6 +40,7 @@ from attnscope.errors import AttnscopeError, ConfigError
 
 __all__ = [
     "AGGREGATORS",
+    "CLASSIFIER_INITS",
     "AbmilpPool",
     "Aggregator",
     "AttentivePool",
@@ -56,6 +57,10 @@ __all__ = [
     "synced_batch_norm",
 ]
 
+# The classifier's initialisation: MAE's trunc_normal(std 0.01) weights and zero bias (the
+# default recipe), or what `nn.Linear` draws, U(+-1/sqrt(fan_in)) for weights and bias
+# (the paper recipe: "Beyond [cls]"'s code replaces the head with a fresh nn.Linear).
+CLASSIFIER_INITS = ("trunc_normal", "linear_default")
 GATED_HIDDEN = 128
 ATTENTIVE_HEAD_DIM = 64
 BN_EPS = 1e-6  # as MAE's linear-probe BatchNorm
@@ -681,15 +686,31 @@ def synced_batch_norm(bns: Sequence[nn.BatchNorm1d], inputs: Sequence[Tensor], s
 class ProbeHeads(nn.Module):
     """One aggregator type x H heads, each followed by BatchNorm1d(affine=False) and Linear."""
 
-    def __init__(self, aggregator: Aggregator, num_classes: int, *, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        num_classes: int,
+        *,
+        generator: torch.Generator,
+        classifier_init: str = "trunc_normal",
+    ) -> None:
         super().__init__()
         self.aggregator = aggregator
         h, f = aggregator.num_heads, aggregator.out_dim
         # A shared (parameter-free) pooling gives every head the same input, so one
         # BatchNorm over F channels has exactly each head's statistics.
         self.bn = nn.BatchNorm1d(f if aggregator.shared else h * f, affine=False, eps=BN_EPS)
-        self.weight = nn.Parameter(_trunc_normal((h, f, num_classes), 0.01, generator))  # MAE head init
-        self.bias = nn.Parameter(torch.zeros(h, num_classes))
+        if classifier_init == "trunc_normal":  # MAE's linear-probe head
+            self.weight = nn.Parameter(_trunc_normal((h, f, num_classes), 0.01, generator))
+            self.bias = nn.Parameter(torch.zeros(h, num_classes))
+        elif classifier_init == "linear_default":  # nn.Linear(F, C) per head, stored (F, C)
+            w, b = _linear_default(h, num_classes, f, generator)
+            self.weight = nn.Parameter(w.data.transpose(1, 2).contiguous())
+            self.bias = b
+        else:
+            raise ConfigError(
+                "classifier_init", f"is one of {', '.join(CLASSIFIER_INITS)}, got {classifier_init!r}"
+            )
 
     @property
     def num_heads(self) -> int:
@@ -740,6 +761,7 @@ class HeadBank(nn.Module):
         has_cls: bool,
         abmilp_depth: int = 1,
         seed: int = 0,
+        classifier_init: str = "trunc_normal",
     ) -> None:
         super().__init__()
         if num_heads < 1:
@@ -760,7 +782,7 @@ class HeadBank(nn.Module):
             # One generator per aggregator: adding an aggregator leaves the others' init unchanged.
             g = torch.Generator().manual_seed(int(seed) * 1000 + aggregator_class(name).init_stream)
             agg = build_aggregator(name, num_heads, dim, abmilp_depth=abmilp_depth, generator=g)
-            self.heads[name] = ProbeHeads(agg, num_classes, generator=g)
+            self.heads[name] = ProbeHeads(agg, num_classes, generator=g, classifier_init=classifier_init)
 
     def split_tokens(self, tokens: Tensor) -> tuple[Tensor | None, Tensor]:
         """(class token or None, patch bag), float32 and contiguous.

@@ -5,10 +5,13 @@ Recipes:
 - `default` (small data): AdamW, a grid of learning rates x weight decays, cosine schedule
   with linear warm-up (10% of the steps), batch 256, epochs chosen so the run makes about
   1,000 optimizer steps (10 to 100 epochs).
-- `paper`: the linear-probe recipe of MAE that "Beyond [cls]" uses: LARS (momentum 0.9,
-  trust coefficient 0.001), base lr 0.1 scaled by batch/256, batch 16,384 (capped at the
-  training-set size, reached by gradient accumulation), 90 epochs with 10 warm-up, no
-  weight decay. `lrs` then gives base learning rates.
+- `paper`: the linear-probe recipe of "Beyond [cls]"'s code (MAE's, with its changes):
+  LARS (momentum 0.9, trust coefficient 0.001), base lr 0.1 scaled by batch/256, batch
+  16,384 (capped at the training-set size, reached by gradient accumulation) whose
+  BatchNorm statistics are taken over micro-batches of 2,048 (the per-GPU batch of its
+  published command, which does not synchronise BatchNorm), 90 epochs of which 10 warm-up
+  epochs whatever the epoch count, no weight decay, the classifier initialised as
+  `nn.Linear` does (not MAE's trunc_normal 0.01). `lrs` then gives base learning rates.
 
 Both optimizers below take parameters with a leading head dimension and a per-head
 learning rate and weight decay, which is what lets heads with different hyper-parameters
@@ -70,8 +73,10 @@ MIN_EPOCHS, MAX_EPOCHS = 10, 100
 PAPER_BASE_LR = 0.1
 PAPER_BATCH = 16384
 PAPER_EPOCHS = 90
-PAPER_WARMUP = 10
+PAPER_WARMUP = 10  # epochs, whatever the epoch count (the paper code's --warmup_epochs default)
+PAPER_BN_BATCH = 2048  # its published command: 4 GPUs x 2048 images x 2 accumulation steps = 16,384
 MAX_MICRO_BATCH = 1024  # larger optimizer batches are reached by gradient accumulation
+FEW_STEPS = 1000  # fewer optimizer steps than this in the paper recipe earn a note
 BN_PASS_IMAGES = 10000  # images used to recompute BatchNorm statistics after training
 BN_KEEP_BYTES = 512 * 2**20  # pooled features kept from that pass to score the same images
 ProgressFn = Callable[[int, int, float], None]  # (epochs done, epochs, mean loss of the epoch)
@@ -268,6 +273,7 @@ class Recipe:
     base_lrs: list[float] | None = None
     epochs_auto: bool = False
     notes: list[str] = field(default_factory=list)
+    classifier_init: str = "trunc_normal"  # heads.CLASSIFIER_INITS
 
     @property
     def grid(self) -> list[tuple[float, float]]:
@@ -307,13 +313,19 @@ def resolve_recipe(
     lrs: Sequence[float] | None = None,
     wds: Sequence[float] | None = None,
     micro_batch: int | None = None,
+    warmup_epochs: float | None = None,
 ) -> Recipe:
-    """Fill in a recipe's defaults for a training split of `n_train` images."""
+    """Fill in a recipe's defaults for a training split of `n_train` images.
+
+    `micro_batch`: images per forward (the BatchNorm batch); default 1,024, and 2,048 for
+    the paper recipe. `warmup_epochs`: default 10% of the epochs, 10 for the paper recipe."""
     if n_train < 2:
         raise AttnscopeError(f"training needs at least 2 images, got {n_train}")
     check_choice("recipe", name, RECIPES)
     check_at_least("batch_size", batch_size, 2)
     check_at_least("epochs", epochs, 1)
+    if warmup_epochs is not None and (not math.isfinite(warmup_epochs) or warmup_epochs < 0):
+        raise ConfigError("warmup_epochs", f"must be a non-negative number, got {warmup_epochs}")
     lrs_, wds_ = grid_values("lrs", lrs, positive=True), grid_values("wds", wds)
     notes: list[str] = []
     if name == "default":
@@ -324,27 +336,68 @@ def resolve_recipe(
         steps = max(1, n_train // batch)
         auto = epochs is None
         n_epochs = epochs or min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps)))
+        warmup = 0.1 * n_epochs if warmup_epochs is None else warmup_epochs
         recipe = Recipe(
-            "default", "adamw", n_epochs, 0.1 * n_epochs, batch, 0, lrs_ or list(DEFAULT_LRS),
+            "default", "adamw", n_epochs, warmup, batch, 0, lrs_ or list(DEFAULT_LRS),
             wds_ if wds_ is not None else list(DEFAULT_WDS), None, auto, notes,
         )  # fmt: skip
-    elif name == "paper":
-        requested = batch_size or PAPER_BATCH
-        batch = min(requested, n_train)
-        if batch < requested:
-            notes.append(f"batch {requested} capped at the {n_train} training images")
-        base = lrs_ or [PAPER_BASE_LR]
-        n_epochs = epochs or PAPER_EPOCHS
-        recipe = Recipe(
-            "paper", "lars", n_epochs, PAPER_WARMUP * n_epochs / PAPER_EPOCHS, batch, 0,
-            [b * batch / 256 for b in base], wds_ if wds_ is not None else [0.0], base, False, notes,
-        )  # fmt: skip
-    else:  # pragma: no cover - check_choice above
-        raise AssertionError(name)
-    cap = micro_batch or MAX_MICRO_BATCH
+    else:
+        recipe = _paper_recipe(n_train, batch_size, epochs, lrs_, wds_, warmup_epochs)
+    cap = micro_batch or (PAPER_BN_BATCH if name == "paper" else MAX_MICRO_BATCH)
     n_micro = math.ceil(recipe.batch_size / cap)
     recipe.micro_batch = math.ceil(recipe.batch_size / n_micro)  # even chunks: no BatchNorm on 1 image
     return recipe
+
+
+def _paper_recipe(
+    n_train: int,
+    batch_size: int | None,
+    epochs: int | None,
+    lrs: list[float] | None,
+    wds: list[float] | None,
+    warmup_epochs: float | None,
+) -> Recipe:
+    """The paper code's recipe at this training-set size, with notes where it cannot be itself."""
+    notes: list[str] = []
+    requested = batch_size or PAPER_BATCH
+    batch = min(requested, n_train)
+    if batch < requested:
+        notes.append(f"batch {requested} capped at the {n_train} training images")
+    base = lrs or [PAPER_BASE_LR]
+    n_epochs = epochs or PAPER_EPOCHS
+    warmup = PAPER_WARMUP if warmup_epochs is None else warmup_epochs
+    if warmup >= n_epochs:
+        notes.append(
+            f"all {n_epochs} epochs are warm-up ({warmup:g} warm-up epochs): the learning rate never "
+            "reaches its peak, as in the paper's code; give more `epochs` or fewer `warmup_epochs`"
+        )
+    steps = n_epochs * max(1, n_train // batch)
+    if steps < FEW_STEPS:
+        notes.append(_few_steps_note(n_train, batch, n_epochs, steps))
+    return Recipe(
+        "paper", "lars", n_epochs, warmup, batch, 0, [b * batch / 256 for b in base],
+        wds if wds is not None else [0.0], base, False, notes, "linear_default",
+    )  # fmt: skip
+
+
+def _few_steps_note(n_train: int, batch: int, epochs: int, steps: int) -> str:
+    """Why a short schedule may under-train, with two ways to more optimizer steps."""
+    per_epoch = max(1, n_train // batch)
+    need_epochs = math.ceil(FEW_STEPS / per_epoch)
+    smaller = [b for b in (2**k for k in range(4, 15)) if b < batch and epochs * (n_train // b) >= FEW_STEPS]
+    by_batch = ""
+    if smaller:
+        b = smaller[-1]
+        total = epochs * (n_train // b)
+        by_batch = (
+            f"a smaller `batch_size` ({b}: {n_train // b} steps per epoch, {total:,} steps; "
+            "the learning rate scales with the batch) or "
+        )
+    return (
+        f"recipe paper: {epochs} epochs x {per_epoch} optimizer step(s) of {batch} images = {steps} steps, "
+        f"fewer than {FEW_STEPS:,} (the paper's ImageNet-1k run makes 90 x 78 = 7,020); heads may be "
+        f"under-trained. For more steps give {by_batch}more `epochs` ({need_epochs:,} at this batch)"
+    )
 
 
 # --------------------------------------------------------------------------- feature sources
@@ -461,11 +514,11 @@ class BankSpec:
     has_cls: bool
     abmilp_depth: int = 1
 
-    def build(self, num_heads: int, seed: int) -> HeadBank:
+    def build(self, num_heads: int, seed: int, classifier_init: str = "trunc_normal") -> HeadBank:
         """A freshly initialised bank with `num_heads` heads per aggregator."""
         return HeadBank(
             self.aggregators, num_heads, self.dim, self.num_classes, num_prefix=self.num_prefix,
-            has_cls=self.has_cls, abmilp_depth=self.abmilp_depth, seed=seed,
+            has_cls=self.has_cls, abmilp_depth=self.abmilp_depth, seed=seed, classifier_init=classifier_init,
         )  # fmt: skip
 
 
@@ -860,7 +913,7 @@ def train_bank(
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 21])  # the epochs' orders, then the BatchNorm pass's images
     bn_positions = _bn_positions(positions, rng, recipe.epochs)
-    bank = spec.build(len(recipe.grid), seed).to(device)
+    bank = spec.build(len(recipe.grid), seed, recipe.classifier_init).to(device)
     bank.reuse_buffers = True  # every forward below is backpropagated (or no-grad) before the next one
     loop = _Loop(bank, data.train_source, labels, recipe, len(positions), ranks, device)
     losses: list[float] = []
