@@ -700,7 +700,7 @@ def _train(ctx: _Context, setup: _Setup, features: _Features, training: _Trainin
             features.sources["eval"], data.eval.labels, training.eval,
         ),
         BankSpec(setup.aggregators, data.num_classes, setup.dim, layout.num_prefix, layout.has_cls,
-                 ctx.config.abmilp_depth),
+                 ctx.config.abmilp_depth, layout.grid),
         training.recipe,
         seed=ctx.config.seed,
         device=ctx.device,

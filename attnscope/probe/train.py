@@ -513,12 +513,14 @@ class BankSpec:
     num_prefix: int  # tokens before the patches (class token and registers)
     has_cls: bool
     abmilp_depth: int = 1
+    grid: tuple[int, int] | None = None  # the patch grid (rows, columns): where each patch is
 
     def build(self, num_heads: int, seed: int, classifier_init: str = "trunc_normal") -> HeadBank:
         """A freshly initialised bank with `num_heads` heads per aggregator."""
         return HeadBank(
             self.aggregators, num_heads, self.dim, self.num_classes, num_prefix=self.num_prefix,
             has_cls=self.has_cls, abmilp_depth=self.abmilp_depth, seed=seed, classifier_init=classifier_init,
+            grid=self.grid,
         )  # fmt: skip
 
 
