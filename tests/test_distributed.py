@@ -171,7 +171,18 @@ def test_probe_features_sharded_over_ranks_equal_one_process(tmp_path, one_threa
 
     The reference runs on one thread like torchrun's ranks (`one_thread`): a BLAS may split
     its sums differently with two, and results.csv is compared exactly below."""
-    args = ["--img-size", "64", "--max-images-per-split", "41", "--epochs", "2", "--maps", "0"]
+    args = [
+        "--img-size",
+        "64",
+        "--max-images-per-split",
+        "41",
+        "--epochs",
+        "2",
+        "--maps",
+        "0",
+        "--threads",
+        "1",
+    ]
     result = CliRunner().invoke(
         app, ["probe", *TINY, *args, "--cache-dir", str(tmp_path / "cache1"), "--out", str(tmp_path / "one")]
     )
@@ -325,6 +336,8 @@ STREAM_ARGS = [
     "--maps",
     "0",
     "--no-cache",
+    "--threads",
+    "1",
 ]
 
 

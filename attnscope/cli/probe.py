@@ -232,6 +232,17 @@ ExtractBatchOpt = Annotated[
         min=1,
     ),
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="Torch threads for feature extraction and training. Default: the CPUs this process may run "
+        "on (its affinity), divided among the processes of the node under torchrun. On a shared, busy "
+        "machine fewer threads (even 1) can be much faster.",
+        min=1,
+        show_default=False,
+    ),
+]
 MapsOpt = Annotated[
     int, typer.Option("--maps", help="Evaluation images in the AbMILP-vs-\\[cls] figure (0: none).", min=0)
 ]
@@ -286,6 +297,7 @@ def probe_cmd(
     num_workers: WorkersOpt = 0,
     extract_batch_size: ExtractBatchOpt = 64,
     map_images: MapsOpt = 6,
+    threads: ThreadsOpt = None,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     formats: FormatOpt = None,
@@ -427,6 +439,8 @@ def _show_plan(ui: CliUI, plan: FeaturePlan) -> None:
             f"blocks {listed} of {plan.num_blocks} of {plan.model} (counted from 1; the last block: "
             f"{plan.norm}, the others: their raw output)"
         )
+    if plan.threads:
+        where += f"; {plan.threads} torch thread{'s' if plan.threads > 1 else ''}"
     ui.err.print(
         f"features: {where}; {plan.tokens} tokens "
         f"({lay['num_prefix_tokens']} prefix kept out of the patch bag, {lay['grid'][0]}x{lay['grid'][1]} "

@@ -60,7 +60,17 @@ if TYPE_CHECKING:
     from attnscope.probe.train import BankResult, FeatureSource, Recipe
     from attnscope.results import RunWriter
 
-__all__ = ["BankPlan", "CachePlan", "FeaturePlan", "ProbeConfig", "ProbeHooks", "ProbeResult", "run"]
+__all__ = [
+    "BankPlan",
+    "CachePlan",
+    "FeaturePlan",
+    "ProbeConfig",
+    "ProbeHooks",
+    "ProbeResult",
+    "default_threads",
+    "run",
+    "torch_threads",
+]
 
 DEFAULT_AGGREGATORS = ("cls", "mean", "abmilp")
 _HOLDOUT_STREAM = 31  # random stream of the hold-out split
@@ -114,6 +124,7 @@ class ProbeConfig:
     extract_batch_size: int = 64  # images per backbone forward
     map_images: int = 6
     shard_images: int | None = None  # images per cache shard (default: about 512 MiB)
+    threads: int | None = None  # torch threads for extraction and training; None: `default_threads()`
     formats: tuple[str, ...] = ("png",)
     out: Path | None = field(default=None, compare=False)
     overwrite: bool = field(default=False, compare=False)
@@ -154,6 +165,7 @@ _AT_LEAST = {
     "num_workers": 0,
     "map_images": 0,
     "shard_images": 1,
+    "threads": 1,
 }
 
 
@@ -186,6 +198,7 @@ class FeaturePlan:
     cache: CachePlan | None  # None: not cached, streamed through the backbone every epoch
     blocks: list[int] = field(default_factory=list)  # 1-based
     num_blocks: int = 0
+    threads: int = 0  # torch threads of extraction and training
 
 
 @dataclass(frozen=True)
@@ -260,12 +273,41 @@ def run(
         config, (ui or NullUI()) if main else NullUI(), (hooks or ProbeHooks()) if main else ProbeHooks(),
         device, main, data_parallel=config.no_cache and distributed.is_distributed(),
     )  # fmt: skip
-    result = _probe(ctx)
+    with torch_threads(config.threads or default_threads()[0]):
+        result = _probe(ctx)
     if result is None or writer is None:
         return out_dir, None
     meta = run_metadata(command, config.as_dict(), {config.model: result.info}, config.seed)
     write_probe_run(writer, result, meta, config.formats)
     return writer.out_dir, result
+
+
+def default_threads() -> tuple[int, str]:
+    """(threads, why): the CPUs this process may run on (its affinity, not the machine's
+    count: a batch job or `taskset` gets what it was given), shared among the processes of
+    this node under torchrun (LOCAL_WORLD_SIZE)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        where = "CPUs in this process's affinity"
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus, where = os.cpu_count() or 1, "CPUs"
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = max(1, cpus // local)
+    why = f"{cpus} {where}" + (f" / {local} processes on this node" if local > 1 else "")
+    return threads, why
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op threads set to `threads` for the block, the previous count restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -428,6 +470,8 @@ def _usable_aggregators(ctx: _Context, model: str, has_cls: bool) -> list[str]:
 def _plan_features(ctx: _Context, setup: _Setup) -> tuple[dict[str, dict[int, FeatureCache]], FeaturePlan]:
     """Open (or find) the feature cache of each split and block, keyed by everything that
     changes its tokens, and say how much of it is still to extract."""
+    import torch
+
     from attnscope.probe import features as feat
 
     config, loaded, extractor = ctx.config, setup.loaded, setup.extractor
@@ -461,7 +505,7 @@ def _plan_features(ctx: _Context, setup: _Setup) -> tuple[dict[str, dict[int, Fe
     plan = FeaturePlan(
         loaded.name, setup.data.summary(), len(setup.hold_all), setup.tokens, setup.dim,
         extractor.layout.as_dict(), extractor.norm_label, cache_plan, list(setup.blocks),
-        extractor.num_blocks,
+        extractor.num_blocks, torch.get_num_threads(),
     )  # fmt: skip
     return caches, plan
 
@@ -841,6 +885,7 @@ def _provenance(
             ],
             "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
             "device": str(ctx.device),
+            "threads": _threads_info(ctx.config),
             "notes": ctx.notes,
             **distributed.describe(),
         }
@@ -848,6 +893,16 @@ def _provenance(
     if len(trained) > 1:
         info["bank"]["epoch_losses_by_block"] = {str(b): t.losses for b, t in trained.items()}
     return info
+
+
+def _threads_info(config: ProbeConfig) -> dict[str, Any]:
+    """run.json's `threads`: how many torch threads extraction and training ran on, and why."""
+    import torch
+
+    if config.threads is not None:
+        return {"torch": torch.get_num_threads(), "from": "`threads`"}
+    _, why = default_threads()
+    return {"torch": torch.get_num_threads(), "from": f"default: {why}"}
 
 
 def _curves_info(ctx: _Context, trained: dict[int, BankResult]) -> dict[str, Any]:
