@@ -428,7 +428,9 @@ BANK = textwrap.dedent(
                 holdout_positions=np.arange(27, 31), eval_source=Dropping(xe), eval_labels=ye,
                 eval_positions=np.arange(19),
             ),
-            train.BankSpec(aggregators=list(AGGREGATORS), num_classes=7, dim=16, num_prefix=2, has_cls=True),
+            train.BankSpec(
+                aggregators=list(AGGREGATORS), num_classes=7, dim=16, num_prefix=2, has_cls=True, grid=(2, 4)
+            ),
             recipe, seed=0, data_parallel=data_parallel,
         )
         trained.bank.eval()

@@ -578,6 +578,7 @@ def test_abmilp_options_equal_the_paper_codes_head(name):
     tokens = torch.randn(6, 13, 32)
     out = agg(tokens[:, 0], tokens[:, 1:])
     assert out.shape == (6, 2, 32)
+    assert agg(tokens[:0, 0], tokens[:0, 1:]).shape == (0, 2, 32)  # a rank's empty share of a batch
     for h in range(2):
         ref = paper_abmilp_head(agg, h, tokens[:, 0], tokens[:, 1:], grid)
         torch.testing.assert_close(out[:, h].double(), ref, rtol=1e-5, atol=1e-5)

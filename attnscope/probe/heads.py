@@ -749,7 +749,7 @@ class _AbmilpOptions(Aggregator):
     def _attend(self, bag: Tensor) -> Tensor:
         """`(H, B, N, D)`: each head's single-head self-attention over the bag."""
         b, n, d = bag.shape
-        qkv = torch.matmul(bag.reshape(b * n, d), self.qkv_w.transpose(1, 2)).view(-1, b, n, 3, d)
+        qkv = torch.matmul(bag.reshape(b * n, d), self.qkv_w.transpose(1, 2)).view(self.num_heads, b, n, 3, d)
         q, k, v = qkv.unbind(3)
         attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * d**-0.5, dim=-1)
         return (
