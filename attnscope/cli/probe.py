@@ -232,6 +232,16 @@ ExtractBatchOpt = Annotated[
         min=1,
     ),
 ]
+AugmentOpt = Annotated[
+    int,
+    typer.Option(
+        "--augment",
+        help="Cache K augmented views of every training image (the paper recipe's RandomResizedCrop + "
+        "flip, seeded per image and view) and train on one per image each epoch; views already cached "
+        "are reused when K grows. 0: the images as they are.",
+        min=0,
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(
@@ -298,6 +308,7 @@ def probe_cmd(
     extract_batch_size: ExtractBatchOpt = 64,
     map_images: MapsOpt = 6,
     threads: ThreadsOpt = None,
+    augment: AugmentOpt = 0,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     formats: FormatOpt = None,

@@ -46,8 +46,9 @@ if TYPE_CHECKING:
     import torch
 
     from attnscope.models import LoadedModel
-    from attnscope.probe.datasets import LabelledSplit, Positions, ProbeData
+    from attnscope.probe.datasets import ImageSource, LabelledSplit, Positions, ProbeData
     from attnscope.probe.features import (
+        AugmentedSource,
         CacheIndex,
         ExtractReport,
         FeatureCache,
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     )
     from attnscope.probe.heads import HeadBank
     from attnscope.probe.selection import MapRecord
-    from attnscope.probe.train import BankResult, FeatureSource, Recipe
+    from attnscope.probe.train import BankResult, FeatureSource, Recipe, ViewSource
     from attnscope.results import RunWriter
 
 __all__ = [
@@ -116,6 +117,7 @@ class ProbeConfig:
     blocks: str | tuple[int, ...] = "last"
     # learning curves: measure every head after every epoch (curves.csv); None: on unless `no_cache`
     curves: bool | None = None
+    augment: int = 0  # augmented views cached per training image (one per image shown each epoch)
     cache_dir: Path | None = None
     no_cache: bool = False
     device: str = "auto"
@@ -150,6 +152,8 @@ class ProbeConfig:
         set_(self, "wds", tuple(self.wds) if self.wds is not None else None)
         set_(self, "formats", normalise_formats(self.formats))
         set_(self, "blocks", normalise_blocks(self.blocks))
+        if self.augment and self.no_cache:
+            raise ConfigError("augment", "caches its views; it cannot go with `no_cache`")
 
     def as_dict(self) -> dict[str, Any]:
         return {"command": "probe", **config_dict(self, skip=("out", "overwrite"))}
@@ -166,6 +170,7 @@ _AT_LEAST = {
     "map_images": 0,
     "shard_images": 1,
     "threads": 1,
+    "augment": 0,
 }
 
 
@@ -340,10 +345,21 @@ class _Setup:
     hold_all: np.ndarray  # ... and held out to select them (before unreadable images are dropped)
     tokens: int
     dim: int
+    views: list[AugmentedSource] = field(default_factory=list)  # `augment`: the training split's views
 
     @property
     def splits(self) -> dict[str, LabelledSplit]:
         return {"train": self.data.train, "eval": self.data.eval}
+
+    def parts(self) -> dict[str, tuple[ImageSource, dict[str, Any] | None]]:
+        """What is cached, by cache name: each split's images, then each augmented view of the
+        training split (with what identifies the view in a cache key)."""
+        parts: dict[str, tuple[ImageSource, dict[str, Any] | None]] = {
+            name: (split.source, None) for name, split in self.splits.items()
+        }
+        for view in self.views:
+            parts[f"train-view{view.view}"] = (view, view.key())
+        return parts
 
     @property
     def blocks(self) -> list[int]:
@@ -363,6 +379,7 @@ class _Features:
     cache_info: dict[str, Any] = field(default_factory=dict)
     stores: dict[int, dict[str, FeatureStore]] | None = None  # each block's caches; None: streamed
     block: int | None = None
+    views: ViewSource | None = None  # `augment`: the training split's views of block `block`
 
 
 @dataclass
@@ -447,7 +464,17 @@ def _load(ctx: _Context) -> _Setup:
         data.train.labels, config.holdout_fraction, config.seed, _HOLDOUT_STREAM
     )
     tokens, dim = extractor.token_shape()
-    return _Setup(loaded, extractor, data, aggregators, fit_all, hold_all, tokens, dim)
+    views = [
+        feat.AugmentedSource(data.train.source, v, config.seed, loaded.input_size)
+        for v in range(config.augment)
+    ]
+    if views:
+        ctx.note(
+            f"`augment`: {len(views)} augmented views of each training image are cached (RandomResizedCrop + "
+            "flip, seeded per image and view); each epoch shows one per image; the hold-out, the BatchNorm "
+            "statistics and every measurement use the images as they are"
+        )
+    return _Setup(loaded, extractor, data, aggregators, fit_all, hold_all, tokens, dim, views)
 
 
 def _usable_aggregators(ctx: _Context, model: str, has_cls: bool) -> list[str]:
@@ -480,24 +507,25 @@ def _plan_features(ctx: _Context, setup: _Setup) -> tuple[dict[str, dict[int, Fe
     if not config.no_cache:
         cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else feat.default_cache_dir()
         to_write = 0
-        for name, split in setup.splits.items():
+        for name, (source, augment) in setup.parts().items():
             caches[name] = {}
             for block in setup.blocks:
                 material = feat.feature_key_material(
                     loaded, transform_config=extractor.transform_config, prenorm=config.prenorm,
-                    dtype=config.dtype, seed=config.seed, item_ids=split.source.item_ids(),
+                    dtype=config.dtype, seed=config.seed, item_ids=source.item_ids(),
                     model_kwargs=config.model_kwargs, block=block, num_blocks=extractor.num_blocks,
+                    augment=augment,
                 )  # fmt: skip
                 # the last block's folder keeps the name it had before blocks could be chosen
                 label = f"{loaded.spec.arch}-{name}"
                 if block != extractor.num_blocks:
                     label = f"{loaded.spec.arch}-b{block}-{name}"
                 cache = feat.open_cache(
-                    cache_dir, label, material, len(split), setup.tokens, setup.dim, config.shard_images
+                    cache_dir, label, material, len(source), setup.tokens, setup.dim, config.shard_images
                 )
                 caches[name][block] = cache
                 if not cache.is_complete():
-                    to_write += len(cache.pending(range(len(split)))) * cache.bytes_per_image
+                    to_write += len(cache.pending(range(len(source)))) * cache.bytes_per_image
         cache_plan = CachePlan(
             cache_dir, sum(c.total_bytes() for cs in caches.values() for c in cs.values()),
             setup.tokens * setup.dim * 2, to_write, feat.disk_free(cache_dir), len(setup.blocks),
@@ -556,7 +584,7 @@ def _cached_features(
         {n: [b for b, c in cs.items() if c.is_complete()] for n, cs in caches.items()}
     )
     features = _Features({}, stores={b: {} for b in setup.blocks})
-    for name, split in setup.splits.items():
+    for name, (source, augment) in setup.parts().items():
         todo = {b: c for b, c in caches[name].items() if b not in complete[name]}
         report, shown = feat.ExtractReport(), set[int]()  # shown: skipped positions reported while extracting
         indices: dict[int, CacheIndex] | None = {}
@@ -570,14 +598,16 @@ def _cached_features(
         failures = dict(indices[setup.blocks[-1]].failures)
         for index in indices.values():  # the same images fail in every block; a cache may have been resumed
             failures.update({p: r for p, r in index.failures.items() if p not in failures})
+        for block in setup.blocks:
+            assert features.stores is not None
+            features.stores[block][name] = feat.FeatureStore(caches[name][block], indices[block])
+        features.cache_info[name] = _cache_info(caches[name], report, len(source) - len(failures))
+        if augment is not None:  # a view fails where its image does, which the train split reports
+            continue
         for pos, reason in sorted(failures.items()):
             if pos not in shown:  # a reused cache still lists what it skipped; so do other ranks' shares
-                ctx.ui.skip(split.source.path(pos), reason)
+                ctx.ui.skip(source.path(pos), reason)
         features.failures[name] = failures
-        assert features.stores is not None
-        for block in setup.blocks:
-            features.stores[block][name] = feat.FeatureStore(caches[name][block], indices[block])
-        features.cache_info[name] = _cache_info(caches[name], report, len(split) - len(failures))
     return features if ctx.main else None
 
 
@@ -626,9 +656,16 @@ def _use_block(ctx: _Context, features: _Features, setup: _Setup, block: int) ->
             streams[name] = new
         features.sources, features.block = streams, block
         return
-    features.sources = {}  # the previous block's tensors go before the next block's come
+    from attnscope.probe.features import StackedStore
+    from attnscope.probe.train import ViewSource
+
+    features.sources, features.views = {}, None  # the previous block's tensors go before the next's come
     budget = _ram_budget()
-    for name, store in features.stores[block].items():
+    stores = features.stores[block]
+    views = [name for name in stores if name.startswith("train-view")]
+    for name, store in stores.items():
+        if name in views:
+            continue
         size = store.cache.total_bytes()
         in_ram = size <= budget
         budget -= size if in_ram else 0  # both splits share the one budget
@@ -637,9 +674,23 @@ def _use_block(ctx: _Context, features: _Features, setup: _Setup, block: int) ->
             if in_ram
             else StoreSource(store, ctx.device)
         )
-        entry = features.cache_info[name]
-        (entry["blocks"][str(block)] if "blocks" in entry else entry)["read_into_ram"] = in_ram
+        _cache_entry(features, name, block)["read_into_ram"] = in_ram
+    if views:  # then the augmented views, all of them or none in RAM
+        stacked = StackedStore([stores[name] for name in views])
+        in_ram = sum(stores[name].cache.total_bytes() for name in views) <= budget
+        inner = TensorSource(torch.from_numpy(stacked.load_all()), ctx.device) if in_ram else None
+        features.views = ViewSource(
+            inner or StoreSource(stacked, ctx.device), stacked.n, len(views), ctx.config.seed
+        )
+        for name in views:
+            _cache_entry(features, name, block)["read_into_ram"] = in_ram
     features.block = block
+
+
+def _cache_entry(features: _Features, name: str, block: int) -> dict[str, Any]:
+    """run.json's cache entry of one block of cache `name`."""
+    entry = features.cache_info[name]
+    return entry["blocks"][str(block)] if "blocks" in entry else entry
 
 
 def _extract(
@@ -652,15 +703,17 @@ def _extract(
     from attnscope import distributed
     from attnscope.probe import features as feat
 
-    config, split = ctx.config, setup.splits[name]
-    share = distributed.shard_positions(len(split))  # torchrun: this rank's share
-    positions = range(len(split)) if share is None else share
+    config, (source, augment) = ctx.config, setup.parts()[name]
+    transform = feat.augment_transform(setup.extractor.transform_config) if augment is not None else None
+    share = distributed.shard_positions(len(source))  # torchrun: this rank's share
+    positions = range(len(source)) if share is None else share
     pending = any(c.pending(positions) for c in caches.values())
     with distributed.step():
         with _progress(ctx.ui, f"features {name}", pending) as progress:
             report = feat.extract_shards(
-                setup.extractor, split.source, caches, positions, batch_size=config.extract_batch_size,
-                num_workers=config.num_workers, progress=progress, on_skip=ctx.ui.skip,
+                setup.extractor, source, caches, positions, batch_size=config.extract_batch_size,
+                num_workers=config.num_workers, progress=progress, on_skip=None if augment else ctx.ui.skip,
+                transform=transform,
             )  # fmt: skip
     shown = set(report.failures)
     # torchrun: past the step every rank has finished its shards, so the index is complete
@@ -741,7 +794,7 @@ def _train(ctx: _Context, setup: _Setup, features: _Features, training: _Trainin
     return train_bank(
         TrainingData(
             features.sources["train"], data.train.labels, training.fit, training.hold,
-            features.sources["eval"], data.eval.labels, training.eval,
+            features.sources["eval"], data.eval.labels, training.eval, features.views,
         ),
         BankSpec(setup.aggregators, data.num_classes, setup.dim, layout.num_prefix, layout.has_cls,
                  ctx.config.abmilp_depth, layout.grid),
@@ -874,6 +927,14 @@ def _provenance(
             "bn_stats": "recomputed over the training split after the last step"
             + (" (statistics of each batch summed over the ranks)" if ctx.data_parallel else ""),
             "curves": _curves_info(ctx, trained),
+            "augment": {
+                "views": len(setup.views),
+                "view": setup.views[0].key() | {"view": "0 .. views - 1"},
+                "epochs": "each image shows one of its views per epoch, drawn from (seed, epoch)",
+                "plain_images": "the hold-out, the BatchNorm statistics and every measurement",
+            }
+            if setup.views
+            else None,
             "images_skipped": [
                 {"split": name, "item": split.source.describe(p), "reason": r}
                 for name, split in setup.splits.items()

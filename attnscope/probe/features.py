@@ -34,13 +34,14 @@ import numpy as np
 
 from attnscope.errors import AttnscopeError, ConfigError
 from attnscope.files import atomic_path, write_text_atomic
+from attnscope.probe.datasets import ImageSource
 
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
 
     from attnscope.models import LoadedModel, TokenLayout
-    from attnscope.probe.datasets import ImageSource, Positions
+    from attnscope.probe.datasets import Positions
 
 FORMAT_VERSION = 1
 SHARD_TARGET_BYTES = 512 * 2**20  # big enough for few files, small enough to rewrite on resume
@@ -51,11 +52,15 @@ ProgressFn = Callable[[int, int], None]
 SkipFn = Callable[[Path, str], None]
 
 __all__ = [
+    "AugmentedSource",
     "CacheIndex",
     "FeatureCache",
     "FeatureStore",
+    "StackedStore",
     "StreamSource",
     "TokenExtractor",
+    "augment_transform",
+    "augmented_view",
     "cache_key",
     "default_cache_dir",
     "disk_free",
@@ -326,12 +331,15 @@ def feature_key_material(
     model_kwargs: dict[str, Any] | None = None,
     block: int | None = None,
     num_blocks: int | None = None,
+    augment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything that changes the cached tokens, as a JSON-able dict.
 
     `block` (1-based) of `num_blocks`: None or the last block is the layer `last` (the key
     of every cache written before blocks could be chosen, so those caches stay valid);
-    another block is `blocks.<block - 1>`, whose tokens never pass the final norm."""
+    another block is `blocks.<block - 1>`, whose tokens never pass the final norm.
+    `augment`: what identifies one augmented view (`AugmentedSource.key`); absent for the
+    plain images, whose keys stay those of every earlier cache."""
     images = hashlib.sha256("\n".join(item_ids).encode()).hexdigest()
     layer = "last" if block is None or block == num_blocks else f"blocks.{block - 1}"
     return {
@@ -347,7 +355,7 @@ def feature_key_material(
         "forward_dtype": dtype,
         "num_images": len(item_ids),
         "images_sha256": images,
-    }
+    } | ({"augment": augment} if augment is not None else {})
 
 
 def cache_key(material: dict[str, Any]) -> str:
@@ -539,6 +547,7 @@ def extract_shards(
     on_skip: SkipFn | None = None,
     commit_images: int = COMMIT_IMAGES,
     commit_seconds: float = COMMIT_SECONDS,
+    transform: Callable[[Any], torch.Tensor] | None = None,
 ) -> ExtractReport:
     """Extract the positions `indices` that no committed shard holds yet into new shards.
 
@@ -552,7 +561,8 @@ def extract_shards(
     `commit_seconds`, whichever comes first. An interruption therefore loses at most that
     much work, and the next call continues with the positions still missing; a shard
     without its meta file is never trusted. Ctrl-C raises `ExtractionInterrupted`, which
-    says how much is committed.
+    says how much is committed. `transform`: what turns a loaded image into the model's
+    input (default: the extractor's eval transform).
     """
     caches = {extractor.blocks[-1]: cache} if isinstance(cache, FeatureCache) else dict(cache)
     buffers = _BlockBuffers(caches, indices)
@@ -564,7 +574,9 @@ def extract_shards(
     limit = max(1, min(commit_images, *(c.shard_images for c in caches.values())))
     done, last_commit = 0, time.monotonic()
     try:
-        for batch in make_source_loader(source, extractor.transform, todo, batch_size, num_workers):
+        for batch in make_source_loader(
+            source, transform or extractor.transform, todo, batch_size, num_workers
+        ):
             for pos, reason in batch.failures:
                 if on_skip is not None:
                     on_skip(source.path(pos), reason)
@@ -770,6 +782,97 @@ class FeatureStore:
 
     def load_all(self) -> np.ndarray:
         return self.gather(np.arange(self.index.num_items))
+
+
+# --------------------------------------------------------------------------- augmented views
+
+AUGMENT_STREAM = 41  # random stream of the augmented views
+AUGMENT_SCALE = (0.08, 1.0)
+AUGMENT_RATIO = (3 / 4, 4 / 3)
+
+
+def augmented_view(image: Any, size: tuple[int, int], rng: np.random.Generator) -> Any:
+    """The paper recipe's training augmentation of one PIL image: `RandomResizedCrop(size,
+    interpolation=bicubic)` with the paper code's TF-style parameters (util/crop.py: one
+    draw of the area fraction in [0.08, 1] and of the log aspect ratio in [log 3/4, log 4/3],
+    the crop clipped to the image, no retry loop), then a horizontal flip with probability
+    1/2; every draw from `rng`."""
+    from PIL import Image
+
+    width, height = image.size
+    area = width * height * rng.uniform(*AUGMENT_SCALE)
+    aspect = float(np.exp(rng.uniform(np.log(AUGMENT_RATIO[0]), np.log(AUGMENT_RATIO[1]))))
+    w = min(int(round(np.sqrt(area * aspect))), width)
+    h = min(int(round(np.sqrt(area / aspect))), height)
+    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    crop = image.crop((left, top, left + w, top + h)).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.uniform() < 0.5 else crop
+
+
+class AugmentedSource(ImageSource):
+    """View `view` of every image of `base`: `augmented_view` drawn from a generator seeded
+    by (seed, position, view) alone, so a view never changes when more views are asked for
+    and a cache of it stays valid. Its images are already at the model's input size; they
+    take `augment_transform` (tensor + normalisation), not the eval transform."""
+
+    def __init__(self, base: ImageSource, view: int, seed: int, size: tuple[int, int]) -> None:
+        self.base, self.view, self.seed, self.size = base, int(view), int(seed), (int(size[0]), int(size[1]))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def load(self, i: int) -> Any:
+        rng = np.random.default_rng([self.seed, AUGMENT_STREAM, int(i), self.view])
+        return augmented_view(self.base.load(i), self.size, rng)
+
+    def describe(self, i: int) -> str:
+        return self.base.describe(i)
+
+    def path(self, i: int) -> Path:
+        return self.base.path(i)
+
+    def item_ids(self) -> list[str]:
+        return self.base.item_ids()
+
+    def key(self) -> dict[str, Any]:
+        """What identifies this view in a cache key."""
+        return {
+            "view": self.view, "seed": self.seed, "size": list(self.size),
+            "recipe": "RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bicubic, TF-style) + flip",
+        }  # fmt: skip
+
+
+def augment_transform(transform_config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """An augmented view (already at the input size) -> the normalised tensor the model takes,
+    with the mean and std of its eval transform."""
+    from torchvision import transforms
+
+    mean, std = transform_config.get("mean", (0.5, 0.5, 0.5)), transform_config.get("std", (0.5, 0.5, 0.5))
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(list(mean), list(std))])
+
+
+class StackedStore:
+    """Several complete caches of equally many images as one: row `k * n + p` is position
+    `p` of cache `k` (the augmented views of the training split, read by `ViewSource`)."""
+
+    def __init__(self, stores: Sequence[FeatureStore]) -> None:
+        self.stores = list(stores)
+        self.n = stores[0].index.num_items
+        self.index = stores[0].index
+
+    def gather(self, positions: Positions, out: np.ndarray | None = None) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        if out is None or len(out) < len(positions):
+            out = np.empty((len(positions), self.index.tokens, self.index.dim), dtype=np.float16)
+        out = out[: len(positions)]
+        which, rows = np.divmod(positions, self.n)
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            out[sel] = self.stores[int(k)].gather(rows[sel])
+        return out
+
+    def load_all(self) -> np.ndarray:
+        return np.concatenate([s.load_all() for s in self.stores])
 
 
 # --------------------------------------------------------------------------- streaming

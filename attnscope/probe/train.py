@@ -57,6 +57,7 @@ __all__ = [
     "StoreSource",
     "TensorSource",
     "TrainingData",
+    "ViewSource",
     "cosine_factor",
     "evaluate_bank",
     "grid_values",
@@ -483,6 +484,41 @@ class StoreSource:
             yield torch.from_numpy(buf[: len(chunk)]).to(self.device), chunk
 
 
+VIEW_STREAM = 42  # random stream of the view each image shows in an epoch
+
+
+class ViewSource:
+    """K cached augmented views of the training images behind one `FeatureSource`: position
+    `p` of view `v` is row `v * n + p` of `inner` (a `StackedStore` or its tensor). Each
+    epoch (`set_epoch`) every image shows one view, drawn seeded by (seed, epoch), and
+    `iterate` serves the chosen view's tokens under the image's own position."""
+
+    def __init__(self, inner: FeatureSource, n_items: int, views: int, seed: int = 0) -> None:
+        self.inner, self.n, self.views, self.seed = inner, int(n_items), int(views), int(seed)
+        self.choice = np.zeros(self.n, dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.choice = np.random.default_rng([self.seed, VIEW_STREAM, int(epoch)]).integers(
+            0, self.views, self.n
+        )
+
+    def iterate(
+        self,
+        positions: Positions,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, np.ndarray]]:
+        pos = np.asarray(positions, dtype=np.int64)
+        if shuffle:
+            pos = pos[(rng or np.random.default_rng()).permutation(len(pos))]
+        rows = self.choice[pos] * self.n + pos
+        for tokens, served in self.inner.iterate(rows, batch_size, drop_last=drop_last):
+            yield tokens, served % self.n
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -501,6 +537,9 @@ class TrainingData:
     eval_source: FeatureSource
     eval_labels: np.ndarray
     eval_positions: Positions
+    # augmented views the training steps read instead of `train_source` (one view per image
+    # and epoch); the BatchNorm pass and every measurement read the plain images
+    augmented: ViewSource | None = None
 
 
 @dataclass(frozen=True)
@@ -917,12 +956,14 @@ def train_bank(
     bn_positions = _bn_positions(positions, rng, recipe.epochs)
     bank = spec.build(len(recipe.grid), seed, recipe.classifier_init).to(device)
     bank.reuse_buffers = True  # every forward below is backpropagated (or no-grad) before the next one
-    loop = _Loop(bank, data.train_source, labels, recipe, len(positions), ranks, device)
+    loop = _Loop(bank, data.augmented or data.train_source, labels, recipe, len(positions), ranks, device)
     losses: list[float] = []
     rows: list[dict[str, Any]] = []
     start, curve_seconds = time.perf_counter(), 0.0
     for epoch in range(recipe.epochs):
         bank.train()
+        if data.augmented is not None:
+            data.augmented.set_epoch(epoch)
         # the same seeded order on every rank; each takes its share of every micro-batch
         order = positions[rng.permutation(len(positions))][: loop.steps_per_epoch * loop.batch]
         epoch_loss, seen = loop.epoch(order)
