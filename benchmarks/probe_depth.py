@@ -97,6 +97,7 @@ def curves_benchmark(args) -> None:
     epochs = 3 if args.quick else 10
     print(f"learning curves: {n} images (72% fit, 8% hold-out, 20% eval) of {tokens} x {dim} fp16, "
           f"cls, mean, abmilp x 5 lrs x 2 wds, batch 256, {epochs} epochs")  # fmt: skip
+    curves_seconds(False, n, tokens, dim, 1)  # warm-up
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.repeats):
         for curves in (False, True):
