@@ -185,7 +185,18 @@ def test_probe_features_sharded_over_ranks_equal_one_process(tmp_path, one_threa
 
     The reference runs on one thread like torchrun's ranks (`one_thread`): a BLAS may split
     its sums differently with two, and results.csv is compared exactly below."""
-    args = ["--img-size", "64", "--max-images-per-split", "41", "--epochs", "2", "--maps", "0"]
+    args = [
+        "--img-size",
+        "64",
+        "--max-images-per-split",
+        "41",
+        "--epochs",
+        "2",
+        "--maps",
+        "0",
+        "--threads",
+        "1",
+    ]
     result = CliRunner().invoke(
         app, ["probe", *TINY, *args, "--cache-dir", str(tmp_path / "cache1"), "--out", str(tmp_path / "one")]
     )
@@ -339,6 +350,8 @@ STREAM_ARGS = [
     "--maps",
     "0",
     "--no-cache",
+    "--threads",
+    "1",
 ]
 
 
@@ -429,7 +442,9 @@ BANK = textwrap.dedent(
                 holdout_positions=np.arange(27, 31), eval_source=Dropping(xe), eval_labels=ye,
                 eval_positions=np.arange(19),
             ),
-            train.BankSpec(aggregators=list(AGGREGATORS), num_classes=7, dim=16, num_prefix=2, has_cls=True),
+            train.BankSpec(
+                aggregators=list(AGGREGATORS), num_classes=7, dim=16, num_prefix=2, has_cls=True, grid=(2, 4)
+            ),
             recipe, seed=0, data_parallel=data_parallel,
         )
         trained.bank.eval()

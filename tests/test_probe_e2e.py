@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from attnscope.cli.app import app
 from attnscope.commands.probe import ProbeConfig, run
+from attnscope.errors import ConfigError
 from attnscope.probe import features as feat
 from attnscope.probe.heads import AGGREGATORS
 
@@ -229,3 +230,47 @@ def test_cli_flags_map_to_config_fields_and_old_spellings_still_work(tmp_path, m
     assert user_message(ConfigError("extract_batch_size", "x"), PROBE_FLAGS).startswith("--batch-size ")
     result = invoke("probe", *TINY, "--lrs", "0", "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and "--lrs takes positive numbers" in result.output
+
+
+def test_default_threads_are_the_affinity_shared_by_the_local_ranks(monkeypatch):
+    import os
+
+    from attnscope.commands.probe import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 7}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_threads() == (4, "4 CPUs in this process's affinity")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert default_threads()[0] == 1 and "/ 3 processes on this node" in default_threads()[1]
+    with pytest.raises(ConfigError, match="threads"):
+        ProbeConfig(threads=0)
+
+
+def test_threads_hold_for_extraction_and_training_and_are_restored(tmp_path, monkeypatch):
+    import torch
+
+    import attnscope.measure
+    from attnscope.commands.probe import ProbeHooks
+
+    seen = []
+    real = attnscope.measure.forward_features
+    monkeypatch.setattr(
+        attnscope.measure,
+        "forward_features",
+        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1],
+    )
+
+    class Hooks(ProbeHooks):
+        def epoch(self, done, total):
+            seen.append(torch.get_num_threads())
+
+    torch.set_num_threads(2)
+    config = ProbeConfig(
+        model="test_vit", random_init=True, img_size=(32, 32), max_images=30, epochs=2, map_images=0,
+        threads=1, cache_dir=tmp_path / "c", out=tmp_path / "run",
+    )  # fmt: skip
+    _, result = run(config, hooks=Hooks())
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    assert result.info["threads"] == {"torch": 1, "from": "`threads`"}
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["config"]["threads"] == 1 and meta["models"]["test_vit"]["threads"]["torch"] == 1

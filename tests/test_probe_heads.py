@@ -248,11 +248,14 @@ def test_the_registry_is_the_one_list_of_aggregators():
     from attnscope.probe.catalog import registered_aggregators
     from attnscope.probe.heads import AGGREGATORS, Aggregator
 
-    assert list(AGGREGATORS) == ["cls", "mean", "cls_mean", "abmilp", "abmilp_gated", "attentive"]
+    assert list(AGGREGATORS) == [
+        "cls", "mean", "cls_mean", "abmilp", "abmilp_gated", "attentive",
+        "abmilp_tanh", "abmilp_sa", "abmilp_sa_map", "abmilp_pe", "abmilp_all",
+    ]  # fmt: skip
     assert registered_aggregators() == [(name, cls.help) for name, cls in AGGREGATORS.items()]
     # each aggregator's init stream is its position in the former list: initialisation unchanged
-    assert [cls.init_stream for cls in AGGREGATORS.values()] == list(range(6))
-    assert {name for name, cls in AGGREGATORS.items() if cls.needs_cls} == {"cls", "cls_mean"}
+    assert [cls.init_stream for cls in AGGREGATORS.values()] == list(range(11))
+    assert {name for name, cls in AGGREGATORS.items() if cls.needs_cls} == {"cls", "cls_mean", "abmilp_all"}
     for cls in AGGREGATORS.values():  # selective means it has weights over the patches
         assert (cls.patch_weights is not Aggregator.patch_weights) == cls.selective, cls.name
 
@@ -356,7 +359,8 @@ def test_schedule_and_recipes():
     paper = resolve_recipe("paper", n_train=50000)
     assert (paper.optimizer, paper.epochs, paper.warmup_epochs, paper.wds) == ("lars", 90, 10, [0.0])
     assert paper.batch_size == 16384 and paper.lrs == [pytest.approx(0.1 * 16384 / 256)]
-    assert paper.accumulation == 16 and paper.micro_batch * paper.accumulation == 16384
+    # BatchNorm over 2048 images, the per-GPU batch of the paper's published command
+    assert paper.accumulation == 8 and paper.micro_batch * paper.accumulation == 16384
     small = resolve_recipe("paper", n_train=1000, lrs=[0.05])
     assert (
         small.batch_size == 1000
@@ -527,3 +531,138 @@ def test_smallest_weight_decay_at_the_edge_suggests_going_to_zero():
     ]  # fmt: skip
     (note,) = grid_edge_notes(*select_hyperparameters(pd.DataFrame(rows)))
     assert "wd 0.0001 is the smallest" in note and note.endswith("try `wds` 0,1e-05,0.0001")
+
+
+# ---------------------------------------------------------------- the paper code's AbMILP options
+
+
+def mae_sincos_2d(dim: int, rows: int, cols: int, cls_token: bool) -> np.ndarray:
+    """MAE's util/pos_embed.get_2d_sincos_pos_embed, restated (and for a rows x cols grid)."""
+
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))  # w goes first
+    emb = np.concatenate([one_axis(dim // 2, grid[0]), one_axis(dim // 2, grid[1])], axis=1)
+    return np.concatenate([np.zeros((1, dim)), emb]) if cls_token else emb
+
+
+def paper_abmilp_head(agg, h: int, cls: torch.Tensor, patches: torch.Tensor, grid) -> torch.Tensor:
+    """abmilp.ABMILPHead.forward for head `h` of `agg`, in float64, from its equations."""
+    p = {k: v[h].double() for k, v in agg.named_parameters() if not k.startswith("hidden")}
+    x = torch.cat([cls[:, None], patches], 1).double() if agg.with_cls else patches.double()
+    d = x.shape[-1]
+    y = None
+    if agg.self_attention != "none":  # models_vit.Attention(dim, num_heads=1): qkv without bias, then proj
+        q, k, v = (x @ p["qkv_w"].T).split(d, dim=-1)
+        y = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1) @ v @ p["proj_w"].T + p["proj_b"]
+    z = y if agg.self_attention in ("map", "both") else x
+    if agg.positional:
+        z = z + torch.from_numpy(mae_sincos_2d(d, *grid, cls_token=agg.with_cls))
+    for w, b in zip(agg.hidden_w, agg.hidden_b, strict=True):
+        z = z @ w[h].double().T + b[h].double()
+        z = torch.tanh(z) if agg.activation == "tanh" else torch.relu(z)
+    a = torch.softmax(z @ p["score_w"].T + p["score_b"], dim=1)  # (B, N, 1)
+    return ((y if agg.self_attention == "both" else x) * a).sum(1)
+
+
+@pytest.mark.parametrize("name", ["abmilp_tanh", "abmilp_sa", "abmilp_sa_map", "abmilp_pe", "abmilp_all"])
+def test_abmilp_options_equal_the_paper_codes_head(name):
+    torch.manual_seed(0)
+    grid = (3, 4)  # not square: the position embedding must follow the model's grid
+    bank = HeadBank([name], 2, 32, 5, num_prefix=1, has_cls=True, abmilp_depth=1, grid=grid)
+    agg = bank.heads[name].aggregator
+    assert agg.depth == (2 if name == "abmilp_tanh" else 1)  # the paper code's default depth for tanh
+    tokens = torch.randn(6, 13, 32)
+    out = agg(tokens[:, 0], tokens[:, 1:])
+    assert out.shape == (6, 2, 32)
+    assert agg(tokens[:0, 0], tokens[:0, 1:]).shape == (0, 2, 32)  # a rank's empty share of a batch
+    for h in range(2):
+        ref = paper_abmilp_head(agg, h, tokens[:, 0], tokens[:, 1:], grid)
+        torch.testing.assert_close(out[:, h].double(), ref, rtol=1e-5, atol=1e-5)
+    weights = bank.patch_weights(name, tokens)
+    assert weights.shape == (2, 6, 12) and torch.allclose(weights.sum(-1), torch.ones(2, 6))
+    out.sum().backward()  # every parameter takes part
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for k, p in agg.named_parameters() if k != "score_b"
+    )
+
+
+def test_position_embedding_is_maes_and_needs_the_grid():
+    from attnscope.probe.heads import sincos_2d
+
+    np.testing.assert_allclose(sincos_2d(64, (4, 4)).numpy(), mae_sincos_2d(64, 4, 4, False), atol=1e-6)
+    np.testing.assert_allclose(sincos_2d(32, (2, 5)).numpy(), mae_sincos_2d(32, 2, 5, False), atol=1e-6)
+    bank = HeadBank(["abmilp_pe"], 1, 32, 3, num_prefix=1, has_cls=True)  # no grid: a square one is assumed
+    assert bank(torch.randn(2, 17, 32))["abmilp_pe"].shape == (1, 2, 3)
+    with pytest.raises(AttnscopeError, match="grid"):
+        bank(torch.randn(2, 13, 32))
+    with pytest.raises(AttnscopeError, match="class token"):
+        HeadBank(["abmilp_all"], 1, 32, 3, num_prefix=1, has_cls=False)
+
+
+def train_mil(names, xt, yt, xe, ye, *, epochs=12, lrs=(3e-3, 1e-2), grid=None, prefix=3):
+    n = len(xt)
+    recipe = resolve_recipe(
+        "default", n_train=n - 160, batch_size=128, epochs=epochs, lrs=list(lrs), wds=[1e-4]
+    )
+    trained = train_bank(
+        TrainingData(
+            TensorSource(xt), yt, np.arange(n - 160), np.arange(n - 160, n),
+            TensorSource(xe), ye, np.arange(len(xe)),
+        ),
+        BankSpec(aggregators=names, num_classes=4, dim=32, num_prefix=prefix, has_cls=True, grid=grid),
+        recipe,
+    )  # fmt: skip
+    _, summary = select_hyperparameters(trained.results)
+    return dict(zip(summary["aggregator"], summary["eval_top1"], strict=True))
+
+
+@pytest.mark.slow
+def test_tanh_and_self_attention_options_solve_the_one_token_task():
+    xt, yt, _ = mil_bags(1600, seed=1)
+    xe, ye, _ = mil_bags(600, seed=2)
+    acc = train_mil(["abmilp_tanh", "abmilp_sa", "abmilp_sa_map"], xt, yt, xe, ye)
+    assert all(a >= 0.9 for a in acc.values()), acc
+
+
+def positional_bags(n: int, seed: int, key: int = 0):
+    """The label is carried by the token at one fixed place of a 4x4 grid (a corner: a linear
+    scorer of smooth sine-cosine positions separates a corner best), which looks like every
+    other token (each shows a random class prototype): only where it is tells it apart."""
+    g = np.random.default_rng(seed)
+    protos = np.random.default_rng(1234).normal(size=(4, 32))
+    y = g.integers(0, 4, n)
+    x = protos[g.integers(0, 4, (n, 17))] + 0.3 * g.normal(size=(n, 17, 32))
+    x[:, 1 + key] = protos[y] + 0.3 * g.normal(size=(n, 32))
+    return x.astype(np.float32), y
+
+
+@pytest.mark.slow
+def test_positional_option_finds_the_token_at_a_place_plain_abmilp_cannot():
+    xt, yt = positional_bags(1600, seed=1)
+    xe, ye = positional_bags(600, seed=2)
+    acc = train_mil(
+        ["abmilp", "abmilp_pe"], xt, yt, xe, ye, epochs=30, lrs=(3e-2, 1e-1), grid=(4, 4), prefix=1
+    )
+    assert acc["abmilp_pe"] >= 0.85 and acc["abmilp"] <= 0.45, acc  # chance is 0.25
+
+
+@pytest.mark.slow
+def test_class_token_option_reads_a_label_only_the_class_token_carries():
+    g = np.random.default_rng(0)
+    protos = np.random.default_rng(1234).normal(size=(4, 32))
+    own = np.random.default_rng(99).normal(size=32)  # what sets a class token apart from the patches
+
+    def bags(n):
+        y = g.integers(0, 4, n)
+        # the patches show random classes; the class token, the label
+        x = protos[g.integers(0, 4, (n, 17))] + 0.3 * g.normal(size=(n, 17, 32))
+        x[:, 0] = protos[y] + own + 0.3 * g.normal(size=(n, 32))
+        return x.astype(np.float32), y
+
+    (xt, yt), (xe, ye) = bags(1600), bags(600)
+    acc = train_mil(["abmilp", "abmilp_all"], xt, yt, xe, ye, prefix=1)
+    assert acc["abmilp_all"] >= 0.9 and acc["abmilp"] <= 0.4, acc

@@ -140,13 +140,24 @@ RecipeOpt = Annotated[
     str,
     typer.Option(
         help="default: AdamW + lr/wd grid + cosine with warm-up. "
-        "paper: LARS, base lr 0.1 x batch/256, 90 epochs, 10 warm-up, no wd."
+        "paper: the paper's code: LARS, base lr 0.1 x batch/256, batch 16384 (BatchNorm over 2048), "
+        "90 epochs, 10 warm-up, no wd, nn.Linear's initialisation of the classifier."
     ),
 ]
 EpochsOpt = Annotated[
     int | None,
     typer.Option(
         help="Epochs. Default: about 1,000 steps (10-100 epochs); paper: 90.", min=1, show_default=False
+    ),
+]
+WarmupOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--warmup-epochs",
+        help="Linear warm-up epochs before the cosine decay. Default: 10% of the epochs; paper: 10, "
+        "whatever the epoch count (as its code).",
+        min=0.0,
+        show_default=False,
     ),
 ]
 TrainBatchOpt = Annotated[
@@ -179,6 +190,26 @@ PrenormOpt = Annotated[
         "--prenorm", help="Tokens before the model's final norm (the paper's code) instead of after it."
     ),
 ]
+BlocksOpt = Annotated[
+    str,
+    typer.Option(
+        "--blocks",
+        help="Which blocks' tokens to probe: last, all, or block numbers counted from 1 (3,6,9,12; "
+        "-1 is the last; the paper code's --return_block is k-1). One forward fills every block's "
+        "cache; the heads are trained on each block in turn. Only the last block gets the final norm.",
+    ),
+]
+CurvesOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--curves/--no-curves",
+        help="Measure every head after every epoch on the training images, the hold-out and the "
+        "evaluation split (curves.csv, figures/learning_curves; summary: best_epoch, best_epoch_top1, "
+        "the paper code's 'Max accuracy'). Default: on, off with --no-cache (each measurement would "
+        "run the backbone again).",
+        show_default=False,
+    ),
+]
 CacheDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -199,6 +230,27 @@ ExtractBatchOpt = Annotated[
         "--batch-size",
         help="Images per backbone forward (feature extraction, or streaming with --no-cache).",
         min=1,
+    ),
+]
+AugmentOpt = Annotated[
+    int,
+    typer.Option(
+        "--augment",
+        help="Cache K augmented views of every training image (the paper recipe's RandomResizedCrop + "
+        "flip, seeded per image and view) and train on one per image each epoch; views already cached "
+        "are reused when K grows. 0: the images as they are.",
+        min=0,
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="Torch threads for feature extraction and training. Default: the CPUs this process may run "
+        "on (its affinity), divided among the processes of the node under torchrun. On a shared, busy "
+        "machine fewer threads (even 1) can be much faster.",
+        min=1,
+        show_default=False,
     ),
 ]
 MapsOpt = Annotated[
@@ -241,10 +293,13 @@ def probe_cmd(
     abmilp_depth: DepthOpt = 1,
     recipe: RecipeOpt = "default",
     epochs: EpochsOpt = None,
+    warmup_epochs: WarmupOpt = None,
     batch_size: TrainBatchOpt = None,
     lrs: LrsOpt = None,
     wds: WdsOpt = None,
     prenorm: PrenormOpt = False,
+    blocks: BlocksOpt = "last",
+    curves: CurvesOpt = None,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     device: DeviceOpt = "auto",
@@ -252,6 +307,8 @@ def probe_cmd(
     num_workers: WorkersOpt = 0,
     extract_batch_size: ExtractBatchOpt = 64,
     map_images: MapsOpt = 6,
+    threads: ThreadsOpt = None,
+    augment: AugmentOpt = 0,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     formats: FormatOpt = None,
@@ -386,8 +443,17 @@ def _show_plan(ui: CliUI, plan: FeaturePlan) -> None:
         highlight=False,
     )
     lay = plan.token_layout
+    where = f"last block of {plan.model}, {plan.norm}"
+    if plan.blocks and plan.blocks != [plan.num_blocks]:
+        listed = ", ".join(str(b) for b in plan.blocks)
+        where = (
+            f"blocks {listed} of {plan.num_blocks} of {plan.model} (counted from 1; the last block: "
+            f"{plan.norm}, the others: their raw output)"
+        )
+    if plan.threads:
+        where += f"; {plan.threads} torch thread{'s' if plan.threads > 1 else ''}"
     ui.err.print(
-        f"features: last block of {plan.model}, {plan.norm}; {plan.tokens} tokens "
+        f"features: {where}; {plan.tokens} tokens "
         f"({lay['num_prefix_tokens']} prefix kept out of the patch bag, {lay['grid'][0]}x{lay['grid'][1]} "
         f"patches) x {plan.dim}",
         highlight=False,
@@ -398,15 +464,20 @@ def _show_plan(ui: CliUI, plan: FeaturePlan) -> None:
         return
     todo = cache.bytes_to_write
     state = "complete, reused" if todo == 0 else f"{format_bytes(todo)} to extract"
+    per_image = f"{format_bytes(cache.bytes_per_image)} per image"
+    if cache.blocks > 1:
+        per_image += f" and block, {cache.blocks} blocks"
     ui.err.print(
-        f"feature cache: {format_bytes(cache.bytes_total)} fp16 ({format_bytes(cache.bytes_per_image)} per "
-        f"image), {state}; {format_bytes(cache.disk_free)} free in {cache.folder}",
+        f"feature cache: {format_bytes(cache.bytes_total)} fp16 ({per_image}), {state}; "
+        f"{format_bytes(cache.disk_free)} free in {cache.folder}",
         highlight=False,
     )
 
 
 def _show_recipe(ui: CliUI, recipe: Recipe, bank: BankPlan) -> None:
     opt = "LARS (momentum 0.9, trust 0.001)" if recipe.optimizer == "lars" else "AdamW"
+    if recipe.classifier_init == "linear_default":
+        opt += ", classifier initialised as nn.Linear"
     accum = f" = {recipe.accumulation} x {recipe.micro_batch}" if recipe.accumulation > 1 else ""
     lrs = ", ".join(_num(v) for v in recipe.lrs)
     if recipe.base_lrs:
@@ -449,8 +520,10 @@ def _show_result(ui: CliUI, config: ProbeConfig, result: ProbeResult, out_dir: P
     rhos = [m.spearman for m in result.maps if not math.isnan(m.spearman)]
     if rhos:
         shown = ", ".join(f"{r:+.2f}" for r in rhos)
+        blocks = result.info["features"].get("blocks") or [result.info["num_blocks"]]
+        where = "last-block" if blocks[-1] == result.info["num_blocks"] else f"block-{blocks[-1]}"
         ui.print(
-            f"{result.maps[0].aggregator} weights vs last-block \\[cls] attention, Spearman ρ per image: "
+            f"{result.maps[0].aggregator} weights vs {where} \\[cls] attention, Spearman ρ per image: "
             f"{shown} (mean {sum(rhos) / len(rhos):+.2f})"
         )
     skipped = len(result.info["images_skipped"])
@@ -475,8 +548,12 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
 
     table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     baseline = summary["baseline"].iloc[0] if len(summary) else None
+    by_block = "block" in summary and summary["block"].nunique() > 1
+    if by_block:
+        table.add_column("block", justify="right", no_wrap=True)
     table.add_column("aggregator", no_wrap=True)
-    for col in ("lr", "wd", "params", "hold", "top-1", "top-5", "best*"):
+    epochs = "best_epoch_top1" in summary and bool(summary["best_epoch_top1"].notna().any())
+    for col in ("lr", "wd", "params", "hold", "top-1", "top-5", "best*") + (("max*",) if epochs else ()):
         table.add_column(col, justify="right", no_wrap=True)
     if isinstance(baseline, str):
         table.add_column(f"Δ {baseline}", justify="right", no_wrap=True, min_width=8)
@@ -488,6 +565,10 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
             _with_interval(row, "eval_top1", "eval_top1_ci"), _pct(row["eval_top5"]),
             _pct(row["best_over_grid_eval_top1"]),
         ]  # fmt: skip
+        if epochs:
+            cells.append(f"{_pct(row['best_epoch_top1'])}\n[dim]ep {int(row['best_epoch'])}[/]")
+        if by_block:
+            cells.insert(0, str(int(row["block"])))
         if isinstance(baseline, str):
             delta = (
                 "—"
@@ -500,5 +581,11 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
         "hold: hold-out top-1 used for selection; top-1 / top-5: evaluation split (%), under top-1 "
         "its 95% bootstrap interval over the evaluation images (under the gain: the paired one); "
         "best*: best head of the lr x wd grid on the evaluation split itself (optimistic)"
+        + (
+            "; max*: the selected head's best epoch on the evaluation split, the paper code's "
+            "'Max accuracy' (optimistic)"
+            if epochs
+            else ""
+        )
     )
     return table

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -46,17 +46,39 @@ if TYPE_CHECKING:
     import torch
 
     from attnscope.models import LoadedModel
-    from attnscope.probe.datasets import LabelledSplit, Positions, ProbeData
-    from attnscope.probe.features import CacheIndex, ExtractReport, FeatureCache, StreamSource, TokenExtractor
+    from attnscope.probe.datasets import ImageSource, LabelledSplit, Positions, ProbeData
+    from attnscope.probe.features import (
+        AugmentedSource,
+        CacheIndex,
+        ExtractReport,
+        FeatureCache,
+        FeatureStore,
+        StreamSource,
+        TokenExtractor,
+    )
     from attnscope.probe.heads import HeadBank
     from attnscope.probe.selection import MapRecord
-    from attnscope.probe.train import BankResult, FeatureSource, Recipe
+    from attnscope.probe.train import BankResult, FeatureSource, Recipe, ViewSource
     from attnscope.results import RunWriter
 
-__all__ = ["BankPlan", "CachePlan", "FeaturePlan", "ProbeConfig", "ProbeHooks", "ProbeResult", "run"]
+__all__ = [
+    "BankPlan",
+    "CachePlan",
+    "FeaturePlan",
+    "ProbeConfig",
+    "ProbeHooks",
+    "ProbeResult",
+    "default_threads",
+    "run",
+    "torch_threads",
+]
 
 DEFAULT_AGGREGATORS = ("cls", "mean", "abmilp")
 _HOLDOUT_STREAM = 31  # random stream of the hold-out split
+BLOCK_NUMBERING = (
+    "1-based: block k is the output of the k-th transformer block (timm's blocks[k-1]); "
+    "the paper code's return_block is k - 1"
+)
 
 
 @dataclass(frozen=True)
@@ -85,10 +107,17 @@ class ProbeConfig:
     abmilp_depth: int = 1
     recipe: str = "default"
     epochs: int | None = None
+    warmup_epochs: float | None = None  # None: 10% of the epochs; 10 with the paper recipe
     batch_size: int | None = None  # training: images per optimizer step
     lrs: tuple[float, ...] | None = None
     wds: tuple[float, ...] | None = None
     prenorm: bool = False
+    # which blocks' tokens: "last", "all" or 1-based numbers (block k = the k-th block's
+    # output; the paper code's return_block is k - 1)
+    blocks: str | tuple[int, ...] = "last"
+    # learning curves: measure every head after every epoch (curves.csv); None: on unless `no_cache`
+    curves: bool | None = None
+    augment: int = 0  # augmented views cached per training image (one per image shown each epoch)
     cache_dir: Path | None = None
     no_cache: bool = False
     device: str = "auto"
@@ -97,11 +126,13 @@ class ProbeConfig:
     extract_batch_size: int = 64  # images per backbone forward
     map_images: int = 6
     shard_images: int | None = None  # images per cache shard (default: about 512 MiB)
+    threads: int | None = None  # torch threads for extraction and training; None: `default_threads()`
     formats: tuple[str, ...] = ("png",)
     out: Path | None = field(default=None, compare=False)
     overwrite: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
+        from attnscope.probe.features import normalise_blocks
         from attnscope.probe.heads import parse_aggregators
         from attnscope.probe.train import RECIPES, grid_values
 
@@ -120,6 +151,9 @@ class ProbeConfig:
         set_(self, "lrs", tuple(self.lrs) if self.lrs is not None else None)
         set_(self, "wds", tuple(self.wds) if self.wds is not None else None)
         set_(self, "formats", normalise_formats(self.formats))
+        set_(self, "blocks", normalise_blocks(self.blocks))
+        if self.augment and self.no_cache:
+            raise ConfigError("augment", "caches its views; it cannot go with `no_cache`")
 
     def as_dict(self) -> dict[str, Any]:
         return {"command": "probe", **config_dict(self, skip=("out", "overwrite"))}
@@ -135,6 +169,8 @@ _AT_LEAST = {
     "num_workers": 0,
     "map_images": 0,
     "shard_images": 1,
+    "threads": 1,
+    "augment": 0,
 }
 
 
@@ -146,10 +182,11 @@ class CachePlan:
     """The feature cache of a run, before extraction."""
 
     folder: Path
-    bytes_total: int  # both splits, fp16
-    bytes_per_image: int
+    bytes_total: int  # both splits, every block, fp16
+    bytes_per_image: int  # one block
     bytes_to_write: int  # what is not cached yet
     disk_free: int
+    blocks: int = 1  # one cache per block and split
 
 
 @dataclass(frozen=True)
@@ -162,8 +199,11 @@ class FeaturePlan:
     tokens: int
     dim: int
     token_layout: dict[str, Any]
-    norm: str
+    norm: str  # of the last block's tokens; every other block's are its raw output
     cache: CachePlan | None  # None: not cached, streamed through the backbone every epoch
+    blocks: list[int] = field(default_factory=list)  # 1-based
+    num_blocks: int = 0
+    threads: int = 0  # torch threads of extraction and training
 
 
 @dataclass(frozen=True)
@@ -211,6 +251,7 @@ class ProbeResult:
     info: dict[str, Any]  # run.json's entry for the model
     maps: list[MapRecord] = field(default_factory=list)
     bank: HeadBank | None = field(default=None, repr=False)
+    curves: pd.DataFrame | None = None  # every head after every epoch (with `curves`)
 
 
 # --------------------------------------------------------------------------- the job
@@ -237,12 +278,41 @@ def run(
         config, (ui or NullUI()) if main else NullUI(), (hooks or ProbeHooks()) if main else ProbeHooks(),
         device, main, data_parallel=config.no_cache and distributed.is_distributed(),
     )  # fmt: skip
-    result = _probe(ctx)
+    with torch_threads(config.threads or default_threads()[0]):
+        result = _probe(ctx)
     if result is None or writer is None:
         return out_dir, None
     meta = run_metadata(command, config.as_dict(), {config.model: result.info}, config.seed)
     write_probe_run(writer, result, meta, config.formats)
     return writer.out_dir, result
+
+
+def default_threads() -> tuple[int, str]:
+    """(threads, why): the CPUs this process may run on (its affinity, not the machine's
+    count: a batch job or `taskset` gets what it was given), shared among the processes of
+    this node under torchrun (LOCAL_WORLD_SIZE)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        where = "CPUs in this process's affinity"
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus, where = os.cpu_count() or 1, "CPUs"
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = max(1, cpus // local)
+    why = f"{cpus} {where}" + (f" / {local} processes on this node" if local > 1 else "")
+    return threads, why
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op threads set to `threads` for the block, the previous count restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -275,19 +345,41 @@ class _Setup:
     hold_all: np.ndarray  # ... and held out to select them (before unreadable images are dropped)
     tokens: int
     dim: int
+    views: list[AugmentedSource] = field(default_factory=list)  # `augment`: the training split's views
 
     @property
     def splits(self) -> dict[str, LabelledSplit]:
         return {"train": self.data.train, "eval": self.data.eval}
 
+    def parts(self) -> dict[str, tuple[ImageSource, dict[str, Any] | None]]:
+        """What is cached, by cache name: each split's images, then each augmented view of the
+        training split (with what identifies the view in a cache key)."""
+        parts: dict[str, tuple[ImageSource, dict[str, Any] | None]] = {
+            name: (split.source, None) for name, split in self.splits.items()
+        }
+        for view in self.views:
+            parts[f"train-view{view.view}"] = (view, view.key())
+        return parts
+
+    @property
+    def blocks(self) -> list[int]:
+        """The probed blocks, 1-based and ascending."""
+        return self.extractor.blocks
+
 
 @dataclass
 class _Features:
-    """Where the heads read their features from, and which images could not be read."""
+    """Where the heads read their features from, and which images could not be read.
+
+    `sources` are those of block `block`, the one being trained (the deepest once training
+    is over); `_use_block` swaps them, so one block's features are in memory at a time."""
 
     sources: dict[str, FeatureSource]
     failures: dict[str, dict[int, str]] = field(default_factory=dict)
     cache_info: dict[str, Any] = field(default_factory=dict)
+    stores: dict[int, dict[str, FeatureStore]] | None = None  # each block's caches; None: streamed
+    block: int | None = None
+    views: ViewSource | None = None  # `augment`: the training split's views of block `block`
 
 
 @dataclass
@@ -324,8 +416,13 @@ def _probe(ctx: _Context) -> ProbeResult | None:
         return None
     training = _plan_training(ctx, setup, features)
     t2 = time.perf_counter()
-    trained = _train(ctx, setup, features, training)
+    trained: dict[int, BankResult] = {}
+    for i, block in enumerate(setup.blocks):  # the deepest last: its features stay loaded for the maps
+        _use_block(ctx, features, setup, block)
+        trained[block] = _train(ctx, setup, features, training, i)
     ctx.timings["train"] = time.perf_counter() - t2
+    if _curves_on(config):  # part of `train`
+        ctx.timings["curves"] = sum(t.curve_seconds for t in trained.values())
     if config.no_cache:
         features.failures = _stream_failures(ctx, setup, features)
     if not ctx.main:  # data-parallel: every rank holds the same bank; rank 0 alone reports and writes
@@ -350,7 +447,9 @@ def _load(ctx: _Context) -> _Setup:
     )  # fmt: skip
     for notice in loaded.notices:  # e.g. which preprocessing a bare checkpoint was given
         ctx.note(notice)
-    extractor = feat.TokenExtractor(loaded, prenorm=config.prenorm, device=ctx.device, dtype=config.dtype)
+    extractor = feat.TokenExtractor(
+        loaded, prenorm=config.prenorm, device=ctx.device, dtype=config.dtype, blocks=config.blocks
+    )
     aggregators = _usable_aggregators(ctx, loaded.name, extractor.layout.has_cls)
     if config.prenorm and not extractor.has_token_norm:
         ctx.note(f"{loaded.name} has no per-token final norm; `prenorm` changes nothing")
@@ -365,7 +464,17 @@ def _load(ctx: _Context) -> _Setup:
         data.train.labels, config.holdout_fraction, config.seed, _HOLDOUT_STREAM
     )
     tokens, dim = extractor.token_shape()
-    return _Setup(loaded, extractor, data, aggregators, fit_all, hold_all, tokens, dim)
+    views = [
+        feat.AugmentedSource(data.train.source, v, config.seed, loaded.input_size)
+        for v in range(config.augment)
+    ]
+    if views:
+        ctx.note(
+            f"`augment`: {len(views)} augmented views of each training image are cached (RandomResizedCrop + "
+            "flip, seeded per image and view); each epoch shows one per image; the hold-out, the BatchNorm "
+            "statistics and every measurement use the images as they are"
+        )
+    return _Setup(loaded, extractor, data, aggregators, fit_all, hold_all, tokens, dim, views)
 
 
 def _usable_aggregators(ctx: _Context, model: str, has_cls: bool) -> list[str]:
@@ -385,37 +494,46 @@ def _usable_aggregators(ctx: _Context, model: str, has_cls: bool) -> list[str]:
     return kept
 
 
-def _plan_features(ctx: _Context, setup: _Setup) -> tuple[dict[str, FeatureCache], FeaturePlan]:
-    """Open (or find) the feature cache of each split, keyed by everything that changes its
-    tokens, and say how much of it is still to extract."""
+def _plan_features(ctx: _Context, setup: _Setup) -> tuple[dict[str, dict[int, FeatureCache]], FeaturePlan]:
+    """Open (or find) the feature cache of each split and block, keyed by everything that
+    changes its tokens, and say how much of it is still to extract."""
+    import torch
+
     from attnscope.probe import features as feat
 
     config, loaded, extractor = ctx.config, setup.loaded, setup.extractor
-    caches: dict[str, FeatureCache] = {}
+    caches: dict[str, dict[int, FeatureCache]] = {}
     cache_plan = None
     if not config.no_cache:
         cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else feat.default_cache_dir()
         to_write = 0
-        for name, split in setup.splits.items():
-            material = feat.feature_key_material(
-                loaded, transform_config=extractor.transform_config, prenorm=config.prenorm,
-                dtype=config.dtype, seed=config.seed, item_ids=split.source.item_ids(),
-                model_kwargs=config.model_kwargs,
-            )  # fmt: skip
-            cache = feat.open_cache(
-                cache_dir, f"{loaded.spec.arch}-{name}", material, len(split), setup.tokens, setup.dim,
-                config.shard_images,
-            )  # fmt: skip
-            caches[name] = cache
-            if not cache.is_complete():
-                to_write += len(cache.pending(range(len(split)))) * cache.bytes_per_image
+        for name, (source, augment) in setup.parts().items():
+            caches[name] = {}
+            for block in setup.blocks:
+                material = feat.feature_key_material(
+                    loaded, transform_config=extractor.transform_config, prenorm=config.prenorm,
+                    dtype=config.dtype, seed=config.seed, item_ids=source.item_ids(),
+                    model_kwargs=config.model_kwargs, block=block, num_blocks=extractor.num_blocks,
+                    augment=augment,
+                )  # fmt: skip
+                # the last block's folder keeps the name it had before blocks could be chosen
+                label = f"{loaded.spec.arch}-{name}"
+                if block != extractor.num_blocks:
+                    label = f"{loaded.spec.arch}-b{block}-{name}"
+                cache = feat.open_cache(
+                    cache_dir, label, material, len(source), setup.tokens, setup.dim, config.shard_images
+                )
+                caches[name][block] = cache
+                if not cache.is_complete():
+                    to_write += len(cache.pending(range(len(source)))) * cache.bytes_per_image
         cache_plan = CachePlan(
-            cache_dir, sum(c.total_bytes() for c in caches.values()), setup.tokens * setup.dim * 2, to_write,
-            feat.disk_free(cache_dir),
+            cache_dir, sum(c.total_bytes() for cs in caches.values() for c in cs.values()),
+            setup.tokens * setup.dim * 2, to_write, feat.disk_free(cache_dir), len(setup.blocks),
         )  # fmt: skip
     plan = FeaturePlan(
         loaded.name, setup.data.summary(), len(setup.hold_all), setup.tokens, setup.dim,
-        extractor.layout.as_dict(), extractor.norm_label, cache_plan,
+        extractor.layout.as_dict(), extractor.norm_label, cache_plan, list(setup.blocks),
+        extractor.num_blocks, torch.get_num_threads(),
     )  # fmt: skip
     return caches, plan
 
@@ -435,81 +553,167 @@ def _streamed_features(ctx: _Context, setup: _Setup) -> _Features:
             num_workers=config.num_workers, on_skip=ctx.ui.skip,
         )  # fmt: skip
     ctx.note("`no_cache`: features are streamed through the backbone every epoch")
+    if len(setup.blocks) > 1:
+        ctx.note(f"`no_cache`: the backbone is streamed again for each of the {len(setup.blocks)} blocks")
     if ctx.data_parallel:
         ctx.note(
             f"torchrun: each of the {distributed.world_size()} ranks streams its share of every batch; "
             "the heads are trained data-parallel (gradients and BatchNorm statistics summed over the ranks)"
         )
-    return _Features(sources)
+    return _Features(sources, block=setup.blocks[-1])
 
 
-def _cached_features(ctx: _Context, setup: _Setup, caches: dict[str, FeatureCache]) -> _Features | None:
-    """Extract what the caches lack (each torchrun rank its share), then read them back: into
-    RAM while half the available memory holds them, memory-mapped beyond. None on a rank
-    other than 0, which has nothing left to do."""
-    import torch
-
+def _cached_features(
+    ctx: _Context, setup: _Setup, caches: dict[str, dict[int, FeatureCache]]
+) -> _Features | None:
+    """Extract what the caches lack (each torchrun rank its share; one forward fills every
+    block's cache), then open them for reading. None on a rank other than 0, which has
+    nothing left to do."""
     from attnscope import distributed
     from attnscope.probe import features as feat
-    from attnscope.probe.train import StoreSource, TensorSource
 
     # torchrun: every rank extracts into the same caches and follows rank 0's view of them
-    keys = distributed.all_gather({n: c.key for n, c in caches.items()})
+    keys = distributed.all_gather({n: [c.key for c in cs.values()] for n, cs in caches.items()})
     if any(k != keys[0] for k in keys):
         raise distributed.RankFailure(
             "the ranks see different images or settings (feature cache keys differ); the data must be "
             "at the same path on every node",
             [],
         )
-    complete = distributed.broadcast_object({n: c.is_complete() for n, c in caches.items()})
-    features, budget = _Features({}), _ram_budget()
-    for name, split in setup.splits.items():
-        cache = caches[name]
-        shown: set[int] = set()  # skipped positions already reported while extracting
-        if complete[name]:
-            index, report = feat.read_cache_index(cache) if ctx.main else None, feat.ExtractReport()
-        else:
-            index, report, shown = _extract(ctx, setup, name, cache)
-        if index is None:  # not rank 0
+    complete = distributed.broadcast_object(
+        {n: [b for b, c in cs.items() if c.is_complete()] for n, cs in caches.items()}
+    )
+    features = _Features({}, stores={b: {} for b in setup.blocks})
+    for name, (source, augment) in setup.parts().items():
+        todo = {b: c for b, c in caches[name].items() if b not in complete[name]}
+        report, shown = feat.ExtractReport(), set[int]()  # shown: skipped positions reported while extracting
+        indices: dict[int, CacheIndex] | None = {}
+        if todo:
+            indices, report, shown = _extract(ctx, setup, name, todo)
+        if indices is None or not ctx.main:  # not rank 0
             continue
-        for pos, reason in sorted(index.failures.items()):
+        for block, cache in caches[name].items():
+            if block not in indices:
+                indices[block] = feat.read_cache_index(cache)
+        failures = dict(indices[setup.blocks[-1]].failures)
+        for index in indices.values():  # the same images fail in every block; a cache may have been resumed
+            failures.update({p: r for p, r in index.failures.items() if p not in failures})
+        for block in setup.blocks:
+            assert features.stores is not None
+            features.stores[block][name] = feat.FeatureStore(caches[name][block], indices[block])
+        features.cache_info[name] = _cache_info(caches[name], report, len(source) - len(failures))
+        if augment is not None:  # a view fails where its image does, which the train split reports
+            continue
+        for pos, reason in sorted(failures.items()):
             if pos not in shown:  # a reused cache still lists what it skipped; so do other ranks' shares
-                ctx.ui.skip(split.source.path(pos), reason)
-        features.failures[name] = dict(index.failures)
-        in_ram = cache.total_bytes() <= budget
-        budget -= cache.total_bytes() if in_ram else 0  # both splits share the one budget
-        store = feat.FeatureStore(cache, index)
+                ctx.ui.skip(source.path(pos), reason)
+        features.failures[name] = failures
+    return features if ctx.main else None
+
+
+def _cache_info(caches: dict[int, FeatureCache], report: ExtractReport, readable: int) -> dict[str, Any]:
+    """run.json's entry for one split's caches (`read_into_ram` is set when a block is loaded)."""
+    counts = {"extracted": report.extracted, "reused": readable - report.extracted}
+    if len(caches) == 1:
+        cache = next(iter(caches.values()))
+        return {
+            "path": str(cache.root), "key": cache.key, **counts, "shards_written": report.shards_written,
+            "bytes": cache.total_bytes(), "read_into_ram": False,
+        }  # fmt: skip
+    blocks = {
+        str(b): {
+            "path": str(c.root),
+            "key": c.key,
+            "written": report.rows.get(b, 0),
+            "bytes": c.total_bytes(),
+            "read_into_ram": False,
+        }  # fmt: skip
+        for b, c in caches.items()
+    }
+    total = sum(c.total_bytes() for c in caches.values())
+    return {**counts, "shards_written": report.shards_written, "bytes": total, "blocks": blocks}
+
+
+def _use_block(ctx: _Context, features: _Features, setup: _Setup, block: int) -> None:
+    """Point `features.sources` at block `block`: its caches read into RAM while half the
+    available memory holds them (memory-mapped beyond), or streams of its tokens."""
+    import torch
+
+    from attnscope.probe.features import StreamSource
+    from attnscope.probe.train import StoreSource, TensorSource
+
+    if features.block == block:
+        return
+    if features.stores is None:
+        streams: dict[str, FeatureSource] = {}
+        for name, old in features.sources.items():
+            old = cast("StreamSource", old)
+            new = StreamSource(
+                setup.extractor, old.source, batch_size=old.batch_size, num_workers=old.num_workers,
+                on_skip=old.on_skip, block=block,
+            )  # fmt: skip
+            new.failures = old.failures  # shared: an unreadable image is reported once
+            streams[name] = new
+        features.sources, features.block = streams, block
+        return
+    from attnscope.probe.features import StackedStore
+    from attnscope.probe.train import ViewSource
+
+    features.sources, features.views = {}, None  # the previous block's tensors go before the next's come
+    budget = _ram_budget()
+    stores = features.stores[block]
+    views = [name for name in stores if name.startswith("train-view")]
+    for name, store in stores.items():
+        if name in views:
+            continue
+        size = store.cache.total_bytes()
+        in_ram = size <= budget
+        budget -= size if in_ram else 0  # both splits share the one budget
         features.sources[name] = (
             TensorSource(torch.from_numpy(store.load_all()), ctx.device)
             if in_ram
             else StoreSource(store, ctx.device)
         )
-        features.cache_info[name] = {
-            "path": str(cache.root), "key": cache.key, "extracted": report.extracted,
-            "reused": len(split) - len(index.failures) - report.extracted,
-            "shards_written": report.shards_written,
-            "bytes": cache.total_bytes(), "read_into_ram": in_ram,
-        }  # fmt: skip
-    return features if ctx.main else None
+        _cache_entry(features, name, block)["read_into_ram"] = in_ram
+    if views:  # then the augmented views, all of them or none in RAM
+        stacked = StackedStore([stores[name] for name in views])
+        in_ram = sum(stores[name].cache.total_bytes() for name in views) <= budget
+        inner = TensorSource(torch.from_numpy(stacked.load_all()), ctx.device) if in_ram else None
+        features.views = ViewSource(
+            inner or StoreSource(stacked, ctx.device), stacked.n, len(views), ctx.config.seed
+        )
+        for name in views:
+            _cache_entry(features, name, block)["read_into_ram"] = in_ram
+    features.block = block
+
+
+def _cache_entry(features: _Features, name: str, block: int) -> dict[str, Any]:
+    """run.json's cache entry of one block of cache `name`."""
+    entry = features.cache_info[name]
+    return entry["blocks"][str(block)] if "blocks" in entry else entry
 
 
 def _extract(
-    ctx: _Context, setup: _Setup, name: str, cache: FeatureCache
-) -> tuple[CacheIndex | None, ExtractReport, set[int]]:
-    """Extract this rank's share of split `name` (all of it outside torchrun) into `cache`;
-    rank 0 then writes its index. Returns (index or None, every rank's report summed, the
-    skipped positions this rank already reported)."""
+    ctx: _Context, setup: _Setup, name: str, caches: dict[int, FeatureCache]
+) -> tuple[dict[int, CacheIndex] | None, ExtractReport, set[int]]:
+    """Extract this rank's share of split `name` (all of it outside torchrun) into the
+    `caches` (one per block; one forward serves them all); rank 0 then writes their
+    indexes. Returns (indexes or None, every rank's report summed, the skipped positions
+    this rank already reported)."""
     from attnscope import distributed
     from attnscope.probe import features as feat
 
-    config, split = ctx.config, setup.splits[name]
-    share = distributed.shard_positions(len(split))  # torchrun: this rank's share
-    positions = range(len(split)) if share is None else share
+    config, (source, augment) = ctx.config, setup.parts()[name]
+    transform = feat.augment_transform(setup.extractor.transform_config) if augment is not None else None
+    share = distributed.shard_positions(len(source))  # torchrun: this rank's share
+    positions = range(len(source)) if share is None else share
+    pending = any(c.pending(positions) for c in caches.values())
     with distributed.step():
-        with _progress(ctx.ui, f"features {name}", bool(cache.pending(positions))) as progress:
+        with _progress(ctx.ui, f"features {name}", pending) as progress:
             report = feat.extract_shards(
-                setup.extractor, split.source, cache, positions, batch_size=config.extract_batch_size,
-                num_workers=config.num_workers, progress=progress, on_skip=ctx.ui.skip,
+                setup.extractor, source, caches, positions, batch_size=config.extract_batch_size,
+                num_workers=config.num_workers, progress=progress, on_skip=None if augment else ctx.ui.skip,
+                transform=transform,
             )  # fmt: skip
     shown = set(report.failures)
     # torchrun: past the step every rank has finished its shards, so the index is complete
@@ -517,10 +721,11 @@ def _extract(
     report = feat.ExtractReport(
         sum(r.extracted for r in reports), {p: r for x in reports for p, r in x.failures.items()},
         max(r.seconds for r in reports), sum(r.shards_written for r in reports),
+        {b: sum(r.rows.get(b, 0) for r in reports) for b in caches},
     )  # fmt: skip
     with distributed.step():
-        index = feat.write_cache_index(cache) if ctx.main else None
-    return index, report, shown
+        indices = {b: feat.write_cache_index(c) for b, c in caches.items()} if ctx.main else None
+    return indices, report, shown
 
 
 @contextlib.contextmanager
@@ -563,7 +768,7 @@ def _plan_training(ctx: _Context, setup: _Setup, features: _Features) -> _Traini
             ctx.note("`holdout_fraction` 0: heads are selected on training accuracy")
         recipe = resolve_recipe(
             config.recipe, n_train=len(fit), batch_size=config.batch_size, epochs=config.epochs,
-            lrs=config.lrs, wds=config.wds,
+            lrs=config.lrs, wds=config.wds, warmup_epochs=config.warmup_epochs,
         )  # fmt: skip
         for text in recipe.notes:
             ctx.note(text)
@@ -581,23 +786,32 @@ def _plan_training(ctx: _Context, setup: _Setup, features: _Features) -> _Traini
     return _Training(fit, hold, ev, recipe, bank)
 
 
-def _train(ctx: _Context, setup: _Setup, features: _Features, training: _Training) -> BankResult:
+def _train(ctx: _Context, setup: _Setup, features: _Features, training: _Training, index: int) -> BankResult:
+    """Train the bank on the features of `features.block`, the `index`-th probed block."""
     from attnscope.probe.train import BankSpec, TrainingData, train_bank
 
-    data, layout = setup.data, setup.extractor.layout
+    data, layout, blocks = setup.data, setup.extractor.layout, len(setup.blocks)
     return train_bank(
         TrainingData(
             features.sources["train"], data.train.labels, training.fit, training.hold,
-            features.sources["eval"], data.eval.labels, training.eval,
+            features.sources["eval"], data.eval.labels, training.eval, features.views,
         ),
         BankSpec(setup.aggregators, data.num_classes, setup.dim, layout.num_prefix, layout.has_cls,
-                 ctx.config.abmilp_depth),
+                 ctx.config.abmilp_depth, layout.grid),
         training.recipe,
         seed=ctx.config.seed,
         device=ctx.device,
-        progress=lambda done, total, loss: ctx.hooks.epoch(done, total),
+        # one bar over every block's epochs
+        progress=lambda done, total, loss: ctx.hooks.epoch(index * total + done, blocks * total),
         data_parallel=ctx.data_parallel,
+        curves=_curves_on(ctx.config),
     )  # fmt: skip
+
+
+def _curves_on(config: ProbeConfig) -> bool:
+    """Learning curves unless asked not to; by default not when streaming, where each
+    measurement would run the backbone over the hold-out and evaluation images again."""
+    return config.curves if config.curves is not None else not config.no_cache
 
 
 def _stream_failures(ctx: _Context, setup: _Setup, features: _Features) -> dict[str, dict[int, str]]:
@@ -620,27 +834,69 @@ def _stream_failures(ctx: _Context, setup: _Setup, features: _Features) -> dict[
 
 
 def _report(
-    ctx: _Context, setup: _Setup, features: _Features, training: _Training, trained: BankResult, t0: float
+    ctx: _Context,
+    setup: _Setup,
+    features: _Features,
+    training: _Training,
+    trained: dict[int, BankResult],
+    t0: float,
 ) -> ProbeResult:
-    """Each aggregator's selected head, the selection maps and the provenance for run.json."""
-    from attnscope.probe.selection import grid_edge_notes, select_hyperparameters, selection_maps
+    """Each block's and aggregator's selected head, the selection maps (of the deepest block)
+    and the provenance for run.json."""
+    from attnscope.probe.selection import selection_maps
 
-    results, summary = select_hyperparameters(trained.results, trained.eval_hits, ctx.config.seed)
-    for text in grid_edge_notes(results, summary):
-        ctx.note(text)
+    results, summary = _select(ctx, setup, trained)
+    deepest = setup.blocks[-1]
     t3 = time.perf_counter()
     maps = selection_maps(
-        trained.bank, summary, setup.extractor, setup.data.eval, setup.data.classes,
-        features.sources["eval"], training.eval, count=ctx.config.map_images, seed=ctx.config.seed,
+        trained[deepest].bank, summary[summary["block"] == deepest], setup.extractor, setup.data.eval,
+        setup.data.classes, features.sources["eval"], training.eval, count=ctx.config.map_images,
+        seed=ctx.config.seed, block=deepest,
     )  # fmt: skip
     if maps and not setup.extractor.layout.has_cls:
         ctx.notes.append("maps: the model has no class token, so only the selective weights are shown")
     ctx.timings["maps"] = time.perf_counter() - t3
     ctx.timings["total"] = time.perf_counter() - t0
     info = _provenance(ctx, setup, features, training, trained, maps)
-    results.insert(0, "model", setup.loaded.name)
-    summary.insert(0, "model", setup.loaded.name)
-    return ProbeResult(results, summary, info, maps, trained.bank)
+    curves = _curves(trained)
+    for table in (results, summary) + ((curves,) if curves is not None else ()):
+        table.insert(0, "model", setup.loaded.name)
+    return ProbeResult(results, summary, info, maps, trained[deepest].bank, curves)
+
+
+def _curves(trained: dict[int, BankResult]) -> pd.DataFrame | None:
+    """curves.csv: every block's learning curves, with a `block` column (None without curves)."""
+    import pandas as pd
+
+    parts = []
+    for block, bank in trained.items():
+        if bank.curves is None:
+            return None
+        parts.append(bank.curves.assign(block=block)[["block", *bank.curves.columns]])
+    return pd.concat(parts, ignore_index=True)
+
+
+def _select(
+    ctx: _Context, setup: _Setup, trained: dict[int, BankResult]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every head, the selected head per aggregator), block by block, with a `block` column
+    (and the summary a `relative_depth`: block / number of blocks)."""
+    import pandas as pd
+
+    from attnscope.probe.selection import add_best_epochs, grid_edge_notes, select_hyperparameters
+
+    every, chosen = [], []
+    for block, bank in trained.items():
+        results, summary = select_hyperparameters(bank.results, bank.eval_hits, ctx.config.seed)
+        add_best_epochs(summary, bank.curves)
+        for text in grid_edge_notes(results, summary):
+            ctx.note(f"block {block}: {text}" if len(trained) > 1 else text)
+        results.insert(0, "block", block)
+        summary.insert(0, "block", block)
+        summary.insert(1, "relative_depth", block / setup.extractor.num_blocks)
+        every.append(results)
+        chosen.append(summary)
+    return pd.concat(every, ignore_index=True), pd.concat(chosen, ignore_index=True)
 
 
 def _provenance(
@@ -648,36 +904,37 @@ def _provenance(
     setup: _Setup,
     features: _Features,
     training: _Training,
-    trained: BankResult,
+    trained: dict[int, BankResult],
     maps: list[MapRecord],
 ) -> dict[str, Any]:
     """run.json's entry for the model: where its features came from and how the heads were trained."""
     from attnscope import distributed
 
-    config, loaded, extractor = ctx.config, setup.loaded, setup.extractor
-    blocks = len(cast(Sized, loaded.model.blocks))
+    loaded, extractor = setup.loaded, setup.extractor
     transform = {k: (list(v) if isinstance(v, tuple) else v) for k, v in extractor.transform_config.items()}
+    deepest = trained[setup.blocks[-1]]
     info = loaded.provenance()
     info.update(
         {
             "token_layout": extractor.layout.as_dict(),
-            "num_blocks": blocks,
-            "features": {
-                "layer": f"last block (blocks.{blocks - 1})",
-                "prenorm": config.prenorm,
-                "norm": extractor.norm_label,
-                "tokens": setup.tokens,
-                "dim": setup.dim,
-                "transform": transform,
-                "forward_dtype": config.dtype,
-            },  # fmt: skip
+            "num_blocks": extractor.num_blocks,
+            "features": _features_info(ctx, setup, transform),
             "data": setup.data.summary(),
             "splits": {"train": len(training.fit), "holdout": len(training.hold), "eval": len(training.eval)},
             "cache": features.cache_info or None,
             "recipe": training.recipe.as_dict(),
-            "bank": {**training.bank.as_dict(), "steps": trained.steps, "epoch_losses": trained.losses},
+            "bank": {**training.bank.as_dict(), "steps": deepest.steps, "epoch_losses": deepest.losses},
             "bn_stats": "recomputed over the training split after the last step"
             + (" (statistics of each batch summed over the ranks)" if ctx.data_parallel else ""),
+            "curves": _curves_info(ctx, trained),
+            "augment": {
+                "views": len(setup.views),
+                "view": setup.views[0].key() | {"view": "0 .. views - 1"},
+                "epochs": "each image shows one of its views per epoch, drawn from (seed, epoch)",
+                "plain_images": "the hold-out, the BatchNorm statistics and every measurement",
+            }
+            if setup.views
+            else None,
             "images_skipped": [
                 {"split": name, "item": split.source.describe(p), "reason": r}
                 for name, split in setup.splits.items()
@@ -689,10 +946,64 @@ def _provenance(
             ],
             "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
             "device": str(ctx.device),
+            "threads": _threads_info(ctx.config),
             "notes": ctx.notes,
             **distributed.describe(),
         }
     )
+    if len(trained) > 1:
+        info["bank"]["epoch_losses_by_block"] = {str(b): t.losses for b, t in trained.items()}
+    return info
+
+
+def _threads_info(config: ProbeConfig) -> dict[str, Any]:
+    """run.json's `threads`: how many torch threads extraction and training ran on, and why."""
+    import torch
+
+    if config.threads is not None:
+        return {"torch": torch.get_num_threads(), "from": "`threads`"}
+    _, why = default_threads()
+    return {"torch": torch.get_num_threads(), "from": f"default: {why}"}
+
+
+def _curves_info(ctx: _Context, trained: dict[int, BankResult]) -> dict[str, Any]:
+    """run.json's `curves`: whether every head was measured after every epoch, and at what cost."""
+    on = _curves_on(ctx.config)
+    seconds = sum(t.curve_seconds for t in trained.values())
+    training = sum(t.seconds for t in trained.values())
+    info: dict[str, Any] = {"measured": on, "default": ctx.config.curves is None}
+    if on:
+        info.update(
+            {
+                "splits": "train (the BatchNorm pass's images), holdout, eval (optimistic: an epoch chosen "
+                "on it is chosen on the evaluation split)",
+                "bn_stats": "recomputed over the training split before each measurement, as after the end",
+                "seconds": round(seconds, 3),
+                "training_seconds": round(training, 3),
+            }
+        )
+    return info
+
+
+def _features_info(ctx: _Context, setup: _Setup, transform: dict[str, Any]) -> dict[str, Any]:
+    """run.json's `features`: which blocks, which norm, the token geometry and the transform."""
+    extractor, blocks, n = setup.extractor, setup.blocks, setup.extractor.num_blocks
+    layer = f"last block (blocks.{n - 1})"
+    if blocks != [n]:
+        layer = "blocks " + ", ".join(f"{b} (blocks.{b - 1})" for b in blocks)
+    info: dict[str, Any] = {
+        "layer": layer,
+        "prenorm": ctx.config.prenorm,
+        "norm": extractor.norm_label,
+        "tokens": setup.tokens,
+        "dim": setup.dim,
+        "transform": transform,
+        "forward_dtype": ctx.config.dtype,
+        "blocks": list(blocks),
+        "block_numbering": BLOCK_NUMBERING,
+    }
+    if blocks[0] < n:
+        info["intermediate_blocks"] = "the block's output, without the final norm (as the paper's code)"
     return info
 
 
@@ -707,23 +1018,51 @@ def _ram_budget() -> int:
 def write_probe_run(
     writer: RunWriter, result: ProbeResult, meta: dict[str, Any], formats: Sequence[str] = ("png",)
 ) -> None:
-    """results.csv, summary.csv, maps.csv, figures/, then run.json last (it marks a finished run)."""
-    from attnscope.plots.probe import accuracy_by_aggregator, accuracy_by_lr, selection_maps
+    """results.csv, summary.csv, curves.csv, maps.csv, figures/, then run.json last (it marks a
+    finished run).
+
+    The aggregator and lr figures show the deepest probed block (the last one by default);
+    with several blocks, figures/accuracy_by_depth shows them all."""
+    from attnscope.plots.probe import (
+        accuracy_by_aggregator,
+        accuracy_by_depth,
+        accuracy_by_lr,
+        learning_curves,
+        selection_maps,
+    )
     from attnscope.probe.selection import maps_table
 
     writer.write_csv("results.csv", result.results)
     writer.write_csv("summary.csv", result.summary)
     label = display_name(result.info["name"], bool(result.info.get("random_init")))
     num_classes = result.info["data"]["num_classes"]
+    blocks = sorted(set(result.summary["block"]))
+    deepest = blocks[-1]
+    results = result.results[result.results["block"] == deepest]
+    summary = result.summary[result.summary["block"] == deepest]
+    shown = label if len(blocks) == 1 else f"{label}, block {deepest}"
     writer.write_figure(
         "figures/accuracy_by_aggregator",
-        accuracy_by_aggregator(result.results, result.summary, label=label, num_classes=num_classes),
+        accuracy_by_aggregator(results, summary, label=shown, num_classes=num_classes),
         formats,
     )
-    writer.write_figure("figures/accuracy_by_lr", accuracy_by_lr(result.results, label=label), formats)
+    writer.write_figure("figures/accuracy_by_lr", accuracy_by_lr(results, label=shown), formats)
+    if result.curves is not None:
+        writer.write_csv("curves.csv", result.curves)
+        writer.write_figure(
+            "figures/learning_curves",
+            learning_curves(result.curves[result.curves["block"] == deepest], summary, label=shown),
+            formats,
+        )
+    if len(blocks) > 1:
+        writer.write_figure(
+            "figures/accuracy_by_depth",
+            accuracy_by_depth(result.summary, label=label, num_classes=num_classes),
+            formats,
+        )
     if result.maps:
         writer.write_csv("maps.csv", maps_table(result.maps))
         writer.write_figure(
-            "figures/selection_vs_cls_attention", selection_maps(result.maps, label=label), formats
+            "figures/selection_vs_cls_attention", selection_maps(result.maps, label=shown), formats
         )
     writer.write_json("run.json", meta)

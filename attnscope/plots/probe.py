@@ -1,4 +1,5 @@
-"""Probe figures: accuracy by aggregator, accuracy over the lr grid, selection maps.
+"""Probe figures: accuracy by aggregator, over the lr grid, across depth, learning curves,
+selection maps.
 
 Functions return matplotlib Figures; nothing here saves or prints.
 """
@@ -6,7 +7,7 @@ Functions return matplotlib Figures; nothing here saves or prints.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -129,6 +130,85 @@ def accuracy_by_lr(results: pd.DataFrame, *, label: str = "") -> Figure:
     )
     ax.set_title(f"{label}: learning-rate grid\n{subtitle}" if label else subtitle, fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_by_depth(
+    summaries: pd.DataFrame | Mapping[str, pd.DataFrame], *, label: str = "", num_classes: int | None = None
+) -> Figure:
+    """Evaluation top-1 of each aggregator's selected head against relative depth (block /
+    number of blocks), with its 95% interval as a band where the table has one.
+
+    One summary table (a run's summary.csv): one panel, a line per aggregator. Several
+    (`{model label: summary}`, e.g. a MIM and a JEA model): one panel per aggregator and a
+    line per model, so models of different depths share one axis.
+    """
+    plt, sns = _setup()
+    tables = {label or "": summaries} if not isinstance(summaries, Mapping) else dict(summaries)
+    aggregators = list(dict.fromkeys(a for t in tables.values() for a in t["aggregator"]))
+    panels = aggregators if len(tables) > 1 else [""]
+    keys = list(tables) if len(tables) > 1 else aggregators
+    palette = dict(zip(keys, sns.color_palette("colorblind", len(keys)), strict=True))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(1.0 + 3.6 * len(panels), 4.0), squeeze=False, sharey=True
+    )
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for key in keys:
+            model, aggregator = (key, panel) if len(tables) > 1 else (next(iter(tables)), key)
+            rows = tables[model][tables[model]["aggregator"] == aggregator].sort_values("relative_depth")
+            if rows.empty:
+                continue
+            x, y = rows["relative_depth"].to_numpy(), rows["eval_top1"].to_numpy() * 100
+            ax.plot(x, y, marker="o", color=palette[key], label=key)
+            if "eval_top1_ci_low" in rows:
+                low, high = rows["eval_top1_ci_low"] * 100, rows["eval_top1_ci_high"] * 100
+                ax.fill_between(x, low, high, color=palette[key], alpha=0.15, lw=0)
+        if num_classes:
+            ax.axhline(100.0 / num_classes, color="0.4", ls="--", lw=1, label="chance")
+        ax.set_xlim(0, 1.02)
+        ax.set_xlabel("relative depth (block / blocks)")
+        ax.set_title(panel, fontsize=10)
+    axes[0][0].set_ylabel("evaluation top-1 (%), selected head")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    title = "accuracy across depth"
+    fig.suptitle(f"{label}: {title}" if label and len(tables) == 1 else title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(curves: pd.DataFrame, summary: pd.DataFrame, *, label: str = "") -> Figure:
+    """Top-1 of each aggregator's selected head after every epoch: on the training images
+    (dotted), the hold-out (solid) and the evaluation split (dashed; optimistic to pick an
+    epoch on), with the best evaluation epoch marked (the paper code's "Max accuracy").
+    The other heads of the grid are the thin grey evaluation lines."""
+    plt, sns = _setup()
+    names = list(summary["aggregator"])
+    palette = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
+    fig, axes = plt.subplots(1, len(names), figsize=(1.0 + 3.4 * len(names), 3.8), squeeze=False, sharey=True)
+    styles = {"train": ":", "holdout": "-", "eval": "--"}
+    for ax, row in zip(axes[0], summary.itertuples(), strict=True):
+        mine = curves[curves["aggregator"] == row.aggregator]
+        for head, others in mine[mine["split"] == "eval"].groupby("head"):
+            if head != row.head:
+                ax.plot(others["epoch"], others["top1"] * 100, color="0.75", lw=0.6, zorder=1)
+        chosen = mine[mine["head"] == row.head]
+        for split, style in styles.items():
+            part = chosen[chosen["split"] == split].sort_values("epoch")
+            if not part.empty:
+                ax.plot(
+                    part["epoch"], part["top1"] * 100, ls=style, color=palette[row.aggregator], label=split
+                )
+        best = getattr(row, "best_epoch", float("nan"))
+        if best == best:  # not NaN
+            ax.scatter([best], [row.best_epoch_top1 * 100], marker="*", s=90, color="black", zorder=3,
+                       label="max accuracy (eval)")  # fmt: skip
+        ax.set_title(f"{row.aggregator} (lr {row.lr:g}, wd {row.wd:g})", fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("top-1 (%), selected head")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    title = "learning curves (dashed: evaluation split, optimistic)"
+    fig.suptitle(f"{label}: {title}" if label else title, fontsize=10)
     fig.tight_layout()
     return fig
 

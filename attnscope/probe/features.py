@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -34,13 +34,14 @@ import numpy as np
 
 from attnscope.errors import AttnscopeError, ConfigError, Interrupted
 from attnscope.files import atomic_path, write_text_atomic
+from attnscope.probe.datasets import ImageSource
 
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
 
     from attnscope.models import LoadedModel, TokenLayout
-    from attnscope.probe.datasets import ImageSource, Positions
+    from attnscope.probe.datasets import Positions
 
 FORMAT_VERSION = 1
 SHARD_TARGET_BYTES = 512 * 2**20  # big enough for few files, small enough to rewrite on resume
@@ -51,11 +52,15 @@ ProgressFn = Callable[[int, int], None]
 SkipFn = Callable[[Path, str], None]
 
 __all__ = [
+    "AugmentedSource",
     "CacheIndex",
     "FeatureCache",
     "FeatureStore",
+    "StackedStore",
     "StreamSource",
     "TokenExtractor",
+    "augment_transform",
+    "augmented_view",
     "cache_key",
     "default_cache_dir",
     "disk_free",
@@ -125,12 +130,20 @@ def make_source_loader(
     )
 
 
-class TokenExtractor:
-    """Frozen backbone -> last-block tokens `(B, T, D)`, final norm applied unless `prenorm`.
+class _StopForward(Exception):
+    """Raised by the hook of the deepest block asked for when the blocks after it (and the
+    final norm) are not needed: the forward ends there, as in the paper's code (its `return_block`)."""
 
-    The normed tokens are `forward_features` (timm semantics); the pre-norm ones are the
-    output of the last block, taken with a hook. Models whose final norm sits after pooling
-    (`fc_norm`) have no per-token final norm; for them both settings give the same tokens.
+
+class TokenExtractor:
+    """Frozen backbone -> the tokens `(B, T, D)` of chosen blocks, from one forward.
+
+    Blocks are numbered from 1 (block k is the output of the k-th transformer block, timm's
+    `blocks[k-1]`; the last one is `num_blocks`). The last block's tokens have the model's
+    final norm applied (`forward_features`, timm semantics) unless `prenorm`; every other
+    block's are the block's output as it is, with no norm (as the paper's code, which never
+    applies the final norm at any block). Models whose final norm sits after pooling
+    (`fc_norm`) have no per-token final norm; for them `prenorm` changes nothing.
     """
 
     def __init__(
@@ -140,6 +153,7 @@ class TokenExtractor:
         prenorm: bool = False,
         device: str | torch.device = "cpu",
         dtype: str = "float32",
+        blocks: str | Sequence[int] | None = None,
     ) -> None:
         import torch
 
@@ -158,41 +172,73 @@ class TokenExtractor:
         self.layout: TokenLayout = token_layout(self.model, loaded.input_size)
         norm = getattr(self.model, "norm", None)
         self.has_token_norm = norm is not None and not isinstance(norm, torch.nn.Identity)
+        self.num_blocks = len(self._block_modules())
+        self.blocks = parse_blocks(blocks, self.num_blocks)  # 1-based, ascending
         self._shape: tuple[int, int] | None = None
+
+    def _block_modules(self) -> torch.nn.Sequential | torch.nn.ModuleList:
+        # timm keeps the blocks in a Sequential (ViT) or a ModuleList (EVA, BEiT)
+        return cast("torch.nn.Sequential | torch.nn.ModuleList", self.model.blocks)
 
     @property
     def norm_label(self) -> str:
+        """What the last block's tokens are (the other blocks' are always their raw output)."""
         if not self.has_token_norm:
             return "no per-token final norm in this model (prenorm and normed are the same)"
         return "pre-norm (last block output)" if self.prenorm else "final norm applied"
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def is_normed(self, block: int) -> bool:
+        """Whether block `block`'s tokens pass through the model's final norm."""
+        return block == self.num_blocks and not self.prenorm and self.has_token_norm
+
+    def extract(self, images: torch.Tensor, blocks: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """`{block: (B, T, D) float32 tokens}` of `blocks` (default: the extractor's), one forward."""
         import torch
 
         from attnscope.measure import forward_features
 
-        images = images.to(self.device)
-        captured: list[torch.Tensor] = []
-        handle = None
-        if self.prenorm:
-            # timm keeps the blocks in a Sequential (ViT) or a ModuleList (EVA, BEiT)
-            blocks = cast("torch.nn.Sequential | torch.nn.ModuleList", self.model.blocks)
-            handle = blocks[-1].register_forward_hook(lambda m, i, o: captured.append(o))
+        wanted = sorted(set(blocks if blocks is not None else self.blocks))
+        last = self.num_blocks
+        hooked = [b for b in wanted if b != last or self.prenorm]
+        stop_at = wanted[-1] if wanted[-1] < last else None
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook(block: int) -> Callable[..., None]:
+            def grab(module: Any, args: Any, output: Any) -> None:
+                captured[block] = output[0] if isinstance(output, (tuple, list)) else output
+                if block == stop_at:
+                    raise _StopForward
+
+            return grab
+
+        modules = self._block_modules()
+        handles = [modules[b - 1].register_forward_hook(hook(b)) for b in hooked]
+        out: Any = None
         try:
             with torch.inference_mode():
-                out = forward_features(self.model, images, dtype=self.dtype, name=self.loaded.name)
+                out = forward_features(
+                    self.model, images.to(self.device), dtype=self.dtype, name=self.loaded.name
+                )
+        except _StopForward:
+            pass
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
-        tokens = captured[-1] if self.prenorm else out
-        if isinstance(tokens, (tuple, list)):
-            tokens = tokens[0]
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return {b: self._checked(captured[b] if b in captured else out, b) for b in wanted}
+
+    def _checked(self, tokens: torch.Tensor, block: int) -> torch.Tensor:
         if tokens.ndim != 3 or tokens.shape[1] != self.layout.num_tokens:
             raise AttnscopeError(
-                f"{self.loaded.name}: expected last-block tokens of shape (B, {self.layout.num_tokens}, D), "
-                f"got {tuple(tokens.shape)}"
+                f"{self.loaded.name}: expected the tokens of block {block} to have shape "
+                f"(B, {self.layout.num_tokens}, D), got {tuple(tokens.shape)}"
             )
         return tokens.float()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The deepest chosen block's tokens (the last block's by default)."""
+        return self.extract(images, [self.blocks[-1]])[self.blocks[-1]]
 
     def token_shape(self) -> tuple[int, int]:
         """(T, D), from one forward of a blank image (cheaper than trusting attributes)."""
@@ -203,6 +249,52 @@ class TokenExtractor:
             out = self(torch.zeros(1, 3, h, w))
             self._shape = (int(out.shape[1]), int(out.shape[2]))
         return self._shape
+
+
+def block_tokens(
+    extractor: TokenExtractor, images: torch.Tensor, blocks: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """`extractor.extract`, through `extractor(images)` when only its deepest block is wanted
+    (the one entry point of the single-block case, which tests may wrap)."""
+    if list(blocks) == [extractor.blocks[-1]]:
+        return {extractor.blocks[-1]: extractor(images)}
+    return extractor.extract(images, blocks)
+
+
+def normalise_blocks(spec: str | Sequence[int | str]) -> str | tuple[int, ...]:
+    """`last`, `all` or block numbers (`"3,6,9,12"` or a sequence; 1-based, negative from the
+    end) as a config keeps them: the word, or a tuple of ints (checked against a model later)."""
+    items = spec.split(",") if isinstance(spec, str) else [str(s) for s in spec]
+    words = [s.strip().lower() for s in items if s.strip()]
+    if words in (["last"], ["all"]):
+        return words[0]
+    try:
+        numbers = tuple(int(w) for w in words)
+    except ValueError:
+        numbers = ()
+    if not numbers or 0 in numbers:
+        raise ConfigError(
+            "blocks", f"takes last, all or block numbers counted from 1 (e.g. 3,6,9,12), got {spec!r}"
+        )
+    return numbers
+
+
+def parse_blocks(spec: str | Sequence[int] | None, num_blocks: int) -> list[int]:
+    """`last`, `all` or block numbers (1-based; negative counts from the end, -1 = last) ->
+    sorted distinct block numbers of a model with `num_blocks` blocks."""
+    if spec is None or spec == "last":
+        return [num_blocks]
+    if spec == "all":
+        return list(range(1, num_blocks + 1))
+    if isinstance(spec, str):
+        raise ConfigError("blocks", f"takes last, all or block numbers, got {spec!r}")
+    chosen = [int(b) + num_blocks + 1 if int(b) < 0 else int(b) for b in spec]
+    bad = [b for b, c in zip(spec, chosen, strict=True) if not 1 <= c <= num_blocks]
+    if bad or not chosen:
+        raise ConfigError(
+            "blocks", f"names blocks {list(bad or spec)}; the model has blocks 1 to {num_blocks} (1-based)"
+        )
+    return sorted(set(chosen))
 
 
 # --------------------------------------------------------------------------- cache key
@@ -237,9 +329,19 @@ def feature_key_material(
     seed: int,
     item_ids: Sequence[str],
     model_kwargs: dict[str, Any] | None = None,
+    block: int | None = None,
+    num_blocks: int | None = None,
+    augment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything that changes the cached tokens, as a JSON-able dict."""
+    """Everything that changes the cached tokens, as a JSON-able dict.
+
+    `block` (1-based) of `num_blocks`: None or the last block is the layer `last` (the key
+    of every cache written before blocks could be chosen, so those caches stay valid);
+    another block is `blocks.<block - 1>`, whose tokens never pass the final norm.
+    `augment`: what identifies one augmented view (`AugmentedSource.key`); absent for the
+    plain images, whose keys stay those of every earlier cache."""
     images = hashlib.sha256("\n".join(item_ids).encode()).hexdigest()
+    layer = "last" if block is None or block == num_blocks else f"blocks.{block - 1}"
     return {
         "format": FORMAT_VERSION,
         "timm_name": loaded.spec.timm_name,
@@ -248,12 +350,12 @@ def feature_key_material(
         "transform": {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(transform_config.items())
         },
-        "layer": "last",
-        "prenorm": bool(prenorm),
+        "layer": layer,
+        "prenorm": bool(prenorm) if layer == "last" else True,
         "forward_dtype": dtype,
         "num_images": len(item_ids),
         "images_sha256": images,
-    }
+    } | ({"augment": augment} if augment is not None else {})
 
 
 def cache_key(material: dict[str, Any]) -> str:
@@ -422,10 +524,11 @@ def format_bytes(n: float) -> str:
 
 @dataclass
 class ExtractReport:
-    extracted: int = 0
+    extracted: int = 0  # readable images run through the backbone
     failures: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
-    shards_written: int = 0
+    shards_written: int = 0  # over every block's cache
+    rows: dict[int, int] = field(default_factory=dict)  # block -> readable images written to its cache
 
 
 COMMIT_IMAGES = 64  # a shard is committed at the latest after this many images ...
@@ -435,7 +538,7 @@ COMMIT_SECONDS = 30.0  # ... or this much time, so an interruption loses little 
 def extract_shards(
     extractor: TokenExtractor,
     source: ImageSource,
-    cache: FeatureCache,
+    cache: FeatureCache | Mapping[int, FeatureCache],
     indices: Sequence[int],
     *,
     batch_size: int = 64,
@@ -444,42 +547,55 @@ def extract_shards(
     on_skip: SkipFn | None = None,
     commit_images: int = COMMIT_IMAGES,
     commit_seconds: float = COMMIT_SECONDS,
+    transform: Callable[[Any], torch.Tensor] | None = None,
 ) -> ExtractReport:
     """Extract the positions `indices` that no committed shard holds yet into new shards.
+
+    `cache`: one cache (of the extractor's deepest block), or `{block: cache}`. With
+    several, an image missing from any of them is run through the backbone once and its
+    tokens of every block go to the caches that lack it, so a cache of an added block is
+    filled without touching (or recomputing) the others.
 
     Tokens are kept in memory and committed as a shard (array renamed into place, then its
     meta file) every `commit_images` images (at most the cache's shard size) or
     `commit_seconds`, whichever comes first. An interruption therefore loses at most that
     much work, and the next call continues with the positions still missing; a shard
     without its meta file is never trusted. Ctrl-C raises `ExtractionInterrupted`, which
-    says how much is committed.
+    says how much is committed. `transform`: what turns a loaded image into the model's
+    input (default: the extractor's eval transform).
     """
-    todo = cache.pending(indices)
+    caches = {extractor.blocks[-1]: cache} if isinstance(cache, FeatureCache) else dict(cache)
+    buffers = _BlockBuffers(caches, indices)
     report = ExtractReport()
+    todo = buffers.todo()
     if not todo:
         return report
     start = time.perf_counter()
-    limit = max(1, min(commit_images, cache.shard_images))
-    buffer = _ShardBuffer(cache)
+    limit = max(1, min(commit_images, *(c.shard_images for c in caches.values())))
     done, last_commit = 0, time.monotonic()
     try:
-        for batch in make_source_loader(source, extractor.transform, todo, batch_size, num_workers):
+        for batch in make_source_loader(
+            source, transform or extractor.transform, todo, batch_size, num_workers
+        ):
             for pos, reason in batch.failures:
                 if on_skip is not None:
                     on_skip(source.path(pos), reason)
-            buffer.add(extractor, batch)
+            report.extracted += buffers.add(extractor, batch)
             done += len(batch.indices) + len(batch.failures)
-            if len(buffer) >= limit or time.monotonic() - last_commit >= commit_seconds:
-                buffer.commit(report)
+            if len(buffers) >= limit or time.monotonic() - last_commit >= commit_seconds:
+                buffers.commit(report)
                 last_commit = time.monotonic()
             if progress is not None:
                 progress(done, len(todo))
-        buffer.commit(report)
+        buffers.commit(report)
     except KeyboardInterrupt:
-        committed = len(cache.done_positions())
+        committed = min(len(c.done_positions()) for c in caches.values())
+        where = (
+            next(iter(caches.values())).root if len(caches) == 1 else next(iter(caches.values())).root.parent
+        )
         raise ExtractionInterrupted(
-            f"{committed} of {cache.num_items} images' features are committed in "
-            f"{cache.root}; the same command continues from there"
+            f"{committed} of {len(source)} images' features are committed in "
+            f"{where}; the same command continues from there"
         ) from None
     report.seconds = time.perf_counter() - start
     return report
@@ -487,6 +603,46 @@ def extract_shards(
 
 class ExtractionInterrupted(Interrupted):
     """Ctrl-C during extraction, saying how much is committed (a rerun continues from it)."""
+
+
+class _BlockBuffers:
+    """One `_ShardBuffer` per block's cache, fed by one forward per batch."""
+
+    def __init__(self, caches: Mapping[int, FeatureCache], indices: Sequence[int]) -> None:
+        self.buffers = {b: _ShardBuffer(c) for b, c in caches.items()}
+        self.pending = {b: set(c.pending(indices)) for b, c in caches.items()}
+        self.order = [int(i) for i in indices]
+
+    def todo(self) -> list[int]:
+        """The positions some cache lacks, in the order asked."""
+        return [i for i in self.order if any(i in p for p in self.pending.values())]
+
+    def __len__(self) -> int:
+        return max(len(b) for b in self.buffers.values())
+
+    def add(self, extractor: TokenExtractor, batch: Any) -> int:
+        """Route the batch's failures and tokens to the caches lacking them; returns the
+        number of readable images run through the backbone."""
+        import torch
+
+        wanted = {
+            b: [i for i, p in enumerate(batch.indices) if int(p) in pending]
+            for b, pending in self.pending.items()
+        }
+        tokens: dict[int, np.ndarray] = {}
+        if batch.images is not None:
+            blocks = [b for b, rows in wanted.items() if rows]
+            out = block_tokens(extractor, batch.images, blocks) if blocks else {}
+            tokens = {b: t.to("cpu", dtype=torch.float16).numpy() for b, t in out.items()}
+        for b, buffer in self.buffers.items():
+            failures = [(p, r) for p, r in batch.failures if int(p) in self.pending[b]]
+            rows = wanted[b]
+            buffer.add(failures, [int(batch.indices[i]) for i in rows], tokens[b][rows] if rows else None)
+        return len(batch.indices) if batch.images is not None else 0
+
+    def commit(self, report: ExtractReport) -> None:
+        for b, buffer in self.buffers.items():
+            report.rows[b] = report.rows.get(b, 0) + buffer.commit(report)
 
 
 class _ShardBuffer:
@@ -501,23 +657,23 @@ class _ShardBuffer:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def add(self, extractor: TokenExtractor, batch: Any) -> None:
-        import torch
-
+    def add(
+        self, failures: Sequence[tuple[int, str]], positions: Sequence[int], tokens: np.ndarray | None
+    ) -> None:
         zeros = np.zeros((self.cache.tokens, self.cache.dim), dtype=np.float16)
-        for pos, reason in batch.failures:  # a failed image keeps a row of zeros it never serves
+        for pos, reason in failures:  # a failed image keeps a row of zeros it never serves
             self.positions.append(int(pos))
             self.rows.append(zeros)
             self.failures[int(pos)] = reason
-        if batch.images is not None:
-            tokens = extractor(batch.images).to("cpu", dtype=torch.float16).numpy()
-            self.positions.extend(int(p) for p in batch.indices)
+        if tokens is not None:
+            self.positions.extend(positions)
             self.rows.extend(tokens)
 
-    def commit(self, report: ExtractReport) -> None:
-        """Write the buffer as one shard: the array first, its meta file last."""
+    def commit(self, report: ExtractReport) -> int:
+        """Write the buffer as one shard: the array first, its meta file last. Returns the
+        readable images written."""
         if not self.positions:
-            return
+            return 0
         order = np.argsort(self.positions, kind="stable")
         positions = [self.positions[i] for i in order]
         name = f"shard-{positions[0]:09d}-{positions[-1]:09d}"
@@ -525,10 +681,11 @@ class _ShardBuffer:
             np.save(tmp, np.stack([self.rows[i] for i in order]), allow_pickle=False)
         meta = {"positions": positions, "failures": {str(k): v for k, v in self.failures.items()}}
         write_text_atomic(self.cache.root / f"{name}.json", json.dumps(meta) + "\n")
-        report.extracted += len(positions) - len(self.failures)
+        written = len(positions) - len(self.failures)
         report.failures.update(self.failures)
         report.shards_written += 1
         self.positions, self.rows, self.failures = [], [], {}
+        return written
 
 
 @dataclass
@@ -627,6 +784,97 @@ class FeatureStore:
         return self.gather(np.arange(self.index.num_items))
 
 
+# --------------------------------------------------------------------------- augmented views
+
+AUGMENT_STREAM = 41  # random stream of the augmented views
+AUGMENT_SCALE = (0.08, 1.0)
+AUGMENT_RATIO = (3 / 4, 4 / 3)
+
+
+def augmented_view(image: Any, size: tuple[int, int], rng: np.random.Generator) -> Any:
+    """The paper recipe's training augmentation of one PIL image: `RandomResizedCrop(size,
+    interpolation=bicubic)` with the paper code's TF-style parameters (util/crop.py: one
+    draw of the area fraction in [0.08, 1] and of the log aspect ratio in [log 3/4, log 4/3],
+    the crop clipped to the image, no retry loop), then a horizontal flip with probability
+    1/2; every draw from `rng`."""
+    from PIL import Image
+
+    width, height = image.size
+    area = width * height * rng.uniform(*AUGMENT_SCALE)
+    aspect = float(np.exp(rng.uniform(np.log(AUGMENT_RATIO[0]), np.log(AUGMENT_RATIO[1]))))
+    w = min(int(round(np.sqrt(area * aspect))), width)
+    h = min(int(round(np.sqrt(area / aspect))), height)
+    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    crop = image.crop((left, top, left + w, top + h)).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.uniform() < 0.5 else crop
+
+
+class AugmentedSource(ImageSource):
+    """View `view` of every image of `base`: `augmented_view` drawn from a generator seeded
+    by (seed, position, view) alone, so a view never changes when more views are asked for
+    and a cache of it stays valid. Its images are already at the model's input size; they
+    take `augment_transform` (tensor + normalisation), not the eval transform."""
+
+    def __init__(self, base: ImageSource, view: int, seed: int, size: tuple[int, int]) -> None:
+        self.base, self.view, self.seed, self.size = base, int(view), int(seed), (int(size[0]), int(size[1]))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def load(self, i: int) -> Any:
+        rng = np.random.default_rng([self.seed, AUGMENT_STREAM, int(i), self.view])
+        return augmented_view(self.base.load(i), self.size, rng)
+
+    def describe(self, i: int) -> str:
+        return self.base.describe(i)
+
+    def path(self, i: int) -> Path:
+        return self.base.path(i)
+
+    def item_ids(self) -> list[str]:
+        return self.base.item_ids()
+
+    def key(self) -> dict[str, Any]:
+        """What identifies this view in a cache key."""
+        return {
+            "view": self.view, "seed": self.seed, "size": list(self.size),
+            "recipe": "RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bicubic, TF-style) + flip",
+        }  # fmt: skip
+
+
+def augment_transform(transform_config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """An augmented view (already at the input size) -> the normalised tensor the model takes,
+    with the mean and std of its eval transform."""
+    from torchvision import transforms
+
+    mean, std = transform_config.get("mean", (0.5, 0.5, 0.5)), transform_config.get("std", (0.5, 0.5, 0.5))
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(list(mean), list(std))])
+
+
+class StackedStore:
+    """Several complete caches of equally many images as one: row `k * n + p` is position
+    `p` of cache `k` (the augmented views of the training split, read by `ViewSource`)."""
+
+    def __init__(self, stores: Sequence[FeatureStore]) -> None:
+        self.stores = list(stores)
+        self.n = stores[0].index.num_items
+        self.index = stores[0].index
+
+    def gather(self, positions: Positions, out: np.ndarray | None = None) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        if out is None or len(out) < len(positions):
+            out = np.empty((len(positions), self.index.tokens, self.index.dim), dtype=np.float16)
+        out = out[: len(positions)]
+        which, rows = np.divmod(positions, self.n)
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            out[sel] = self.stores[int(k)].gather(rows[sel])
+        return out
+
+    def load_all(self) -> np.ndarray:
+        return np.concatenate([s.load_all() for s in self.stores])
+
+
 # --------------------------------------------------------------------------- streaming
 
 
@@ -634,7 +882,8 @@ class StreamSource:
     """Tokens computed on the fly (no cache): one backbone forward feeds the whole bank.
 
     The backbone takes `batch_size` images per forward (which bounds its memory); its
-    outputs are regrouped into the batches `iterate` is asked for.
+    outputs are regrouped into the batches `iterate` is asked for. `block`: whose tokens
+    (default: the extractor's deepest block).
     """
 
     def __init__(
@@ -645,8 +894,10 @@ class StreamSource:
         batch_size: int = 64,
         num_workers: int = 0,
         on_skip: SkipFn | None = None,
+        block: int | None = None,
     ) -> None:
         self.extractor = extractor
+        self.block = extractor.blocks[-1] if block is None else block
         self.source = source
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -678,7 +929,7 @@ class StreamSource:
                         self.on_skip(self.source.path(pos), reason)
             if batch.images is None:
                 continue
-            pending_tokens.append(self.extractor(batch.images))
+            pending_tokens.append(block_tokens(self.extractor, batch.images, [self.block])[self.block])
             pending_pos.append(np.asarray(batch.indices, dtype=np.int64))
             # Failures shrink batches; regroup so training steps keep the batch size.
             while sum(len(p) for p in pending_pos) >= batch_size:

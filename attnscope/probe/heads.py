@@ -24,6 +24,11 @@ registry, so adding an aggregator is its class (and its test):
 - `abmilp_gated`: Ilse et al. 2018, logit = w^T [tanh(V h) * sigmoid(U h)], hidden 128.
 - `attentive`: one learnable query, key/value projection `Linear(D, 2D)`, D/64 heads,
   scaled-dot-product cross-attention over the patches, no MLP and no output projection.
+- The options of the paper code's AbMILP head (`_AbmilpOptions`): `abmilp_tanh` (tanh
+  hidden layers, depth at least 2), `abmilp_sa` / `abmilp_sa_map` (a single-head
+  self-attention before scoring; pooling its output or the tokens), `abmilp_pe` (the
+  scorer sees a 2-D sine-cosine position embedding), `abmilp_all` (the class token is in
+  the bag too).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from attnscope.errors import AttnscopeError, ConfigError
 
 __all__ = [
     "AGGREGATORS",
+    "CLASSIFIER_INITS",
     "AbmilpPool",
     "Aggregator",
     "AttentivePool",
@@ -50,12 +56,17 @@ __all__ = [
     "MeanPool",
     "ProbeHeads",
     "aggregator_class",
+    "sincos_2d",
     "build_aggregator",
     "parse_aggregators",
     "register_aggregator",
     "synced_batch_norm",
 ]
 
+# The classifier's initialisation: MAE's trunc_normal(std 0.01) weights and zero bias (the
+# default recipe), or what `nn.Linear` draws, U(+-1/sqrt(fan_in)) for weights and bias
+# (the paper recipe: "Beyond [cls]"'s code replaces the head with a fresh nn.Linear).
+CLASSIFIER_INITS = ("trunc_normal", "linear_default")
 GATED_HIDDEN = 128
 ATTENTIVE_HEAD_DIM = 64
 BN_EPS = 1e-6  # as MAE's linear-probe BatchNorm
@@ -120,9 +131,16 @@ class Aggregator(nn.Module):
 
     @classmethod
     def create(
-        cls, num_heads: int, dim: int, *, generator: torch.Generator, abmilp_depth: int = 1
+        cls,
+        num_heads: int,
+        dim: int,
+        *,
+        generator: torch.Generator,
+        abmilp_depth: int = 1,
+        grid: tuple[int, int] | None = None,
     ) -> Aggregator:
-        """The bank's constructor: aggregators with parameters draw them from `generator`."""
+        """The bank's constructor: aggregators with parameters draw them from `generator`.
+        `grid`: the patch grid (rows, columns), for aggregators that know where a patch is."""
         if cls.shared:
             return cls(num_heads, dim)
         # an aggregator with parameters takes the generator, which the base signature cannot say
@@ -138,7 +156,7 @@ class Aggregator(nn.Module):
     def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def patch_weights(self, patches: Tensor) -> Tensor | None:
+    def patch_weights(self, patches: Tensor, cls: Tensor | None = None) -> Tensor | None:
         """`(H, B, N)` weights over the patches that sum to 1, for selective aggregators."""
         return None
 
@@ -197,10 +215,18 @@ def parse_aggregators(text: str | Sequence[str]) -> list[str]:
 
 
 def build_aggregator(
-    name: str, num_heads: int, dim: int, *, abmilp_depth: int = 1, generator: torch.Generator
+    name: str,
+    num_heads: int,
+    dim: int,
+    *,
+    abmilp_depth: int = 1,
+    generator: torch.Generator,
+    grid: tuple[int, int] | None = None,
 ) -> Aggregator:
     """`num_heads` heads of the registered aggregator `name`, initialised from `generator`."""
-    return aggregator_class(name).create(num_heads, dim, generator=generator, abmilp_depth=abmilp_depth)
+    return aggregator_class(name).create(
+        num_heads, dim, generator=generator, abmilp_depth=abmilp_depth, grid=grid
+    )
 
 
 @register_aggregator
@@ -279,7 +305,13 @@ class AbmilpPool(Aggregator):
 
     @classmethod
     def create(
-        cls, num_heads: int, dim: int, *, generator: torch.Generator, abmilp_depth: int = 1
+        cls,
+        num_heads: int,
+        dim: int,
+        *,
+        generator: torch.Generator,
+        abmilp_depth: int = 1,
+        grid: tuple[int, int] | None = None,
     ) -> AbmilpPool:
         return cls(num_heads, dim, abmilp_depth, generator=generator)
 
@@ -299,7 +331,7 @@ class AbmilpPool(Aggregator):
             s = torch.baddbmm(self.score_b[:, None], h, self.score_w.transpose(1, 2))[..., 0].t()
         return s.reshape(b, n, self.num_heads).transpose(1, 2)
 
-    def patch_weights(self, patches: Tensor) -> Tensor:
+    def patch_weights(self, patches: Tensor, cls: Tensor | None = None) -> Tensor:
         return self.scores(patches).softmax(dim=-1).transpose(0, 1)
 
     def linear_scores(self) -> tuple[Tensor, Tensor | None] | None:
@@ -344,7 +376,7 @@ class GatedAbmilpPool(Aggregator):
         gated = torch.tanh(hid[..., : self.hidden]) * torch.sigmoid(hid[..., self.hidden :])
         return torch.einsum("bnhl,hl->bhn", gated, self.w[:, 0]) + self.w_b[:, 0, None]
 
-    def patch_weights(self, patches: Tensor) -> Tensor:
+    def patch_weights(self, patches: Tensor, cls: Tensor | None = None) -> Tensor:
         return self.scores(patches).softmax(dim=-1).transpose(0, 1)
 
     def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
@@ -611,7 +643,7 @@ class AttentivePool(Aggregator):
         )
         return out.view(h, g, b, k).permute(2, 0, 1, 3).reshape(b, h, d)
 
-    def patch_weights(self, patches: Tensor) -> Tensor:
+    def patch_weights(self, patches: Tensor, cls: Tensor | None = None) -> Tensor:
         b, n, _ = patches.shape
         return (
             self._attention(patches).view(b, self.num_heads, self.attn_heads, n).mean(dim=2).transpose(0, 1)
@@ -631,6 +663,179 @@ class AttentivePool(Aggregator):
         query = self.query.view(h, 1, g, 1, k).expand(h, b, g, 1, k)
         out = F.scaled_dot_product_attention(query, keys, values)  # (H, B, G, 1, K)
         return out.reshape(h, b, d).transpose(0, 1)
+
+
+def sincos_2d(dim: int, grid: tuple[int, int]) -> Tensor:
+    """`(rows * cols, dim)` fixed 2-D sine-cosine position embedding of a patch grid in
+    row-major order, as MAE's `get_2d_sincos_pos_embed`: the first half encodes a patch's
+    column, the second its row, each as sin and cos at `dim / 4` frequencies 1/10000^(i/(dim/4))."""
+    if dim % 4:
+        raise AttnscopeError(f"a 2-D sine-cosine position embedding needs a width divisible by 4, got {dim}")
+    rows, cols = grid
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def axis(pos: Tensor) -> Tensor:
+        angle = pos.double()[:, None] * omega[None]
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.cat([axis(c.reshape(-1)), axis(r.reshape(-1))], dim=1).float()
+
+
+class _AbmilpOptions(Aggregator):
+    """AbMILP with the options of the paper's code (`ABMILPHead`), one per registered name.
+
+    The bag is the patches, or with `with_cls` the class token and the patches (its
+    `content="all"`). `self_attention`: one single-head self-attention layer (its
+    `Attention(dim, num_heads=1)`: qkv without bias, an output projection with bias) over
+    the bag, whose output the scorer reads (`"map"`), and which is also what is pooled
+    (`"both"`). `positional`: the scorer reads the tokens plus a fixed 2-D sine-cosine
+    position embedding (`cond="pe"`; zero for the class token). The scorer has
+    `max(abmilp_depth, min_depth)` layers, hidden ones `Linear(D, D)` with `activation`.
+    Every layer is initialised as `nn.Linear`. Computed head by head on the plain path
+    (no shared pooling): the self-attention's (H, B, N, N) maps make it the costliest head.
+    """
+
+    selective = True
+    activation: ClassVar[str] = "relu"
+    self_attention: ClassVar[str] = "none"  # "none", "map" or "both"
+    positional: ClassVar[bool] = False
+    with_cls: ClassVar[bool] = False
+    min_depth: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        num_heads: int,
+        dim: int,
+        depth: int = 1,
+        *,
+        generator: torch.Generator,
+        grid: tuple[int, int] | None,
+    ) -> None:
+        super().__init__(num_heads, dim)
+        self.depth = max(depth, self.min_depth)
+        self.grid = grid
+        if self.self_attention != "none":
+            qkv_w, _ = _linear_default(num_heads, 3 * dim, dim, generator)
+            self.qkv_w = qkv_w
+            self.proj_w, self.proj_b = _linear_default(num_heads, dim, dim, generator)
+        self.hidden_w = nn.ParameterList()
+        self.hidden_b = nn.ParameterList()
+        for _ in range(self.depth - 1):
+            w, b = _linear_default(num_heads, dim, dim, generator)
+            self.hidden_w.append(w)
+            self.hidden_b.append(b)
+        self.score_w, self.score_b = _linear_default(num_heads, 1, dim, generator)
+
+    @classmethod
+    def create(
+        cls,
+        num_heads: int,
+        dim: int,
+        *,
+        generator: torch.Generator,
+        abmilp_depth: int = 1,
+        grid: tuple[int, int] | None = None,
+    ) -> Aggregator:
+        return cls(num_heads, dim, abmilp_depth, generator=generator, grid=grid)
+
+    def _bag(self, cls: Tensor | None, patches: Tensor) -> Tensor:
+        if not self.with_cls:
+            return patches
+        if cls is None:
+            raise AttnscopeError(f"the `{self.name}` aggregator needs a model with a class token")
+        return torch.cat([cls[:, None], patches], dim=1)
+
+    def _attend(self, bag: Tensor) -> Tensor:
+        """`(H, B, N, D)`: each head's single-head self-attention over the bag."""
+        b, n, d = bag.shape
+        qkv = torch.matmul(bag.reshape(b * n, d), self.qkv_w.transpose(1, 2)).view(self.num_heads, b, n, 3, d)
+        q, k, v = qkv.unbind(3)
+        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * d**-0.5, dim=-1)
+        return (
+            torch.matmul(torch.matmul(attn, v), self.proj_w.transpose(1, 2)[:, None])
+            + self.proj_b[:, None, None]
+        )
+
+    def _position(self, bag: Tensor) -> Tensor:
+        n = bag.shape[1] - (1 if self.with_cls else 0)
+        grid = self.grid
+        if grid is None or grid[0] * grid[1] != n:
+            side = math.isqrt(n)
+            if side * side != n:
+                raise AttnscopeError(f"`{self.name}` needs the patch grid; {n} patches are no square")
+            grid = (side, side)
+        pos = sincos_2d(self.dim, grid).to(bag.device, bag.dtype)
+        return torch.cat([pos.new_zeros(1, self.dim), pos]) if self.with_cls else pos
+
+    def _weights(self, cls: Tensor | None, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """(`(H, B, N)` softmax weights over the bag, `(H or 1, B, N, D)` what they pool)."""
+        bag = self._bag(cls, patches)
+        attended = self._attend(bag) if self.self_attention != "none" else None
+        scored = attended if attended is not None else bag[None]
+        if self.positional:
+            scored = scored + self._position(bag)
+        h = scored
+        for w, bias in zip(self.hidden_w, self.hidden_b, strict=True):
+            h = torch.matmul(h, w.transpose(1, 2)[:, None]) + bias[:, None, None]
+            h = torch.tanh(h) if self.activation == "tanh" else F.relu(h)
+        logits = (torch.matmul(h, self.score_w.transpose(1, 2)[:, None]) + self.score_b[:, None, None])[
+            ..., 0
+        ]
+        content = attended if self.self_attention == "both" and attended is not None else bag[None]
+        return torch.softmax(logits, dim=-1), content
+
+    def forward(self, cls: Tensor | None, patches: Tensor) -> Tensor:
+        weights, content = self._weights(cls, patches)
+        return torch.matmul(weights[..., None, :], content)[..., 0, :].transpose(0, 1)
+
+    def patch_weights(self, patches: Tensor, cls: Tensor | None = None) -> Tensor:
+        weights, _ = self._weights(cls, patches)
+        if self.with_cls:  # over the patches only, renormalised (the class token has no place on a map)
+            weights = weights[..., 1:] / weights[..., 1:].sum(-1, keepdim=True)
+        return weights
+
+
+@register_aggregator
+class TanhAbmilpPool(_AbmilpOptions):
+    name = "abmilp_tanh"
+    help = "AbMILP whose scorer has tanh hidden layers (at least one: the paper code's default depth 2)"
+    init_stream = 6
+    activation = "tanh"
+    min_depth = 2
+
+
+@register_aggregator
+class SelfAttentionAbmilpPool(_AbmilpOptions):
+    name = "abmilp_sa"
+    help = "AbMILP after a single-head self-attention over the patches, which it scores and pools (sa both)"
+    init_stream = 7
+    self_attention = "both"
+
+
+@register_aggregator
+class SelfAttentionMapAbmilpPool(_AbmilpOptions):
+    name = "abmilp_sa_map"
+    help = "AbMILP scoring the output of a self-attention over the patches but pooling the patches (sa map)"
+    init_stream = 8
+    self_attention = "map"
+
+
+@register_aggregator
+class PositionalAbmilpPool(_AbmilpOptions):
+    name = "abmilp_pe"
+    help = "AbMILP whose scorer also sees a fixed 2-D sine-cosine position embedding (cond pe)"
+    init_stream = 9
+    positional = True
+
+
+@register_aggregator
+class ClsAbmilpPool(_AbmilpOptions):
+    name = "abmilp_all"
+    help = "AbMILP over the class token and the patches together (content all)"
+    init_stream = 10
+    needs_cls = True
+    with_cls = True
 
 
 def synced_batch_norm(bns: Sequence[nn.BatchNorm1d], inputs: Sequence[Tensor], sync: SumFn) -> list[Tensor]:
@@ -681,15 +886,31 @@ def synced_batch_norm(bns: Sequence[nn.BatchNorm1d], inputs: Sequence[Tensor], s
 class ProbeHeads(nn.Module):
     """One aggregator type x H heads, each followed by BatchNorm1d(affine=False) and Linear."""
 
-    def __init__(self, aggregator: Aggregator, num_classes: int, *, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        num_classes: int,
+        *,
+        generator: torch.Generator,
+        classifier_init: str = "trunc_normal",
+    ) -> None:
         super().__init__()
         self.aggregator = aggregator
         h, f = aggregator.num_heads, aggregator.out_dim
         # A shared (parameter-free) pooling gives every head the same input, so one
         # BatchNorm over F channels has exactly each head's statistics.
         self.bn = nn.BatchNorm1d(f if aggregator.shared else h * f, affine=False, eps=BN_EPS)
-        self.weight = nn.Parameter(_trunc_normal((h, f, num_classes), 0.01, generator))  # MAE head init
-        self.bias = nn.Parameter(torch.zeros(h, num_classes))
+        if classifier_init == "trunc_normal":  # MAE's linear-probe head
+            self.weight = nn.Parameter(_trunc_normal((h, f, num_classes), 0.01, generator))
+            self.bias = nn.Parameter(torch.zeros(h, num_classes))
+        elif classifier_init == "linear_default":  # nn.Linear(F, C) per head, stored (F, C)
+            w, b = _linear_default(h, num_classes, f, generator)
+            self.weight = nn.Parameter(w.data.transpose(1, 2).contiguous())
+            self.bias = b
+        else:
+            raise ConfigError(
+                "classifier_init", f"is one of {', '.join(CLASSIFIER_INITS)}, got {classifier_init!r}"
+            )
 
     @property
     def num_heads(self) -> int:
@@ -740,6 +961,8 @@ class HeadBank(nn.Module):
         has_cls: bool,
         abmilp_depth: int = 1,
         seed: int = 0,
+        classifier_init: str = "trunc_normal",
+        grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if num_heads < 1:
@@ -759,8 +982,8 @@ class HeadBank(nn.Module):
         for name in self.names:
             # One generator per aggregator: adding an aggregator leaves the others' init unchanged.
             g = torch.Generator().manual_seed(int(seed) * 1000 + aggregator_class(name).init_stream)
-            agg = build_aggregator(name, num_heads, dim, abmilp_depth=abmilp_depth, generator=g)
-            self.heads[name] = ProbeHeads(agg, num_classes, generator=g)
+            agg = build_aggregator(name, num_heads, dim, abmilp_depth=abmilp_depth, generator=g, grid=grid)
+            self.heads[name] = ProbeHeads(agg, num_classes, generator=g, classifier_init=classifier_init)
 
     def split_tokens(self, tokens: Tensor) -> tuple[Tensor | None, Tensor]:
         """(class token or None, patch bag), float32 and contiguous.
@@ -860,8 +1083,8 @@ class HeadBank(nn.Module):
 
     def patch_weights(self, name: str, tokens: Tensor) -> Tensor | None:
         """`(H, B, N)` weights of a selective aggregator over the patch tokens."""
-        _, patches = self.split_tokens(tokens)
-        return self.heads[name].aggregator.patch_weights(patches)
+        cls, patches = self.split_tokens(tokens)
+        return self.heads[name].aggregator.patch_weights(patches, cls)
 
     def params_per_head(self, name: str) -> int:
         return self.heads[name].params_per_head()

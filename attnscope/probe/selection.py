@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from attnscope.probe.heads import HeadBank
     from attnscope.probe.train import FeatureSource
 
-__all__ = ["MapRecord", "maps_table", "select_hyperparameters", "selection_maps"]
+__all__ = ["MapRecord", "add_best_epochs", "maps_table", "select_hyperparameters", "selection_maps"]
 
 _MAPS_STREAM = 32  # random stream of the images drawn for the maps
 
@@ -123,6 +123,31 @@ def select_hyperparameters(
     return results, summary
 
 
+def add_best_epochs(summary: pd.DataFrame, curves: pd.DataFrame | None) -> None:
+    """Add `best_epoch` and `best_epoch_top1` next to `best_over_grid_eval_top1`: each
+    selected head's highest evaluation top-1 over the epochs (its first epoch there), what
+    the paper's code prints as "Max accuracy". Optimistic like best-over-grid: the epoch is
+    chosen on the evaluation split itself. NaN without learning curves."""
+    epochs: list[float] = []
+    tops: list[float] = []
+    for row in summary.itertuples():
+        if curves is None:
+            epochs.append(np.nan)
+            tops.append(np.nan)
+            continue
+        mine = curves[
+            (curves["split"] == "eval")
+            & (curves["aggregator"] == row.aggregator)
+            & (curves["head"] == row.head)
+        ].sort_values("epoch", kind="stable")
+        best = int(np.argmax(mine["top1"].to_numpy()))  # the first of equal maxima
+        epochs.append(int(mine["epoch"].iloc[best]))
+        tops.append(float(mine["top1"].iloc[best]))
+    at = list(summary.columns).index("best_over_grid_eval_top1") + 1
+    summary.insert(at, "best_epoch", epochs)
+    summary.insert(at + 1, "best_epoch_top1", tops)
+
+
 def _delta_intervals(
     summary: pd.DataFrame, hits: Mapping[str, np.ndarray], baseline: str | None, seed: int
 ) -> None:
@@ -169,11 +194,13 @@ def selection_maps(
     *,
     count: int,
     seed: int,
+    block: int | None = None,
 ) -> list[MapRecord]:
     """For `count` evaluation images drawn (seeded) from `positions`: the weights of the first
-    selective aggregator of the bank (its selected head) beside the model's last-block [cls]
-    attention on the same preprocessed image. Empty when `count` is 0 or the bank has no
-    selective aggregator; without a class token `cls_attention` is None."""
+    selective aggregator of the bank (its selected head) beside the model's [cls] attention
+    in block `block` (1-based; default the last, the block the bank was trained on) on the
+    same preprocessed image. Empty when `count` is 0 or the bank has no selective
+    aggregator; without a class token `cls_attention` is None."""
     from attnscope.data import collate_images
     from attnscope.probe.features import ProbeImageDataset
     from attnscope.probe.heads import AGGREGATORS
@@ -189,7 +216,7 @@ def selection_maps(
     batch = collate_images([dataset[int(p)] for p in picks if int(p) in weights])
     if batch.images is None:
         return []
-    cls_attn = _cls_attention(extractor, batch) if extractor.layout.has_cls else {}
+    cls_attn = _cls_attention(extractor, batch, block) if extractor.layout.has_cls else {}
     gh, gw = extractor.layout.grid
     records = []
     for i, p in enumerate(batch.indices):
@@ -231,9 +258,9 @@ def _head_weights(
     return weights, preds
 
 
-class _LastBlockClsAttention:
-    """`measure.forwards` consumer: the last block's [cls] attention over the patches,
-    averaged over heads, one `(B, N)` tensor per forward."""
+class _BlockClsAttention:
+    """`measure.forwards` consumer: one block's [cls] attention over the patches (`last`:
+    its 0-based index), averaged over heads, one `(B, N)` tensor per forward."""
 
     def __init__(self, last: int) -> None:
         self.last = last
@@ -249,12 +276,15 @@ class _LastBlockClsAttention:
             self.maps.append(block.attn[:, :, 0, self.layout.patch_slice].float().mean(1).cpu())
 
 
-def _cls_attention(extractor: TokenExtractor, batch: ImageBatch) -> dict[int, np.ndarray]:
-    """Per image of `batch`: the model's own last-block [cls] attention over the patches
-    (float32 forward), renormalised to sum to 1 over the patches."""
+def _cls_attention(
+    extractor: TokenExtractor, batch: ImageBatch, block: int | None = None
+) -> dict[int, np.ndarray]:
+    """Per image of `batch`: the model's own [cls] attention over the patches in block
+    `block` (1-based, default the last; float32 forward), renormalised to sum to 1 over the
+    patches."""
     from attnscope.measure import forwards
 
-    grab = _LastBlockClsAttention(len(cast(Sized, extractor.model.blocks)) - 1)
+    grab = _BlockClsAttention((block or len(cast(Sized, extractor.model.blocks))) - 1)
     for _ in forwards(extractor.loaded, [batch], grab, device=extractor.device, residual=False):
         pass
     attn = grab.maps[-1].numpy()

@@ -5,10 +5,13 @@ Recipes:
 - `default` (small data): AdamW, a grid of learning rates x weight decays, cosine schedule
   with linear warm-up (10% of the steps), batch 256, epochs chosen so the run makes about
   1,000 optimizer steps (10 to 100 epochs).
-- `paper`: the linear-probe recipe of MAE that "Beyond [cls]" uses: LARS (momentum 0.9,
-  trust coefficient 0.001), base lr 0.1 scaled by batch/256, batch 16,384 (capped at the
-  training-set size, reached by gradient accumulation), 90 epochs with 10 warm-up, no
-  weight decay. `lrs` then gives base learning rates.
+- `paper`: the linear-probe recipe of "Beyond [cls]"'s code (MAE's, with its changes):
+  LARS (momentum 0.9, trust coefficient 0.001), base lr 0.1 scaled by batch/256, batch
+  16,384 (capped at the training-set size, reached by gradient accumulation) whose
+  BatchNorm statistics are taken over micro-batches of 2,048 (the per-GPU batch of its
+  published command, which does not synchronise BatchNorm), 90 epochs of which 10 warm-up
+  epochs whatever the epoch count, no weight decay, the classifier initialised as
+  `nn.Linear` does (not MAE's trunc_normal 0.01). `lrs` then gives base learning rates.
 
 Both optimizers below take parameters with a leading head dimension and a per-head
 learning rate and weight decay, which is what lets heads with different hyper-parameters
@@ -18,6 +21,7 @@ live in one stacked tensor.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,6 +57,7 @@ __all__ = [
     "StoreSource",
     "TensorSource",
     "TrainingData",
+    "ViewSource",
     "cosine_factor",
     "evaluate_bank",
     "grid_values",
@@ -69,8 +74,10 @@ MIN_EPOCHS, MAX_EPOCHS = 10, 100
 PAPER_BASE_LR = 0.1
 PAPER_BATCH = 16384
 PAPER_EPOCHS = 90
-PAPER_WARMUP = 10
+PAPER_WARMUP = 10  # epochs, whatever the epoch count (the paper code's --warmup_epochs default)
+PAPER_BN_BATCH = 2048  # its published command: 4 GPUs x 2048 images x 2 accumulation steps = 16,384
 MAX_MICRO_BATCH = 1024  # larger optimizer batches are reached by gradient accumulation
+FEW_STEPS = 1000  # fewer optimizer steps than this in the paper recipe earn a note
 BN_PASS_IMAGES = 10000  # images used to recompute BatchNorm statistics after training
 BN_KEEP_BYTES = 512 * 2**20  # pooled features kept from that pass to score the same images
 ProgressFn = Callable[[int, int, float], None]  # (epochs done, epochs, mean loss of the epoch)
@@ -267,6 +274,7 @@ class Recipe:
     base_lrs: list[float] | None = None
     epochs_auto: bool = False
     notes: list[str] = field(default_factory=list)
+    classifier_init: str = "trunc_normal"  # heads.CLASSIFIER_INITS
 
     @property
     def grid(self) -> list[tuple[float, float]]:
@@ -306,13 +314,19 @@ def resolve_recipe(
     lrs: Sequence[float] | None = None,
     wds: Sequence[float] | None = None,
     micro_batch: int | None = None,
+    warmup_epochs: float | None = None,
 ) -> Recipe:
-    """Fill in a recipe's defaults for a training split of `n_train` images."""
+    """Fill in a recipe's defaults for a training split of `n_train` images.
+
+    `micro_batch`: images per forward (the BatchNorm batch); default 1,024, and 2,048 for
+    the paper recipe. `warmup_epochs`: default 10% of the epochs, 10 for the paper recipe."""
     if n_train < 2:
         raise AttnscopeError(f"training needs at least 2 images, got {n_train}")
     check_choice("recipe", name, RECIPES)
     check_at_least("batch_size", batch_size, 2)
     check_at_least("epochs", epochs, 1)
+    if warmup_epochs is not None and (not math.isfinite(warmup_epochs) or warmup_epochs < 0):
+        raise ConfigError("warmup_epochs", f"must be a non-negative number, got {warmup_epochs}")
     lrs_, wds_ = grid_values("lrs", lrs, positive=True), grid_values("wds", wds)
     notes: list[str] = []
     if name == "default":
@@ -323,27 +337,68 @@ def resolve_recipe(
         steps = max(1, n_train // batch)
         auto = epochs is None
         n_epochs = epochs or min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps)))
+        warmup = 0.1 * n_epochs if warmup_epochs is None else warmup_epochs
         recipe = Recipe(
-            "default", "adamw", n_epochs, 0.1 * n_epochs, batch, 0, lrs_ or list(DEFAULT_LRS),
+            "default", "adamw", n_epochs, warmup, batch, 0, lrs_ or list(DEFAULT_LRS),
             wds_ if wds_ is not None else list(DEFAULT_WDS), None, auto, notes,
         )  # fmt: skip
-    elif name == "paper":
-        requested = batch_size or PAPER_BATCH
-        batch = min(requested, n_train)
-        if batch < requested:
-            notes.append(f"batch {requested} capped at the {n_train} training images")
-        base = lrs_ or [PAPER_BASE_LR]
-        n_epochs = epochs or PAPER_EPOCHS
-        recipe = Recipe(
-            "paper", "lars", n_epochs, PAPER_WARMUP * n_epochs / PAPER_EPOCHS, batch, 0,
-            [b * batch / 256 for b in base], wds_ if wds_ is not None else [0.0], base, False, notes,
-        )  # fmt: skip
-    else:  # pragma: no cover - check_choice above
-        raise AssertionError(name)
-    cap = micro_batch or MAX_MICRO_BATCH
+    else:
+        recipe = _paper_recipe(n_train, batch_size, epochs, lrs_, wds_, warmup_epochs)
+    cap = micro_batch or (PAPER_BN_BATCH if name == "paper" else MAX_MICRO_BATCH)
     n_micro = math.ceil(recipe.batch_size / cap)
     recipe.micro_batch = math.ceil(recipe.batch_size / n_micro)  # even chunks: no BatchNorm on 1 image
     return recipe
+
+
+def _paper_recipe(
+    n_train: int,
+    batch_size: int | None,
+    epochs: int | None,
+    lrs: list[float] | None,
+    wds: list[float] | None,
+    warmup_epochs: float | None,
+) -> Recipe:
+    """The paper code's recipe at this training-set size, with notes where it cannot be itself."""
+    notes: list[str] = []
+    requested = batch_size or PAPER_BATCH
+    batch = min(requested, n_train)
+    if batch < requested:
+        notes.append(f"batch {requested} capped at the {n_train} training images")
+    base = lrs or [PAPER_BASE_LR]
+    n_epochs = epochs or PAPER_EPOCHS
+    warmup = PAPER_WARMUP if warmup_epochs is None else warmup_epochs
+    if warmup >= n_epochs:
+        notes.append(
+            f"all {n_epochs} epochs are warm-up ({warmup:g} warm-up epochs): the learning rate never "
+            "reaches its peak, as in the paper's code; give more `epochs` or fewer `warmup_epochs`"
+        )
+    steps = n_epochs * max(1, n_train // batch)
+    if steps < FEW_STEPS:
+        notes.append(_few_steps_note(n_train, batch, n_epochs, steps))
+    return Recipe(
+        "paper", "lars", n_epochs, warmup, batch, 0, [b * batch / 256 for b in base],
+        wds if wds is not None else [0.0], base, False, notes, "linear_default",
+    )  # fmt: skip
+
+
+def _few_steps_note(n_train: int, batch: int, epochs: int, steps: int) -> str:
+    """Why a short schedule may under-train, with two ways to more optimizer steps."""
+    per_epoch = max(1, n_train // batch)
+    need_epochs = math.ceil(FEW_STEPS / per_epoch)
+    smaller = [b for b in (2**k for k in range(4, 15)) if b < batch and epochs * (n_train // b) >= FEW_STEPS]
+    by_batch = ""
+    if smaller:
+        b = smaller[-1]
+        total = epochs * (n_train // b)
+        by_batch = (
+            f"a smaller `batch_size` ({b}: {n_train // b} steps per epoch, {total:,} steps; "
+            "the learning rate scales with the batch) or "
+        )
+    return (
+        f"recipe paper: {epochs} epochs x {per_epoch} optimizer step(s) of {batch} images = {steps} steps, "
+        f"fewer than {FEW_STEPS:,} (the paper's ImageNet-1k run makes 90 x 78 = 7,020); heads may be "
+        f"under-trained. For more steps give {by_batch}more `epochs` ({need_epochs:,} at this batch)"
+    )
 
 
 # --------------------------------------------------------------------------- feature sources
@@ -429,6 +484,41 @@ class StoreSource:
             yield torch.from_numpy(buf[: len(chunk)]).to(self.device), chunk
 
 
+VIEW_STREAM = 42  # random stream of the view each image shows in an epoch
+
+
+class ViewSource:
+    """K cached augmented views of the training images behind one `FeatureSource`: position
+    `p` of view `v` is row `v * n + p` of `inner` (a `StackedStore` or its tensor). Each
+    epoch (`set_epoch`) every image shows one view, drawn seeded by (seed, epoch), and
+    `iterate` serves the chosen view's tokens under the image's own position."""
+
+    def __init__(self, inner: FeatureSource, n_items: int, views: int, seed: int = 0) -> None:
+        self.inner, self.n, self.views, self.seed = inner, int(n_items), int(views), int(seed)
+        self.choice = np.zeros(self.n, dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.choice = np.random.default_rng([self.seed, VIEW_STREAM, int(epoch)]).integers(
+            0, self.views, self.n
+        )
+
+    def iterate(
+        self,
+        positions: Positions,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, np.ndarray]]:
+        pos = np.asarray(positions, dtype=np.int64)
+        if shuffle:
+            pos = pos[(rng or np.random.default_rng()).permutation(len(pos))]
+        rows = self.choice[pos] * self.n + pos
+        for tokens, served in self.inner.iterate(rows, batch_size, drop_last=drop_last):
+            yield tokens, served % self.n
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -447,6 +537,9 @@ class TrainingData:
     eval_source: FeatureSource
     eval_labels: np.ndarray
     eval_positions: Positions
+    # augmented views the training steps read instead of `train_source` (one view per image
+    # and epoch); the BatchNorm pass and every measurement read the plain images
+    augmented: ViewSource | None = None
 
 
 @dataclass(frozen=True)
@@ -459,12 +552,14 @@ class BankSpec:
     num_prefix: int  # tokens before the patches (class token and registers)
     has_cls: bool
     abmilp_depth: int = 1
+    grid: tuple[int, int] | None = None  # the patch grid (rows, columns): where each patch is
 
-    def build(self, num_heads: int, seed: int) -> HeadBank:
+    def build(self, num_heads: int, seed: int, classifier_init: str = "trunc_normal") -> HeadBank:
         """A freshly initialised bank with `num_heads` heads per aggregator."""
         return HeadBank(
             self.aggregators, num_heads, self.dim, self.num_classes, num_prefix=self.num_prefix,
-            has_cls=self.has_cls, abmilp_depth=self.abmilp_depth, seed=seed,
+            has_cls=self.has_cls, abmilp_depth=self.abmilp_depth, seed=seed, classifier_init=classifier_init,
+            grid=self.grid,
         )  # fmt: skip
 
 
@@ -479,6 +574,10 @@ class BankResult:
     steps: int
     seconds: float
     eval_hits: dict[str, np.ndarray] = field(default_factory=dict)  # aggregator -> (images, H) top-1 hits
+    # with `curves`: every head measured after every epoch (train, holdout, eval rows), the
+    # last epoch's rows being the final measurement; and the seconds those measurements took
+    curves: pd.DataFrame | None = None
+    curve_seconds: float = 0.0
 
 
 def _param_groups(bank: HeadBank, grid: Sequence[tuple[float, float]]) -> list[dict[str, Any]]:
@@ -827,12 +926,18 @@ def train_bank(
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
     data_parallel: bool = False,
+    curves: bool = False,
 ) -> BankResult:
     """Train every (aggregator, lr, wd) head together and measure each one.
 
     Each training batch is read once and every head takes its step on it. Accuracies are
     measured after training on the training split (at most `BN_PASS_IMAGES` of it), the
     hold-out and the evaluation split.
+
+    `curves`: measure every head the same way after every epoch too (`BankResult.curves`,
+    one row per head, epoch and split). Measuring recomputes the BatchNorm statistics,
+    which training in train mode never reads, so the heads train exactly as without
+    curves, and the last epoch's rows are the final measurement itself.
 
     `data_parallel` (under torchrun; every rank calls this with the same arguments): each
     rank reads its share of every batch, gradients and BatchNorm statistics are summed
@@ -848,13 +953,17 @@ def train_bank(
         raise AttnscopeError(f"only {len(positions)} readable training images; need at least 2")
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 21])  # the epochs' orders, then the BatchNorm pass's images
-    bank = spec.build(len(recipe.grid), seed).to(device)
+    bn_positions = _bn_positions(positions, rng, recipe.epochs)
+    bank = spec.build(len(recipe.grid), seed, recipe.classifier_init).to(device)
     bank.reuse_buffers = True  # every forward below is backpropagated (or no-grad) before the next one
-    loop = _Loop(bank, data.train_source, labels, recipe, len(positions), ranks, device)
+    loop = _Loop(bank, data.augmented or data.train_source, labels, recipe, len(positions), ranks, device)
     losses: list[float] = []
-    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    start, curve_seconds = time.perf_counter(), 0.0
     for epoch in range(recipe.epochs):
         bank.train()
+        if data.augmented is not None:
+            data.augmented.set_epoch(epoch)
         # the same seeded order on every rank; each takes its share of every micro-batch
         order = positions[rng.permutation(len(positions))][: loop.steps_per_epoch * loop.batch]
         epoch_loss, seen = loop.epoch(order)
@@ -863,13 +972,69 @@ def train_bank(
                 torch.tensor([epoch_loss, float(seen)], dtype=torch.float64)
             ).tolist()
         losses.append(epoch_loss / max(1, seen))
+        if curves and epoch + 1 < recipe.epochs:
+            t = time.perf_counter()
+            scores = _measure(bank, data, recipe, bn_positions, ranks, per_image=False)
+            rows += _curve_rows(bank, recipe.grid, epoch + 1, loop.step, *scores)
+            curve_seconds += time.perf_counter() - t
         if progress is not None:
             progress(epoch + 1, recipe.epochs, losses[-1])
-    seconds = time.perf_counter() - start
-    measured = _measure(bank, data, recipe, rng, ranks)
+    seconds = time.perf_counter() - start - curve_seconds
+    measured = _measure(bank, data, recipe, bn_positions, ranks)
+    if curves:
+        rows += _curve_rows(bank, recipe.grid, recipe.epochs, loop.step, *measured)
     table = _results_table(bank, recipe.grid, *measured, seed=seed)
     hits = {name: measured[2][name]["hits"] for name in bank.names}
-    return BankResult(table, bank, recipe, losses, loop.step, seconds, hits)
+    table_of_curves = _curves_table(rows) if curves else None
+    return BankResult(table, bank, recipe, losses, loop.step, seconds, hits, table_of_curves, curve_seconds)
+
+
+def _bn_positions(positions: np.ndarray, rng: np.random.Generator, epochs: int) -> np.ndarray:
+    """The training images the BatchNorm statistics are recomputed over: all of them, or
+    `BN_PASS_IMAGES` drawn from `rng` after the epochs' orders (drawn here from a copy, so
+    the per-epoch measurements of the learning curves use the final pass's images)."""
+    if len(positions) <= BN_PASS_IMAGES:
+        return positions
+    ahead = copy.deepcopy(rng)
+    for _ in range(epochs):
+        ahead.permutation(len(positions))
+    return np.sort(ahead.choice(positions, BN_PASS_IMAGES, replace=False))
+
+
+CURVE_SPLITS = ("train", "holdout", "eval")
+
+
+def _curve_rows(
+    bank: HeadBank,
+    grid: Sequence[tuple[float, float]],
+    epoch: int,
+    step: int,
+    on_train: Scores,
+    on_hold: Scores | None,
+    on_eval: Scores,
+) -> list[dict[str, Any]]:
+    """One row per head and split of one epoch's measurement (the hold-out only when there is one)."""
+    rows = []
+    for name in bank.names:
+        for split, scores in zip(CURVE_SPLITS, (on_train, on_hold, on_eval), strict=True):
+            if scores is None:
+                continue
+            for h, (lr, wd) in enumerate(grid):
+                rows.append(
+                    {
+                        "aggregator": name, "lr": lr, "wd": wd, "head": h, "epoch": epoch, "step": step,
+                        "split": split, "top1": scores[name]["top1"][h], "top5": scores[name]["top5"][h],
+                        "loss": scores[name]["loss"][h], "images": scores[name]["images"],
+                        "optimistic": split == "eval",
+                    }
+                )  # fmt: skip
+    return rows
+
+
+def _curves_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(rows)
 
 
 class _Loop:
@@ -934,16 +1099,19 @@ Scores = dict[str, dict[str, Any]]  # evaluate_bank's result
 
 
 def _measure(
-    bank: HeadBank, data: TrainingData, recipe: Recipe, rng: np.random.Generator, ranks: _Ranks
+    bank: HeadBank,
+    data: TrainingData,
+    recipe: Recipe,
+    bn_positions: np.ndarray,
+    ranks: _Ranks,
+    *,
+    per_image: bool = True,
 ) -> tuple[Scores, Scores | None, Scores]:
-    """Scores on the training split, the hold-out (None when empty) and the evaluation split,
-    after the BatchNorm statistics are recomputed over the training split."""
-    positions = np.asarray(data.train_positions, dtype=np.int64)
+    """Scores on the training split (`bn_positions` of it), the hold-out (None when empty)
+    and the evaluation split (with per-image hits if `per_image`), after the BatchNorm
+    statistics are recomputed over `bn_positions`."""
     labels = np.asarray(data.train_labels, dtype=np.int64)
     eval_batch = max(recipe.micro_batch, 2)
-    bn_positions = positions
-    if len(bn_positions) > BN_PASS_IMAGES:
-        bn_positions = np.sort(rng.choice(positions, BN_PASS_IMAGES, replace=False))
     # Keep the pooled features of the BatchNorm pass (unless they are large) to score the
     # training images from them: one pass over the training split instead of two. The
     # decision depends only on sizes every rank knows, so all ranks take the same path.
@@ -958,7 +1126,7 @@ def _measure(
     on_hold = evaluate_bank(bank, data.train_source, labels, holdout, **measure) if len(holdout) else None
     eval_labels = np.asarray(data.eval_labels, dtype=np.int64)
     on_eval = evaluate_bank(
-        bank, data.eval_source, eval_labels, data.eval_positions, per_image=True, **measure
+        bank, data.eval_source, eval_labels, data.eval_positions, per_image=per_image, **measure
     )
     return on_train, on_hold, on_eval
 
