@@ -14,7 +14,7 @@ help:
 	@echo "make test-fast  - the suite without the tests marked slow (torchrun, end to end)"
 	@echo "make demo       - run the main job on the bundled images (random weights if the Hub is unreachable)"
 	@echo "make lint       - ruff check, ruff format --check, mypy"
-	@echo "make bench      - benchmarks: capture overhead, probe head bank, CLI start-up (print ratios)"
+	@echo "make bench      - benchmarks: capture overhead, probe bank, CLI start-up, token family, probe depth (print ratios)"
 
 $(BIN)/attnscope: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,8 @@ bench: $(BIN)/attnscope
 	$(BIN)/python benchmarks/capture_overhead.py
 	$(BIN)/python benchmarks/probe_bank.py
 	$(BIN)/python benchmarks/cli_startup.py
+	$(BIN)/python benchmarks/token_overhead.py
+	$(BIN)/python benchmarks/probe_depth.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info demo-out
