@@ -1,10 +1,12 @@
 """`probe`: which aggregation of frozen ViT tokens classifies best, and what it selects.
 
 `run(config, ui)` is the whole job, one step after the other: load the model and the
-data, plan the feature caches, extract (or stream) the features, plan the training, train
-the head bank, select each aggregator's hyper-parameters, draw the selection maps, then
-write the run folder (results.csv, summary.csv, maps.csv, figures/, run.json last). The
-science of each step lives in `attnscope.probe`.
+data, plan the feature caches (one per split, probed block and augmented view), extract
+(or stream) the features, plan the training, train the head bank on each block in turn
+(with learning curves unless told not to), select each block's and aggregator's
+hyper-parameters, draw the selection maps, then write the run folder (results.csv,
+summary.csv, curves.csv, maps.csv, figures/, run.json last), all on `threads` torch
+threads. The science of each step lives in `attnscope.probe`.
 
 What a person sees goes through `ui` (the random-weights banner, extraction progress,
 skipped files) and `ProbeHooks` (the plan before extraction, the recipe before training,

@@ -1,10 +1,12 @@
 """Frozen-backbone token extraction and the memory-mapped fp16 feature cache.
 
 Probing trains many small heads for many epochs on the *same* backbone outputs, so the
-backbone runs once per image and its last-block tokens (all of them: prefix and patches)
-are stored as float16 `.npy` shards that are memory-mapped back for training.
+backbone runs once per image and the tokens of the chosen blocks (all of them: prefix and
+patches; the last block by default) are stored as float16 `.npy` shards that are
+memory-mapped back for training. Each block has its own cache (and so does each augmented
+view of the training images); one forward fills every block's cache that lacks an image.
 
-Layout of one cache folder (`<cache-dir>/<model>-<key>/`):
+Layout of one cache folder (`<cache-dir>/<model>[-b<block>]-<split>-<key>/`):
 
     key.json                     everything the key was computed from (for people)
     shard-<first>-<last>.npy     (n, T, D) float16, row i = position positions[i]
