@@ -265,6 +265,7 @@ def test_abmilp_beats_cls_at_every_block_on_the_one_marked_patch_task(tmp_path):
             lrs=(1e-2, 1e-1),
             wds=(0.0,),
             map_images=0,
+            curves=False,  # not what this test is about; they would double its time
             cache_dir=tmp_path / "cache",
             out=tmp_path / "run",
         )  # fmt: skip
