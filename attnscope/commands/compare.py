@@ -613,8 +613,8 @@ def _cka(runs: Sequence[ModelRun]) -> tuple[pd.DataFrame | None, str]:
     missing = [r.name for r in runs if r.grams is None]
     if missing:
         return None, (
-            "CKA needs the token family measured in one uninterrupted pass; "
-            f"not available for {', '.join(missing)}"
+            "CKA needs the token family (metrics attention,tokens) measured in one uninterrupted "
+            f"pass; not available for {', '.join(missing)}"
         )
     try:
         rows = cka_table({r.name: r.grams for r in runs if r.grams is not None})
