@@ -4,7 +4,7 @@ Each model's single-model run lives in `OUT/runs/<slug>/` with the `config_hash`
 everything that changes its numbers (`attnscope.compare.config_inputs`); a later compare
 over the same images re-reads it instead of recomputing. The stacked tables, summary,
 figures and report are rebuilt from those runs every time. A fresh run goes through the
-same `load_with_ui` / `measure_with_ui` steps as `entropy`, so its numbers are entropy's.
+same `load_with_ui` / `measure_configured` steps as `entropy`, so its numbers are entropy's.
 """
 
 from __future__ import annotations
@@ -432,7 +432,7 @@ def _computed(
     from attnscope import distributed
     from attnscope.cka import GramCollector
     from attnscope.commands.resume import PartialRun
-    from attnscope.commands.steps import load_with_ui, measure_with_ui
+    from attnscope.commands.steps import load_with_ui, measure_configured
     from attnscope.compare import ModelRun
     from attnscope.results import read_images, read_run
 
@@ -443,16 +443,12 @@ def _computed(
         loaded = load_with_ui(plan.name, ui, seed=config.seed, load=lambda: _load(plan, config))
         if "tokens" in config.metrics and not distributed.is_distributed():
             grams = GramCollector(loaded.num_blocks)
-        result = measure_with_ui(
+        result = measure_configured(
             loaded,
             paths,
             ui,
-            seed=config.seed,
+            config,
             device=dev,
-            batch_size=config.batch_size,
-            dtype=config.dtype,
-            num_workers=config.num_workers,
-            families=config.metrics,
             grams=grams,
             checkpointing=partial.checkpointing(resume) if partial is not None else None,
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnscope.commands.steps import list_images, load_configured, measure_with_ui
+from attnscope.commands.steps import list_images, load_configured, measure_configured
 from attnscope.commands.ui import UI, NullUI
 from attnscope.config import (
     check_at_least,
@@ -203,16 +203,12 @@ def run(
     resumed_after = state.done if state is not None else None  # the state object moves on
     try:
         loaded = load_configured(config, ui)
-        result = measure_with_ui(
+        result = measure_configured(
             loaded,
             paths,
             ui,
-            seed=config.seed,
+            config,
             device=dev,
-            batch_size=config.batch_size,
-            dtype=config.dtype,
-            num_workers=config.num_workers,
-            families=config.metrics,
             checkpointing=partial.checkpointing(state) if partial is not None else None,
         )
         if not main:  # not rank 0: the sums are in; rank 0 writes the folder

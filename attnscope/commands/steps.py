@@ -71,6 +71,24 @@ def list_images(
     return distributed.broadcast_object(paths), ignored
 
 
+def measure_configured(
+    loaded: LoadedModel, paths: Sequence[Path], ui: UI, config: Any, **extra: Any
+) -> AnalysisResult:
+    """`measure_with_ui` with the settings every measuring config shares (seed, batch size,
+    dtype, workers, metric families); `extra` adds the device and per-command options."""
+    return measure_with_ui(
+        loaded,
+        paths,
+        ui,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        dtype=config.dtype,
+        num_workers=config.num_workers,
+        families=config.metrics,
+        **extra,
+    )
+
+
 def measure_with_ui(
     loaded: LoadedModel, paths: Sequence[Path], ui: UI, *, seed: int, **options: Any
 ) -> AnalysisResult:
