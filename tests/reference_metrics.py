@@ -295,11 +295,11 @@ def _outliers(norms: np.ndarray) -> np.ndarray:
 
 def effective_rank(tokens: np.ndarray) -> float:
     """Roy & Vetterli: exp of the entropy of the singular values (normalised to sum 1) of the
-    centred (N, C) matrix; 0 for a zero centred matrix."""
+    centred (N, C) matrix; 1 (its floor) for a zero centred matrix."""
     centred = tokens - tokens.mean(axis=0, keepdims=True)
     s = np.linalg.svd(centred, compute_uv=False)
     if s.sum() == 0:
-        return 0.0
+        return 1.0
     return float(np.exp(entr(s / s.sum()).sum()))
 
 

@@ -58,7 +58,8 @@ def test_identical_tokens_known_answers():
     assert m["patch_patch_cos"] == pytest.approx(1.0, abs=1e-6)
     assert m["cls_patch_cos"] == pytest.approx(1.0, abs=1e-6)
     assert float(m["patch_outlier_frac"][0]) == 0.0
-    assert float(m["patch_eff_rank"][0]) == 0.0  # the centred matrix is zero: no spectrum
+    # the centred matrix is zero: complete collapse, the measure's floor
+    assert float(m["patch_eff_rank"][0]) == 1.0
     # tokens along one direction around a common point: rank one, effective rank exactly 1
     base, direction = torch.randn(32), torch.randn(32)
     line = base + torch.linspace(-1, 1, 17)[:, None] * direction
@@ -114,3 +115,20 @@ def test_families_select_the_metrics():
 
     with pytest.raises(AttnscopeError, match="unknown metric family"):
         applicable_metrics(layout, families=("tokenz",))
+
+
+def test_threaded_eigensolver_equals_one_call():
+    from attnscope.metrics.context import eigvalsh_cpu
+
+    gen = torch.Generator().manual_seed(3)
+    for batch in (1, 3, 16):  # one matrix, an uneven split, an even one
+        x = torch.randn(batch, 20, 33, generator=gen, dtype=torch.float64)
+        gram = x @ x.transpose(1, 2)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            ours = eigvalsh_cpu(gram)
+            assert torch.get_num_threads() == 2  # the caller's thread count comes back
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(ours, torch.linalg.eigvalsh(gram))

@@ -18,6 +18,7 @@ renormalised rows p_i = a_i / S_i:
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -263,16 +264,9 @@ class BlockContext:
         x = self.out_tokens[:, self.P].to(self.wide)
         x = x - x.mean(dim=1, keepdim=True)
         gram = x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
-        if gram.device.type != "cpu":
-            return torch.linalg.eigvalsh(gram).clamp_min(0).flip(-1).sqrt()
-        # LAPACK's threaded eigensolver on a batch of small matrices is several times slower
-        # than one thread, and erratic (x10) when other processes share the cores
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            eig = torch.linalg.eigvalsh(gram)
-        finally:
-            torch.set_num_threads(threads)
+        # on the CPU for every device: GPU eigensolvers loop one small matrix at a time
+        # (cuSOLVER batches only n <= 32) and MPS has none, while the Grams are small
+        eig = eigvalsh_cpu(gram.cpu()).to(gram.device)
         return eig.clamp_min(0).flip(-1).sqrt()
 
     @cached_property
@@ -285,6 +279,34 @@ class BlockContext:
         x = self.out_tokens[:, self.P].to(self.wide)
         grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
         return torch.log(torch.fft.fft2(grid).abs() + 1e-6).mean(dim=1)
+
+
+_EIGEN_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def eigvalsh_cpu(gram: torch.Tensor) -> torch.Tensor:
+    """`torch.linalg.eigvalsh` of a CPU batch (B, n, n), the matrices split over torch's
+    intra-op thread count, each solved single-threaded; bit-identical to one call.
+
+    LAPACK's own threading of one small (n ~ 200) eigenproblem is slower than one thread,
+    and erratic (x10) when other processes share the cores, while the matrices of a batch
+    are independent: one solver per core is 2x faster on 2 cores (benchmarks/README.md).
+    MKL's thread count is process-wide, so it is set to 1 around the whole call.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    workers = min(threads, gram.shape[0])
+    torch.set_num_threads(1)
+    try:
+        if workers <= 1:
+            return torch.linalg.eigvalsh(gram)
+        pool = _EIGEN_POOLS.get(workers)
+        if pool is None:
+            pool = _EIGEN_POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="attnscope-eigh")
+        return torch.cat(list(pool.map(torch.linalg.eigvalsh, gram.chunk(workers))))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def robust_outliers(norms: torch.Tensor, k: float) -> torch.Tensor:

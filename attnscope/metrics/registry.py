@@ -400,13 +400,14 @@ def cls_outlier_mass(ctx: BlockContext) -> torch.Tensor:
 @metric("patch_eff_rank", "effective rank of patch tokens", per_head=False, family="tokens")
 def patch_eff_rank(ctx: BlockContext) -> torch.Tensor:
     """exp(H(s / sum s)), s the singular values of the centred patch-token matrix (Roy & Vetterli);
-    0 when the centred matrix is zero (every patch token the same: no spectrum to spread)."""
+    1 when the centred matrix is zero: every patch token the same is the complete collapse, and
+    1 is the measure's floor (a rank-one spread gives 1 too), so the metric stays monotone in collapse."""
     import torch
 
     s = ctx.patch_spectrum
     total = s.sum(-1, keepdim=True)
     rank = torch.exp(entropy(s / total.clamp_min(torch.finfo(s.dtype).tiny)))
-    return torch.where(total.squeeze(-1) > 0, rank, torch.zeros_like(rank))
+    return torch.where(total.squeeze(-1) > 0, rank, torch.ones_like(rank))
 
 
 @metric("patch_hf_amp", "high-frequency log amplitude of patch tokens", per_head=False, family="tokens")
