@@ -255,13 +255,23 @@ class BlockContext:
         return self.out_tokens[:, self.P] / self.out_norms[:, self.P].unsqueeze(-1)
 
     @cached_property
+    def wide_patches(self) -> torch.Tensor:
+        """The patch tokens of the block output in the wide dtype: (B, N, C)."""
+        return self.out_tokens[:, self.P].to(self.wide)
+
+    @cached_property
+    def input_norms(self) -> torch.Tensor:
+        """L2 norm of every token entering the block: (B, T), shared with the residual metrics."""
+        assert self.x is not None
+        return self.residual_norms[0] if self.y is not None else self.x.float().norm(dim=-1)
+
+    @cached_property
     def patch_spectrum(self) -> torch.Tensor:
         """Singular values of each image's centred patch-token matrix, descending, in the wide
         dtype: (B, min(N, C)). From the eigenvalues of the smaller Gram matrix (exact in
         float64 to ~1e-8 of the largest singular value, far cheaper than an SVD)."""
-        import torch
 
-        x = self.out_tokens[:, self.P].to(self.wide)
+        x = self.wide_patches
         x = x - x.mean(dim=1, keepdim=True)
         gram = x @ x.transpose(1, 2) if x.shape[1] <= x.shape[2] else x.transpose(1, 2) @ x
         # on the CPU for every device: GPU eigensolvers loop one small matrix at a time
@@ -276,7 +286,7 @@ class BlockContext:
         import torch
 
         gh, gw = self.layout.grid
-        x = self.out_tokens[:, self.P].to(self.wide)
+        x = self.wide_patches
         grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
         return torch.log(torch.fft.fft2(grid).abs() + 1e-6).mean(dim=1)
 

@@ -392,7 +392,7 @@ def cls_outlier_mass(ctx: BlockContext) -> torch.Tensor:
     from block to block (block 0 looks at the embedded patches).
     """
     assert ctx.x is not None
-    norms = ctx.x.float()[:, ctx.P].norm(dim=-1).to(ctx.wide)
+    norms = ctx.input_norms[:, ctx.P].to(ctx.wide)
     mask = robust_outliers(norms, OUTLIER_K).to(ctx.A.dtype)  # (B, N)
     return (ctx.cls_patch * mask.unsqueeze(1)).sum(-1).mean(-1)
 
@@ -423,7 +423,7 @@ def patch_hf_amp(ctx: BlockContext) -> torch.Tensor:
 
     gh, gw = ctx.layout.grid
     kh, kw = (gh - 1) // 2, (gw - 1) // 2
-    z = ctx.out_tokens[:, ctx.P].to(ctx.wide)  # (B, N, C), row-major over the grid
+    z = ctx.wide_patches  # (B, N, C), row-major over the grid
     rows = torch.arange(gh, dtype=ctx.wide, device=z.device).repeat_interleave(gw)
     cols = torch.arange(gw, dtype=ctx.wide, device=z.device).repeat(gh)
     phase = 2 * math.pi * (kh * rows / gh + kw * cols / gw)
