@@ -14,6 +14,8 @@ with their diagonals set to zero and n = k,
 Only the k x k Grams of each minibatch are kept (`GramCollector`), so a model's forward
 can be dropped before the next model runs; the pairs are combined afterwards
 (`cka_matrix`). A minibatch needs at least 4 images; smaller ones are left out.
+Under torchrun each rank streams whole minibatches of the single-process split
+(`measure.rank_share`) and `gather_ranks` unites them, so CKA is a single process's.
 """
 
 from __future__ import annotations
@@ -69,6 +71,22 @@ class GramCollector:
                 positions = tuple(int(p) for p in arrays[key])
                 col.grams.setdefault(kind, {})[positions] = arrays[f"{kind}.{i}.grams"]
         return col
+
+    def gather_ranks(self) -> None:
+        """Under torchrun, every rank's minibatches on every rank (a collective; a no-op
+        outside torchrun). The ranks must have streamed disjoint whole minibatches."""
+        from attnscope import distributed
+
+        if not distributed.is_distributed():
+            return
+        merged: dict[str, dict[tuple[int, ...], np.ndarray]] = {}
+        for part in distributed.all_gather(self.grams):
+            for kind, batches in part.items():
+                slot = merged.setdefault(kind, {})
+                if slot.keys() & batches.keys():
+                    raise AttnscopeError("CKA: two ranks measured the same minibatch of images")
+                slot.update(batches)
+        self.grams = merged
 
     def add(self, block: int, positions: tuple[int, ...], kind: str, features: torch.Tensor) -> None:
         """features: (k, C) of one block for the images at `positions` (k >= 4 to count)."""

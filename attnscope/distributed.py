@@ -9,7 +9,9 @@ Under torchrun every rank runs the same code:
   otherwise; timeout `ATTNSCOPE_DIST_TIMEOUT` seconds) and returns this rank's device,
   `cuda:{LOCAL_RANK}` on GPUs.
 - `shard_positions(n)` gives each rank a disjoint, unpadded share of the images, so
-  every image is counted exactly once and uneven shards bias nothing.
+  every image is counted exactly once and uneven shards bias nothing;
+  `shard_positions(n, batch_size)` shares out whole batches instead, for statistics that
+  depend on which images share a batch (minibatch CKA).
 - Generic collectives only, knowing nothing of their callers' data: `all_gather` and
   `broadcast_object` move picklable Python objects (over gloo), `all_reduce_sum` sums a
   tensor (float64 metric sums, gradients, BatchNorm statistics, accuracy counts). What
@@ -300,20 +302,33 @@ def sum_and_agree(count: int, error: BaseException | None = None) -> int:
 # ---------------------------------------------------------------- sharding and sums
 
 
-def shard_positions(n: int) -> list[int] | None:
-    """This rank's positions in a list of `n` items: `rank, rank + world, ...`.
+def shard_positions(n: int, batch_size: int | None = None) -> list[int] | None:
+    """This rank's positions in a list of `n` items: `rank, rank + world, ...`, or with
+    `batch_size` this rank's whole batches (`batch_shard`).
 
-    Disjoint, no padding (a rank may get one fewer item, or none when world > n), so every
-    item is processed exactly once. None outside torchrun: take everything.
+    Disjoint, no padding (a rank may get one fewer item or batch, or none when world
+    exceeds them), so every item is processed exactly once. None outside torchrun: take
+    everything.
     """
     if not is_distributed():
         return None
+    if batch_size is not None:
+        return batch_shard(n, batch_size, rank(), world_size())
     return list(range(rank(), n, world_size()))
 
 
-def share_size(n: int) -> int:
-    """How many of `n` items this rank processes (`n` outside torchrun)."""
-    return len(range(rank(), n, world_size())) if is_distributed() else n
+def batch_shard(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Positions of batches `rank, rank + world, ...` of the split of `n` items into
+    consecutive batches of `batch_size` (the last one may be short), in order.
+
+    Cut again into batches of `batch_size`, a rank's share gives back exactly those
+    batches: only the last batch of the list can be short, and it ends whichever share
+    holds it. So the ranks' batches together are the single-process batches.
+    """
+    if batch_size < 1 or not 0 <= rank < world:
+        raise AttnscopeError(f"batch_shard: batch size {batch_size}, rank {rank} of {world}")
+    starts = range(rank * batch_size, n, world * batch_size)
+    return [p for start in starts for p in range(start, min(start + batch_size, n))]
 
 
 def _data_device() -> torch.device:

@@ -291,28 +291,49 @@ def _stream(
         checkpointing.commit(state)
 
 
+def rank_share(n: int, batch_size: int, grams: GramCollector | None) -> list[int] | None:
+    """This rank's positions of a list of `n` images (None outside torchrun).
+
+    Single images strided over the ranks (the most even split), except when collecting
+    CKA Grams: their unbiased estimator depends on which images share a minibatch, so the
+    ranks then take whole forward batches of the single-process split, and the Grams
+    gathered from all ranks are exactly a single process's.
+    """
+    from attnscope import distributed
+
+    return distributed.shard_positions(n, batch_size if grams is not None else None)
+
+
 def run_statistics_all_ranks(
     loaded: LoadedModel,
     paths: Images,
     *,
+    batch_size: int = 16,
+    grams: GramCollector | None = None,
     on_skip: SkipFn | None = None,
     **kwargs: Any,
 ) -> Statistics:
     """`run_statistics` over all of `paths`, spread over the torchrun ranks if there are any.
 
     Outside torchrun this is plain `run_statistics`. Under torchrun each rank streams its
-    own disjoint shard, then `reduce_statistics` sums the ranks' statistics, so every rank
-    returns the totals a single process would have (and all used/failed positions). On
-    rank 0, `on_skip` also hears about the files other ranks could not read.
+    own disjoint shard (`rank_share`), then `reduce_statistics` sums the ranks' statistics,
+    so every rank returns the totals a single process would have (and all used/failed
+    positions), and `grams` holds every rank's minibatches. On rank 0, `on_skip` also
+    hears about the files other ranks could not read.
     """
     from attnscope import distributed
 
-    indices = distributed.shard_positions(len(paths))
+    indices = rank_share(len(paths), batch_size, grams)
     with distributed.step():
-        local = run_statistics(loaded, paths, indices=indices, on_skip=on_skip, **kwargs)
+        local = run_statistics(
+            loaded, paths, indices=indices, batch_size=batch_size, grams=grams, on_skip=on_skip, **kwargs
+        )
     if indices is None:
         return local
     accumulator, layout, used, failures = reduce_statistics(*local)
+    if grams is not None:
+        grams.gather_ranks()
+        grams.complete = True  # whole batches, every share streamed from its start (no resume here)
     if on_skip is not None and distributed.is_main():
         mine = set(indices)
         for index, reason in failures:

@@ -85,3 +85,35 @@ def test_different_minibatches_are_an_error():
     other = [tuple(range(1, 9)), tuple(range(9, 17)), tuple(range(17, 23)), (0, 23)]
     with pytest.raises(AttnscopeError, match="same minibatches"):
         cka_matrix(_collect(fa, BATCHES), _collect(fa, other), "cls")
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "world"),
+    [(17, 6, 2), (16, 4, 2), (19, 4, 3), (10, 4, 5), (3, 4, 2), (0, 4, 2), (12, 1, 5), (20, 4, 1)],
+)
+def test_batch_shard_gives_each_rank_whole_single_process_batches(n, batch, world):
+    """Disjoint, covering, batch-aligned: each rank's share, cut into batches as its loader
+    cuts it, is batches rank, rank + world, ... of the single-process split (the last may be
+    short); ranks beyond the number of batches get nothing."""
+    from attnscope.distributed import batch_shard
+
+    single = [list(range(s, min(s + batch, n))) for s in range(0, n, batch)]
+    shares = [batch_shard(n, batch, r, world) for r in range(world)]
+    assert sorted(p for share in shares for p in share) == list(range(n))  # disjoint and covering
+    for r, share in enumerate(shares):
+        cut = [share[s : s + batch] for s in range(0, len(share), batch)]
+        assert cut == single[r::world]
+    sizes = [len(share) for share in shares]
+    assert max(sizes) - min(sizes) <= batch  # uneven by at most one batch
+    if world > len(single):
+        assert all(shares[r] == [] for r in range(len(single), world))
+
+
+def test_batch_shard_known_answer_and_bad_arguments():
+    from attnscope.distributed import batch_shard
+
+    assert batch_shard(17, 6, 0, 2) == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16]
+    assert batch_shard(17, 6, 1, 2) == [6, 7, 8, 9, 10, 11]
+    for args in ((5, 0, 0, 2), (5, 2, 2, 2), (5, 2, -1, 2)):
+        with pytest.raises(AttnscopeError):
+            batch_shard(*args)

@@ -579,3 +579,59 @@ def test_resume_under_torchrun_is_refused_in_one_line(tmp_path):
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "--resume is not available under torchrun" in lines[0], proc.stderr
     assert "--overwrite" in lines[0] and not (tmp_path / "run").exists()
+
+
+def cka_images(tmp_path: Path, count: int = 17, corrupt: int = 7) -> Path:
+    """`count` distinct images (the bundled samples, transposed and tinted), file `corrupt` truncated."""
+    from PIL import Image, ImageOps
+
+    images = tmp_path / "images"
+    images.mkdir()
+    samples = bundled_sample_paths()
+    for i in range(count):
+        with Image.open(samples[i % len(samples)]) as img:
+            img = img.convert("RGB")
+            if (i // len(samples)) % 2:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if i >= 2 * len(samples):
+                img = ImageOps.colorize(ImageOps.grayscale(img), "navy", "orange")
+            img.save(images / f"img{i:02d}.png")
+    target = images / f"img{corrupt:02d}.png"
+    target.write_bytes(target.read_bytes()[:200])
+    return images
+
+
+def test_compare_cka_two_ranks_equal_one_process(tmp_path, one_thread):
+    """17 images (16 readable) in batches of 6: [0-5], [6-11] with 7 unreadable (5 used),
+    [12-16] (short). Rank 0 takes batches 0 and 2, rank 1 batch 1, and the gathered Grams,
+    hence cka.csv, are a single process's: the same minibatches, the same float64 sums.
+
+    One thread on both sides (`one_thread`, torchrun's OMP_NUM_THREADS=1), so the forwards,
+    and the Grams, do the same arithmetic."""
+    images = cka_images(tmp_path)
+    args = ["compare", "test_vit", "test_vit2", "--random-init", "--images"]
+    tail = ["--batch-size", "6", "--gallery", "0", "--metrics", "attention,tokens", "--out"]
+    result = CliRunner().invoke(app, [*args, str(images), *tail, str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    proc = torchrun(tmp_path, "-m", "attnscope", *args, "images", *tail, "two")
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0 of 2: 11 of 17 images" in proc.stderr  # whole batches 0 and 2
+    for model in ("test_vit", "test_vit2"):
+        with (
+            np.load(tmp_path / "one" / "runs" / model / "cka_grams.npz") as one,
+            np.load(tmp_path / "two" / "runs" / model / "cka_grams.npz") as two,
+        ):
+            assert sorted(one.files) == sorted(two.files)
+            for key in one.files:
+                np.testing.assert_array_equal(two[key], one[key], err_msg=f"{model}: {key}")
+        with np.load(tmp_path / "two" / "runs" / model / "cka_grams.npz") as two:
+            batches = sorted(
+                tuple(two[k]) for k in two.files if k.startswith("patch_mean.") and "positions" in k
+            )
+        assert batches == [(0, 1, 2, 3, 4, 5), (6, 8, 9, 10, 11), (12, 13, 14, 15, 16)]
+    one, two = pd.read_csv(tmp_path / "one" / "cka.csv"), pd.read_csv(tmp_path / "two" / "cka.csv")
+    assert len(one) == 36 + 36 + 48 + 64
+    keys = ["model_a", "block_a", "model_b", "block_b", "token"]
+    pd.testing.assert_frame_equal(two[keys], one[keys])
+    np.testing.assert_allclose(two["cka"], one["cka"], rtol=0, atol=1e-12)
+    assert "torchrun" not in (tmp_path / "two" / "report.md").read_text()

@@ -441,7 +441,7 @@ def _computed(
     grams = None
     try:
         loaded = load_with_ui(plan.name, ui, seed=config.seed, load=lambda: _load(plan, config))
-        if "tokens" in config.metrics and not distributed.is_distributed():
+        if "tokens" in config.metrics:  # under torchrun: whole minibatches per rank, gathered
             grams = GramCollector(loaded.num_blocks)
         result = measure_configured(
             loaded,
@@ -597,15 +597,8 @@ def _cka(runs: Sequence[ModelRun]) -> tuple[pd.DataFrame | None, str]:
     """cka.csv's table, or None and the one line the report says about why it is missing."""
     import pandas as pd
 
-    from attnscope import distributed
     from attnscope.cka import cka_table
 
-    if distributed.is_distributed():
-        return (
-            None,
-            "CKA is not computed under torchrun (each rank sees other minibatches); "
-            "run compare in one process",
-        )
     missing = [r.name for r in runs if r.grams is None]
     if missing:
         return None, (

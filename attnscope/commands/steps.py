@@ -99,10 +99,12 @@ def measure_with_ui(
     """
     from attnscope import distributed
     from attnscope.analysis import measure_model
+    from attnscope.measure import rank_share
 
     if loaded.random_init:
         ui.banner(random_weights_warning(loaded.name, seed))
-    shown = distributed.share_size(len(paths))
+    share = rank_share(len(paths), options.get("batch_size", 16), options.get("grams"))
+    shown = len(paths) if share is None else len(share)
     label = loaded.label
     if distributed.is_distributed():
         label = f"{loaded.name} (rank 0 of {distributed.world_size()}: {shown} of {len(paths)} images)"
