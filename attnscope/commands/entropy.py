@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +104,7 @@ def write_single_run(
     when measured, figures/, then run.json last: its presence marks a finished run (an older
     run.json is removed first, so a half-rewritten folder never looks finished)."""
     from attnscope.plots.entropy import entropy_figures
+    from attnscope.plots.tokens import single_model_figures
     from attnscope.results import write_profiles
 
     (writer.prepare() / "run.json").unlink(missing_ok=True)
@@ -111,8 +113,9 @@ def write_single_run(
     writer.write_csv("images.csv", result.images, float_format=None)
     write_profiles(writer, result.spectrum, result.frequency)
     label = display_name(result.info["name"], bool(result.info.get("random_init")))
-    figures = entropy_figures(
-        result.layers, result.heads, label=label, spectrum=result.spectrum, frequency=result.frequency
+    figures = chain(
+        entropy_figures(result.layers, result.heads, label=label),
+        single_model_figures(result.spectrum, result.frequency, label=label),
     )
     for name, fig in figures:
         writer.write_figure(f"figures/{name}", fig, formats)

@@ -110,20 +110,13 @@ def head_heatmap(heads: pd.DataFrame, metric: str, *, model: str | None = None, 
 
 
 def entropy_figures(
-    layers: pd.DataFrame,
-    heads: pd.DataFrame,
-    *,
-    label: str | None = None,
-    spectrum: pd.DataFrame | None = None,
-    frequency: pd.DataFrame | None = None,
+    layers: pd.DataFrame, heads: pd.DataFrame, *, label: str | None = None
 ) -> Iterator[tuple[str, Figure]]:
     """Every figure of a single-model run, one at a time (the caller saves and closes each).
 
-    One line plot per metric, layer x head heatmaps for the key metrics, and, when the
-    token profiles were measured, the spectrum and frequency profiles of every block.
+    One line plot per metric, plus layer x head heatmaps for the key metrics.
     """
     from attnscope.metrics import ALL_METRICS
-    from attnscope.plots.tokens import profile_by_block
 
     present = [m for m in ALL_METRICS if m in set(layers["metric"])]
     for metric in present:
@@ -135,10 +128,3 @@ def entropy_figures(
             if label:
                 fig.axes[0].set_title(f"{label}: {metric_label(metric)}")
             yield f"heads_{metric}", fig
-    for stem, table, what in (
-        ("spectrum", spectrum, "singular-value spectrum of the patch tokens"),
-        ("frequency", frequency, "relative log amplitude by frequency"),
-    ):
-        if table is not None and not table.empty:
-            title = f"{label}: {what} at every block" if label else None
-            yield stem, profile_by_block(table, title=title)

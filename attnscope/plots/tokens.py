@@ -10,7 +10,7 @@ or prints.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attnscope.plots.entropy import _setup, model_palette
@@ -124,3 +124,17 @@ def profile_by_block(table: pd.DataFrame, *, title: str | None = None) -> Figure
     what = "singular-value spectrum" if kind == "spectrum" else "relative log amplitude by frequency"
     fig.suptitle(title or f"{what} at every block (mean over images)", fontsize=11)
     return fig
+
+
+def single_model_figures(
+    spectrum: pd.DataFrame | None, frequency: pd.DataFrame | None, *, label: str | None = None
+) -> Iterator[tuple[str, Figure]]:
+    """The `entropy` run's profile figures ("spectrum", "frequency"), for the tables that
+    have rows (the caller saves and closes each)."""
+    for stem, table, what in (
+        ("spectrum", spectrum, "singular-value spectrum of the patch tokens"),
+        ("frequency", frequency, "relative log amplitude by frequency"),
+    ):
+        if table is not None and not table.empty:
+            title = f"{label}: {what} at every block" if label else None
+            yield stem, profile_by_block(table, title=title)
