@@ -184,8 +184,9 @@ def analyze(
     normalised at the model's input size need `preprocessed=True` (a DataLoader's items are
     taken as preprocessed). Images in memory are named `images[i]` / `dataset[i]`. Returns
     `layers` and `heads` tables with the columns of docs/metrics.md, the per-image table
-    `images` (model, image, layer, metric, value; what images.csv holds) and an `info` dict
-    (what run.json records).
+    `images` (model, image, layer, metric, value; what images.csv holds), with the tokens
+    family the profile tables `spectrum` and `frequency` (spectrum.csv, frequency.csv), and
+    an `info` dict (what run.json records).
     """
     import torch
 
