@@ -38,13 +38,24 @@ def empty_images_table() -> pd.DataFrame:
 IMAGE_COLUMNS = ("model", "image", "layer", "metric", "value")
 
 
+def empty_profile_table(kind: str) -> pd.DataFrame:
+    """spectrum.csv's ("spectrum") or frequency.csv's ("frequency") columns, without rows."""
+    import pandas as pd
+
+    from attnscope.metrics.profiles import FREQUENCY_COLUMNS, SPECTRUM_COLUMNS
+
+    return pd.DataFrame(columns=list(SPECTRUM_COLUMNS if kind == "spectrum" else FREQUENCY_COLUMNS))
+
+
 @dataclass
 class AnalysisResult:
     """The tables of one model's run and everything run.json needs to reproduce it.
 
     `layers` and `heads` are the statistics over images; `images` holds each image's
     value per (layer, metric) (heads averaged within the image, as layers.csv's unit),
-    `image` being the name run.json lists in `images_used`.
+    `image` being the name run.json lists in `images_used`. `spectrum` and `frequency` are
+    the profile tables of the tokens family (spectrum.csv, frequency.csv; without rows when
+    the family was not measured).
     """
 
     layers: pd.DataFrame
@@ -52,6 +63,8 @@ class AnalysisResult:
     info: dict[str, Any]
     accumulator: MetricAccumulator | None = field(default=None, repr=False)
     images: pd.DataFrame = field(default_factory=empty_images_table, repr=False)
+    spectrum: pd.DataFrame = field(default_factory=lambda: empty_profile_table("spectrum"), repr=False)
+    frequency: pd.DataFrame = field(default_factory=lambda: empty_profile_table("frequency"), repr=False)
 
 
 def as_loaded_model(model: str | nn.Module | LoadedModel, **load_kwargs: Any) -> LoadedModel:
@@ -130,7 +143,17 @@ def measure_model(
         loaded, layout, paths, used, failures, device=device, dtype=dtype, seed=seed, batch_size=batch_size
     )
     info.update(distributed.describe())
-    return AnalysisResult(layers, heads, info, accumulator, images)
+    spectrum, frequency = profile_tables(accumulator, layout)
+    return AnalysisResult(layers, heads, info, accumulator, images, spectrum, frequency)
+
+
+def profile_tables(accumulator: MetricAccumulator, layout: TokenLayout) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(spectrum, frequency) tables of the accumulator's profile sums (no rows without them)."""
+    from attnscope.metrics.profiles import frequency_table, spectrum_table
+
+    sums = accumulator.profile_sums()
+    name, depth = accumulator.model, accumulator.num_layers
+    return spectrum_table(name, depth, sums), frequency_table(name, depth, layout.grid, sums)
 
 
 def analyze(
@@ -161,8 +184,9 @@ def analyze(
     normalised at the model's input size need `preprocessed=True` (a DataLoader's items are
     taken as preprocessed). Images in memory are named `images[i]` / `dataset[i]`. Returns
     `layers` and `heads` tables with the columns of docs/metrics.md, the per-image table
-    `images` (model, image, layer, metric, value; what images.csv holds) and an `info` dict
-    (what run.json records).
+    `images` (model, image, layer, metric, value; what images.csv holds), with the tokens
+    family the profile tables `spectrum` and `frequency` (spectrum.csv, frequency.csv), and
+    an `info` dict (what run.json records).
     """
     import torch
 

@@ -247,6 +247,8 @@ class ModelRun:
     gallery: Gallery | None = None
     images: pd.DataFrame | None = None  # images.csv: each image's value per (layer, metric)
     grams: GramCollector | None = None  # each minibatch's CKA Grams (None: not available)
+    spectrum: pd.DataFrame | None = None  # spectrum.csv (None: the tokens family was not measured)
+    frequency: pd.DataFrame | None = None  # frequency.csv (likewise)
 
     @property
     def name(self) -> str:
@@ -343,6 +345,15 @@ def stack_images(runs: Sequence[ModelRun]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=["model", "image", "layer", "metric", "value"])
     return pd.concat(frames, ignore_index=True)
+
+
+def stack_profiles(runs: Sequence[ModelRun], kind: str) -> pd.DataFrame | None:
+    """Every model's `kind` table ("spectrum" or "frequency"), in the order given; None when
+    no model has one (the tokens family was not measured)."""
+    import pandas as pd
+
+    frames = [getattr(run, kind) for run in runs if getattr(run, kind) is not None]
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def images_agree(images: pd.DataFrame, layers: pd.DataFrame) -> bool:

@@ -128,10 +128,10 @@ class StreamingStats:
         self.layout = layout
 
     def __call__(self, block: BlockTensors) -> None:
-        from attnscope.metrics import MetricAccumulator, applicable_metrics, block_metrics
+        from attnscope.metrics import MetricAccumulator, applicable_metrics, block_measures
 
         assert self.layout is not None
-        per_head, per_block = block_metrics(
+        per_head, per_block, profiles = block_measures(
             block.attn,
             self.layout,
             block.x,
@@ -152,7 +152,7 @@ class StreamingStats:
                     "start the run over"
                 )
             self._checked = True
-        self.accumulator.update(block.index, per_head, per_block, positions=self.positions)
+        self.accumulator.update(block.index, per_head, per_block, positions=self.positions, profiles=profiles)
         if self.grams is not None and block.out is not None and self.positions is not None:
             self.grams.add_block(block.index, tuple(int(p) for p in self.positions), block.out, self.layout)
 

@@ -162,3 +162,33 @@ def read_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str,
     heads = pd.read_csv(needed[1])
     meta = json.loads(needed[2].read_text(encoding="utf-8"))
     return layers, heads, meta
+
+
+PROFILE_FILES = ("spectrum.csv", "frequency.csv")
+
+
+def write_profiles(writer: RunWriter, spectrum: pd.DataFrame | None, frequency: pd.DataFrame | None) -> None:
+    """spectrum.csv and frequency.csv (exact floats) when the tokens family gave them rows;
+    an older copy is removed otherwise, so a folder never mixes two runs."""
+    for name, table in zip(PROFILE_FILES, (spectrum, frequency), strict=True):
+        if table is not None and not table.empty:
+            writer.write_csv(name, table, float_format=None)
+        else:
+            (writer.prepare() / name).unlink(missing_ok=True)
+
+
+def read_profiles(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(spectrum, frequency) of a run folder, floats exact; None when either file is missing
+    or lacks its columns (a run without the tokens family, or an older attnscope)."""
+    from attnscope.metrics.profiles import FREQUENCY_COLUMNS, SPECTRUM_COLUMNS
+
+    tables = []
+    for name, columns in zip(PROFILE_FILES, (SPECTRUM_COLUMNS, FREQUENCY_COLUMNS), strict=True):
+        path = Path(run_dir) / name
+        if not path.is_file():
+            return None
+        frame = read_csv_exact(path)
+        if list(frame.columns) != list(columns):
+            return None
+        tables.append(frame)
+    return tables[0], tables[1]

@@ -311,6 +311,38 @@ def log_amplitude(tokens: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return np.log(np.abs(np.fft.fft2(maps, axes=(1, 2))) + 1e-6).mean(axis=0)
 
 
+def reference_spectrum(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(s / sum s, s^2 / sum s^2) of the centred (N, C) patch tokens by a full SVD, descending,
+    min(N, C) values each; zeros for a zero centred matrix (every patch the same)."""
+    centred = tokens - tokens.mean(axis=0, keepdims=True)
+    s = np.linalg.svd(centred, compute_uv=False)
+    if s.sum() == 0:
+        return np.zeros_like(s), np.zeros_like(s)
+    return s / s.sum(), s**2 / (s**2).sum()
+
+
+def reference_frequency_profile(tokens: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The radial profile of docs/metrics.md for one image's (N, C) patch tokens.
+
+    A square grid follows the cl-vs-mim notebook's own arithmetic: log amplitude, mean over
+    channels, roll by (h // 2, w // 2), the half-diagonal from the centre, minus its first
+    value. Other grids read the fftshifted map at the lattice points
+    (round(t Kh / M), round(t Kw / M)) from the centre, halves rounded up.
+    """
+    gh, gw = grid
+    shifted = np.roll(log_amplitude(tokens, grid), shift=(gh // 2, gw // 2), axis=(0, 1))
+    if gh == gw:
+        half = np.diag(shifted)[gh // 2 :]
+        return half - half[0]
+    kh, kw = (gh - 1) // 2, (gw - 1) // 2
+    m = max(kh, kw)
+    if m == 0:
+        return np.zeros(1)
+    steps = [(int(np.floor(t * kh / m + 0.5)), int(np.floor(t * kw / m + 0.5))) for t in range(m + 1)]
+    values = np.array([shifted[gh // 2 + u, gw // 2 + v] for u, v in steps])
+    return values - values[0]
+
+
 def reference_token_metrics(
     out: np.ndarray,
     x: np.ndarray,

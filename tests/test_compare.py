@@ -510,9 +510,14 @@ def test_compare_writes_cka_for_every_pair_and_reuses_it(tmp_path):
     }
     diag = cka[(cka.model_a == cka.model_b) & (cka.block_a == cka.block_b)]
     np.testing.assert_allclose(diag["cka"], 1.0, rtol=1e-9)
-    for stem in ("tokens_depth", "cka_patch_mean", "cka_cls"):
+    for stem in ("tokens_depth", "spectrum", "frequency", "cka_patch_mean", "cka_cls"):
         assert (out / "figures" / f"{stem}.png").is_file(), stem
         assert f"figures/{stem}.png" in (out / "report.md").read_text()
+    spectrum, frequency = pd.read_csv(out / "spectrum.csv"), pd.read_csv(out / "frequency.csv")
+    assert list(dict.fromkeys(spectrum["model"])) == list(MODELS) == list(dict.fromkeys(frequency["model"]))
+    for model in MODELS:  # the stacked tables are each model run's own
+        own = pd.read_csv(out / "runs" / model / "spectrum.csv")
+        pd.testing.assert_frame_equal(spectrum[spectrum["model"] == model].reset_index(drop=True), own)
     again = out.parent / "again"
     import shutil
 
@@ -521,3 +526,10 @@ def test_compare_writes_cka_for_every_pair_and_reuses_it(tmp_path):
     meta = json.loads((again / "run.json").read_text())
     assert {r["status"] for r in meta["runs"].values()} == {"reused"}
     pd.testing.assert_frame_equal(pd.read_csv(again / "cka.csv"), cka)
+    for name in ("spectrum.csv", "frequency.csv"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    # a tokens run without its profile tables (an older attnscope) is recomputed, not reused
+    (again / "runs" / MODELS[0] / "frequency.csv").unlink()
+    assert invoke(*args, "--out", str(again), "--overwrite").exit_code == 0
+    meta = json.loads((again / "run.json").read_text())
+    assert meta["runs"][MODELS[0]]["status"] == "computed" and meta["runs"][MODELS[1]]["status"] == "reused"

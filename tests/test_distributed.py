@@ -147,6 +147,30 @@ def test_two_ranks_equal_one_process_odd_count_with_corrupt_and_vanished_files(t
     assert proc.stdout.count("mean over 5 images") == 1
 
 
+def test_token_profiles_of_two_ranks_equal_one_process(tmp_path):
+    """spectrum.csv and frequency.csv are sums all-reduced with the others: the same rows as
+    one process over the same files, the same means up to the float32 rounding of forwards
+    over other batch compositions."""
+    images = mixed_images(tmp_path)
+    tokens = ["--metrics", "attention,tokens"]
+    single_process("--images", str(images), *tokens, "--out", str(tmp_path / "one"))
+    proc = torchrun(
+        tmp_path, "-m", "attnscope", "entropy", *TINY, "--images", "images", *tokens, "--out", "two"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tables(tmp_path / "one", tmp_path / "two")
+    for name, value in (
+        ("spectrum.csv", ["sv_share", "energy_share", "energy_cum"]),
+        ("frequency.csv", ["rel_log_amplitude"]),
+    ):
+        x, y = pd.read_csv(tmp_path / "one" / name), pd.read_csv(tmp_path / "two" / name)
+        keys = [c for c in x.columns if c not in value]
+        assert len(x) and list(x.columns) == list(y.columns)
+        pd.testing.assert_frame_equal(x[keys], y[keys])
+        for col in value:
+            np.testing.assert_allclose(y[col], x[col], rtol=1e-6, atol=1e-10, err_msg=f"{name}:{col}")
+
+
 def test_compare_two_ranks_equal_one_process(tmp_path):
     """compare shards the same way: its per-model tables equal the single-process entropy run."""
     images = mixed_images(tmp_path)

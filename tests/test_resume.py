@@ -86,9 +86,13 @@ def interrupt_after(monkeypatch):
 # ---------------------------------------------------------------- the stream itself (fast)
 
 
-def test_a_stream_resumed_from_its_committed_state_equals_one_that_never_stopped(tmp_path, sample_paths):
+@pytest.mark.parametrize("families", [("attention",), ("attention", "tokens")])
+def test_a_stream_resumed_from_its_committed_state_equals_one_that_never_stopped(
+    tmp_path, sample_paths, families
+):
     """Interrupt after two commits, reload the state from disk, continue: the tables (sums,
-    per-image values, used images) are exactly those of an uninterrupted stream."""
+    per-image values, used images, and the token profiles) are exactly those of an
+    uninterrupted stream."""
     import torch
 
     from attnscope.analysis import measure_model
@@ -98,7 +102,7 @@ def test_a_stream_resumed_from_its_committed_state_equals_one_that_never_stopped
 
     loaded = load_model("test_vit", random_init=True)
     paths, cpu = sample_paths[:5], torch.device("cpu")
-    ref = measure_model(loaded, paths, device=cpu, batch_size=2)
+    ref = measure_model(loaded, paths, device=cpu, batch_size=2, families=families)
     partial, done = resume_mod.PartialRun(tmp_path, "hash-1", "test_vit"), []
 
     def commit_twice(state):
@@ -109,13 +113,21 @@ def test_a_stream_resumed_from_its_committed_state_equals_one_that_never_stopped
 
     with pytest.raises(KeyboardInterrupt):
         measure_model(
-            loaded, paths, device=cpu, batch_size=2, checkpointing=Checkpointing(commit_twice, every_images=1)
+            loaded,
+            paths,
+            device=cpu,
+            batch_size=2,
+            families=families,
+            checkpointing=Checkpointing(commit_twice, every_images=1),
         )
     again = resume_mod.PartialRun(tmp_path, "hash-1", "test_vit")
     state = again.load(len(paths))
     assert done == [2, 4] and state.done == 4 and state.used == [0, 1, 2, 3]
-    resumed = measure_model(loaded, paths, device=cpu, batch_size=2, checkpointing=again.checkpointing(state))
-    for name in ("layers", "heads", "images"):
+    resumed = measure_model(
+        loaded, paths, device=cpu, batch_size=2, families=families, checkpointing=again.checkpointing(state)
+    )
+    assert resumed.spectrum.empty == ("tokens" not in families)
+    for name in ("layers", "heads", "images", "spectrum", "frequency"):
         pd.testing.assert_frame_equal(getattr(resumed, name), getattr(ref, name), check_exact=True)
     assert resumed.info["images_used"] == ref.info["images_used"]
     with pytest.raises(ConfigError, match="other settings"):
@@ -132,6 +144,7 @@ def test_a_stream_resumed_from_its_committed_state_equals_one_that_never_stopped
 def test_interrupted_entropy_resumes_to_the_same_csvs(tmp_path, interrupt_after):
     images = make_images(tmp_path, copies=1)
     args = ["entropy", "--model", "test_vit", "--random-init", "--images", str(images), "--batch-size", "2"]
+    args += ["--metrics", "attention,tokens"]  # the token profiles are streamed sums too
     assert invoke(*args, "--out", str(tmp_path / "ref")).exit_code == 0
     out = tmp_path / "run"
     interrupt_after(2)  # 2 commits of 2 images each
@@ -152,7 +165,7 @@ def test_interrupted_entropy_resumes_to_the_same_csvs(tmp_path, interrupt_after)
     assert result.exit_code == 0, result.output
     assert "resumed after 4 of 7" in result.output  # the bar covers the 3 images left
     assert_same_csvs(tmp_path / "ref", out)
-    for name in CSVS:  # same batches, same order of additions: the very same bytes
+    for name in (*CSVS, "spectrum.csv", "frequency.csv"):  # same batches, same additions: same bytes
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     info = json.loads((out / "run.json").read_text())["models"]["test_vit"]
     assert info["resumed_after"] == 4 and len(info["images_used"]) == 7

@@ -51,6 +51,8 @@ _COMPARE_ENTRIES = frozenset(
         "intervals.csv",
         "summary.csv",
         "cka.csv",
+        "spectrum.csv",
+        "frequency.csv",
         "run.json",
         "report.html",
         "report.md",
@@ -250,17 +252,19 @@ def _gallery_bytes(gallery: Gallery, chash: str) -> bytes:
     return buf.getvalue()
 
 
-Found = tuple["pd.DataFrame", "pd.DataFrame", dict[str, Any], "pd.DataFrame"]
+Profiles = tuple["pd.DataFrame", "pd.DataFrame"] | None  # (spectrum, frequency): the tokens family
+Found = tuple["pd.DataFrame", "pd.DataFrame", dict[str, Any], "pd.DataFrame", Profiles]
 
 
 def _reusable_run(run_dir: Path, chash: str, name: str) -> Found | None:
-    """(layers, heads, run.json, images) of a finished run with this hash, or None.
+    """(layers, heads, run.json, images, profiles) of a finished run with this hash, or None.
 
     A folder without images.csv (an older attnscope), or whose images.csv does not add up
-    to its layers.csv, is recomputed, not trusted.
+    to its layers.csv, is recomputed, not trusted; so is a run of the tokens family without
+    its spectrum.csv and frequency.csv.
     """
     from attnscope.compare import images_agree
-    from attnscope.results import read_images, read_run
+    from attnscope.results import read_images, read_profiles, read_run
 
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
@@ -271,9 +275,12 @@ def _reusable_run(run_dir: Path, chash: str, name: str) -> Found | None:
             return None
         layers, heads, meta = read_run(run_dir)
         images = read_images(run_dir)
+        profiles = read_profiles(run_dir)
     except (OSError, ValueError, KeyError, AttnscopeError):
         return None
-    return (layers, heads, meta, images) if images_agree(images, layers) else None
+    if profiles is None and "tokens" in meta.get("config_inputs", {}).get("metrics", []):
+        return None
+    return (layers, heads, meta, images, profiles) if images_agree(images, layers) else None
 
 
 def _load(plan: ModelPlan, config: CompareConfig) -> LoadedModel:
@@ -326,14 +333,17 @@ def _reused(
     from attnscope.compare import ModelRun
     from attnscope.results import RunWriter
 
-    layers, heads, meta, images = found
+    layers, heads, meta, images, profiles = found
+    spectrum, frequency = profiles if profiles is not None else (None, None)
     info = dict(meta["models"][plan.name])
     info["family"] = plan.family  # family never changes a number, so an override needs no rerun
     k = min(config.gallery, len(info["images_used"]))
     gallery = _read_gallery(run_dir / GALLERY_FILE, chash, k) if k else None
     grams = _read_grams(run_dir)
     if not k or gallery is not None:
-        return ModelRun(plan, layers, heads, info, chash, "reused", gallery, images, grams)
+        return ModelRun(
+            plan, layers, heads, info, chash, "reused", gallery, images, grams, spectrum, frequency
+        )
     torch.manual_seed(config.seed)
     loaded = _load(plan, config)  # rank 0 alone is here: no step() that would wait for the others
     with ui.status(f"{plan.name}: statistics reused, computing the gallery maps"):
@@ -341,7 +351,8 @@ def _reused(
     _free(loaded)
     if gallery is not None:
         RunWriter(run_dir, overwrite=True).write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
-    return ModelRun(plan, layers, heads, info, chash, "reused (gallery recomputed)", gallery, images, grams)
+    status = "reused (gallery recomputed)"
+    return ModelRun(plan, layers, heads, info, chash, status, gallery, images, grams, spectrum, frequency)
 
 
 GRAMS_FILE = "cka_grams.npz"
@@ -388,15 +399,17 @@ def _write_model_run(
     chash: str,
     command: str,
 ) -> None:
-    """layers.csv, heads.csv, images.csv, gallery.npz, then run.json: its presence (and hash)
-    marks a reusable run, so an older run.json goes first."""
-    from attnscope.results import RunWriter, run_metadata
+    """layers.csv, heads.csv, images.csv, spectrum.csv and frequency.csv (tokens family),
+    gallery.npz, then run.json: its presence (and hash) marks a reusable run, so an older
+    run.json goes first."""
+    from attnscope.results import RunWriter, run_metadata, write_profiles
 
     writer = RunWriter(run_dir, overwrite=True)
     (writer.prepare() / "run.json").unlink(missing_ok=True)
     writer.write_csv("layers.csv", result.layers)
     writer.write_csv("heads.csv", result.heads)
     writer.write_csv("images.csv", result.images, float_format=None)
+    write_profiles(writer, result.spectrum, result.frequency)
     if gallery is not None:
         writer.write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
     block = {
@@ -434,7 +447,7 @@ def _computed(
     from attnscope.commands.resume import PartialRun
     from attnscope.commands.steps import load_with_ui, measure_configured
     from attnscope.compare import ModelRun
-    from attnscope.results import read_images, read_run
+    from attnscope.results import read_images, read_profiles, read_run
 
     partial = None if distributed.is_distributed() else PartialRun(run_dir, chash, plan.name)
     resumed_after = resume.done if resume is not None else None  # the state object moves on
@@ -471,7 +484,11 @@ def _computed(
     # Round-trip through the CSV so reused and fresh runs stack to byte-identical tables.
     layers, heads, _ = read_run(run_dir)
     status = "resumed" if resume is not None else "computed"
-    return ModelRun(plan, layers, heads, result.info, chash, status, gallery, read_images(run_dir), grams)
+    spectrum, frequency = read_profiles(run_dir) or (None, None)
+    images = read_images(run_dir)
+    return ModelRun(
+        plan, layers, heads, result.info, chash, status, gallery, images, grams, spectrum, frequency
+    )
 
 
 def run_or_reuse(
@@ -544,7 +561,14 @@ def _write_comparison(
     out: Path, config: CompareConfig, plans: Sequence[ModelPlan], runs: list[ModelRun], command: str
 ) -> tuple[Comparison, list[Path]]:
     """Stacked tables, intervals, summary, findings, figures, both reports and run.json, in that order."""
-    from attnscope.compare import findings, interval_table, stack_images, stack_tables, summary_table
+    from attnscope.compare import (
+        findings,
+        interval_table,
+        stack_images,
+        stack_profiles,
+        stack_tables,
+        summary_table,
+    )
     from attnscope.report.figures import build_figures
     from attnscope.report.html import render_html
     from attnscope.report.markdown import render_markdown
@@ -569,7 +593,15 @@ def _write_comparison(
         writer.write_csv("cka.csv", cka)
     else:
         notes = [*notes, cka_note]
-    figures = build_figures(runs, layers, heads, writer, formats=config.formats, intervals=intervals, cka=cka)
+    profiles = {kind: stack_profiles(runs, kind) for kind in ("spectrum", "frequency")}
+    for kind, table in profiles.items():
+        if table is not None:
+            writer.write_csv(f"{kind}.csv", table, float_format=None)
+        else:  # never leave an earlier compare's table beside this one's
+            (out / f"{kind}.csv").unlink(missing_ok=True)
+    figures = build_figures(
+        runs, layers, heads, writer, formats=config.formats, intervals=intervals, cka=cka, **profiles
+    )
     html = render_html(
         runs, summary, sentences, notes, figures, command=command, out_dir=out, intervals=intervals
     )

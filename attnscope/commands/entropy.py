@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,17 +100,24 @@ class EntropyConfig:
 def write_single_run(
     writer: RunWriter, result: AnalysisResult, meta: dict[str, Any], formats: Sequence[str]
 ) -> None:
-    """layers.csv, heads.csv, images.csv, figures/, then run.json last: its presence marks a
-    finished run (an older run.json is removed first, so a half-rewritten folder never looks
-    finished)."""
+    """layers.csv, heads.csv, images.csv, the token profiles (spectrum.csv, frequency.csv)
+    when measured, figures/, then run.json last: its presence marks a finished run (an older
+    run.json is removed first, so a half-rewritten folder never looks finished)."""
     from attnscope.plots.entropy import entropy_figures
+    from attnscope.plots.tokens import single_model_figures
+    from attnscope.results import write_profiles
 
     (writer.prepare() / "run.json").unlink(missing_ok=True)
     writer.write_csv("layers.csv", result.layers)
     writer.write_csv("heads.csv", result.heads)
     writer.write_csv("images.csv", result.images, float_format=None)
+    write_profiles(writer, result.spectrum, result.frequency)
     label = display_name(result.info["name"], bool(result.info.get("random_init")))
-    for name, fig in entropy_figures(result.layers, result.heads, label=label):
+    figures = chain(
+        entropy_figures(result.layers, result.heads, label=label),
+        single_model_figures(result.spectrum, result.frequency, label=label),
+    )
+    for name, fig in figures:
         writer.write_figure(f"figures/{name}", fig, formats)
     writer.write_json("run.json", meta)
 

@@ -10,6 +10,9 @@
   counts per (layer, head, metric), so the sums of several processes add up
   (`MetricAccumulator.all_reduce`), plus each image's per-layer values (a few floats per
   image; attention maps are never kept); `snapshot`/`restore` make a run resumable.
+- `attnscope.metrics.profiles`: the per-block vectors of the tokens family (the
+  singular-value spectrum and the radial frequency profile) and their tables,
+  spectrum.csv and frequency.csv.
 - `attnscope.metrics.intervals`: bootstrap confidence intervals of means over images.
 """
 
@@ -26,8 +29,10 @@ from attnscope.metrics.registry import (
     MetricSpec,
     absent_reason,
     applicable_metrics,
+    block_measures,
     block_metrics,
     metric_spec,
+    token_profiles,
 )
 
 __all__ = [
@@ -44,7 +49,9 @@ __all__ = [
     "Workspace",
     "absent_reason",
     "applicable_metrics",
+    "block_measures",
     "block_metrics",
     "metric_spec",
     "patch_distance_matrix",
+    "token_profiles",
 ]

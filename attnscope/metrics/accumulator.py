@@ -43,6 +43,10 @@ class MetricAccumulator:
     `snapshot` / `restore` save and rebuild the exact internal sums (not a re-summed copy),
     so a run resumed from a snapshot adds the same numbers in the same order as one that
     never stopped.
+
+    Profiles (`attnscope.metrics.profiles`: a vector per image and block, such as the
+    singular-value spectrum) keep only [count, sum_1, ..., sum_K] in float64 per (layer,
+    profile): the mean vector over images, without any per-image copy.
     """
 
     model: str
@@ -55,6 +59,8 @@ class MetricAccumulator:
     _stacked: dict[tuple[int, str, tuple[str, ...]], torch.Tensor] = field(default_factory=dict, repr=False)
     # (layer, metrics) -> one (positions (B,) int64, values (M, B) float64) per batch
     _images: dict[Group, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict, repr=False)
+    # (layer, profile) -> [count, sum_1, ..., sum_K] (K + 1,) float64
+    _profiles: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def state(self) -> dict[Key, torch.Tensor]:
@@ -103,9 +109,11 @@ class MetricAccumulator:
         per_head: dict[str, torch.Tensor],
         per_block: dict[str, torch.Tensor],
         positions: Sequence[int] | None = None,
+        profiles: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Add one block's per-image values; `positions` (one per image of the batch) also
-        keeps each image's values for `images_table`."""
+        keeps each image's values for `images_table`; `profiles` {name: (B, K)} adds each
+        profile's per-image vectors to its sums."""
         import torch
 
         if self.head_metrics:
@@ -120,6 +128,15 @@ class MetricAccumulator:
             values = self._float64(torch.stack([per_block[name].detach() for name in present]))  # (M, B)
             self._add(layer, "layer", present, values)
             self._keep(layer, present, values, positions)
+        for name, vectors in (profiles or {}).items():
+            v = self._float64(vectors)  # (B, K)
+            stats = torch.cat([v.new_full((1,), v.shape[0]), v.sum(0)])
+            current = self._profiles.get((layer, name))
+            self._profiles[(layer, name)] = stats if current is None else current + stats.to(current.device)
+
+    def profile_sums(self) -> dict[tuple[int, str], np.ndarray]:
+        """(layer, profile) -> [count, sum_1, ..., sum_K] as float64 numpy arrays."""
+        return {key: self._numpy(t) for key, t in sorted(self._profiles.items())}
 
     def keys(self) -> list[Key]:
         return sorted(self.state, key=_spec_order)
@@ -208,9 +225,11 @@ class MetricAccumulator:
             "block_metrics": list(self.block_metrics),
             "state": [[kind, layer, metric] for kind, layer, metric in self._state],
             "stacked": [[layer, kind, list(names)] for layer, kind, names in self._stacked],
+            "profiles": [[layer, name] for layer, name in self._profiles],
         }
         arrays = {f"state{i}": self._numpy(t) for i, t in enumerate(self._state.values())}
         arrays.update({f"stacked{i}": self._numpy(t) for i, t in enumerate(self._stacked.values())})
+        arrays.update({f"profile{i}": self._numpy(t) for i, t in enumerate(self._profiles.values())})
         return meta, arrays
 
     @staticmethod
@@ -255,6 +274,7 @@ class MetricAccumulator:
             if stats.shape[:2] != (3, len(names)):
                 raise ValueError(f"stacked sums of block {layer} have shape {stats.shape}")
             acc._stacked[(int(layer), str(kind), tuple(str(n) for n in names))] = torch.from_numpy(stats)
+        acc._restore_profiles(meta, arrays)
         for groups, parts in image_parts:
             for i, (layer, names) in enumerate(groups):
                 p = np.array(parts[f"pos{i}"], dtype=np.int64)
@@ -267,6 +287,20 @@ class MetricAccumulator:
             raise ValueError("per-image values of different blocks cover different images")
         return acc
 
+    def _restore_profiles(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        import numpy as np
+        import torch
+
+        from attnscope.metrics.registry import METRICS
+
+        if "profiles" not in meta and any(METRICS[m].family == "tokens" for m in self.block_metrics):
+            raise ValueError("it was saved without the profile sums of the token family (an older attnscope)")
+        for i, (layer, name) in enumerate(meta.get("profiles", [])):
+            sums = np.array(arrays[f"profile{i}"], dtype=np.float64)
+            if sums.ndim != 1 or sums.shape[0] < 2:
+                raise ValueError(f"profile sums of block {layer} have shape {sums.shape}")
+            self._profiles[(int(layer), str(name))] = torch.from_numpy(sums)
+
     def _description(self) -> dict[str, Any]:
         """What ranks compare before summing: the metric sets and every row's shape."""
         return {
@@ -276,6 +310,7 @@ class MetricAccumulator:
             "head_metrics": list(self.head_metrics),
             "block_metrics": list(self.block_metrics),
             "shapes": {key: tuple(v.shape) for key, v in self.state.items()},
+            "profiles": {key: tuple(v.shape) for key, v in self._profiles.items()},
         }
 
     @classmethod
@@ -307,24 +342,31 @@ class MetricAccumulator:
                     f"ranks {ref_rank} and {r} measured different metric sets (different models?)", [r]
                 )
         shapes: dict[Key, tuple[int, ...]] = {}
+        profile_shapes: dict[tuple[int, str], tuple[int, ...]] = {}
         for _, d in described:
             shapes.update(d["shapes"])
+            profile_shapes.update(d["profiles"])
         keys = sorted(shapes, key=_spec_order)
+        profile_keys = sorted(profile_shapes)
         mine = {} if local is None else local.state
+        my_profiles = {} if local is None else local._profiles
+        rows = [(mine.get(k), shapes[k]) for k in keys] + [
+            (my_profiles.get(k), profile_shapes[k]) for k in profile_keys
+        ]
         parts = [
-            (mine[key] if key in mine else torch.zeros(shapes[key]))
+            (torch.zeros(shape) if t is None else t)
             .detach()
             .to(device="cpu", dtype=torch.float64)
             .reshape(-1)
-            for key in keys
+            for t, shape in rows
         ]
-        flat = distributed.all_reduce_sum(torch.cat(parts))
+        flat = distributed.all_reduce_sum(torch.cat(parts))  # one collective for every sum
+        chunks = iter(torch.split(flat, [p.numel() for p in parts]))
         total = cls(*(ref[k] for k in fields))
-        offset = 0
         for key in keys:
-            size = torch.Size(shapes[key]).numel()
-            total.state[key] = flat[offset : offset + size].reshape(shapes[key])
-            offset += size
+            total.state[key] = next(chunks).reshape(shapes[key])
+        for pkey in profile_keys:
+            total._profiles[pkey] = next(chunks).reshape(profile_shapes[pkey]).clone()
         total._gather_images(local)
         return total
 

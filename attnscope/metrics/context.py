@@ -290,6 +290,30 @@ class BlockContext:
         grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
         return torch.log(torch.fft.fft2(grid).abs() + 1e-6).mean(dim=1)
 
+    @cached_property
+    def patch_frequency_profile(self) -> torch.Tensor:
+        """L[u_t, v_t] - L[0, 0] along `frequency_lattice(grid)` (DC first), L the mean over
+        channels of ln(|F| + 1e-6): (B, M + 1) in the wide dtype.
+
+        Only these M + 1 coefficients are needed, so they are computed directly (one real
+        and one imaginary basis row each, a matrix product per image) instead of the whole
+        transform; step 0 is DC itself, so the profile starts at exactly 0.
+        """
+        import torch
+
+        from attnscope.metrics.profiles import frequency_lattice
+
+        gh, gw = self.layout.grid
+        z = self.wide_patches  # (B, N, C), row-major over the grid
+        rows = torch.arange(gh, dtype=self.wide, device=z.device).repeat_interleave(gw)
+        cols = torch.arange(gw, dtype=self.wide, device=z.device).repeat(gh)
+        lattice = torch.tensor(frequency_lattice((gh, gw)), dtype=self.wide, device=z.device)  # (M+1, 2)
+        phase = 2 * math.pi * (lattice[:, :1] * rows / gh + lattice[:, 1:] * cols / gw)  # (M+1, N)
+        basis = torch.cat([phase.cos(), phase.sin()])  # (2(M+1), N)
+        re, im = (basis @ z).chunk(2, dim=1)  # two (B, M+1, C)
+        log_amp = torch.log(torch.sqrt(re * re + im * im) + 1e-6).mean(-1)  # (B, M+1)
+        return log_amp - log_amp[:, :1]
+
 
 _EIGEN_POOLS: dict[int, ThreadPoolExecutor] = {}
 

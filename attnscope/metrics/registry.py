@@ -412,26 +412,38 @@ def patch_eff_rank(ctx: BlockContext) -> torch.Tensor:
 
 @metric("patch_hf_amp", "high-frequency log amplitude of patch tokens", per_head=False, family="tokens")
 def patch_hf_amp(ctx: BlockContext) -> torch.Tensor:
-    """L[(gh - 1) // 2, (gw - 1) // 2] - L[0, 0], L = mean_ch ln(|DFT| + 1e-6) on the gh x gw grid.
+    """L[(gh - 1) // 2, (gw - 1) // 2] - L[0, 0], L = mean_ch ln(|DFT| + 1e-6) on the gh x gw grid:
+    the last point of the radial frequency profile (frequency.csv), which is computed anyway."""
+    return ctx.patch_frequency_profile[:, -1]
 
-    Only these two DFT coefficients are needed, so they are computed directly (two
-    matrix-vector products per image, in the wide dtype) instead of the whole transform.
-    """
-    import math
 
+# ---------------------------------------------------------------- per-block profiles (vectors per image)
+
+
+def _shares(values: torch.Tensor) -> torch.Tensor:
+    """values / their sum over the last dim; all zeros when the sum is 0 (no spectrum)."""
     import torch
 
-    gh, gw = ctx.layout.grid
-    kh, kw = (gh - 1) // 2, (gw - 1) // 2
-    z = ctx.wide_patches  # (B, N, C), row-major over the grid
-    rows = torch.arange(gh, dtype=ctx.wide, device=z.device).repeat_interleave(gw)
-    cols = torch.arange(gw, dtype=ctx.wide, device=z.device).repeat(gh)
-    phase = 2 * math.pi * (kh * rows / gh + kw * cols / gw)
-    basis = torch.stack([phase.cos(), phase.sin()])  # (2, N)
-    re_im = basis @ z  # (B, 2, C)
-    high = torch.log(re_im.norm(dim=1) + 1e-6).mean(-1)
-    dc = torch.log(z.sum(dim=1).abs() + 1e-6).mean(-1)
-    return high - dc
+    total = values.sum(-1, keepdim=True)
+    return torch.where(total > 0, values / total.clamp_min(torch.finfo(values.dtype).tiny), 0.0)
+
+
+def token_profiles(ctx: BlockContext) -> dict[str, torch.Tensor]:
+    """The per-image vectors of spectrum.csv and frequency.csv (`attnscope.metrics.profiles`):
+
+    - sv_share: s_k / sum_i s_i, the normalised singular values `patch_eff_rank` takes the
+      entropy of, (B, min(N, C)), descending;
+    - energy_share: s_k^2 / sum_i s_i^2, the share of the centred tokens' variance along
+      the k-th principal direction, (B, min(N, C));
+    - rel_log_amplitude: the radial frequency profile, (B, M + 1), whose last point is
+      `patch_hf_amp`.
+    """
+    s = ctx.patch_spectrum
+    return {
+        "sv_share": _shares(s),
+        "energy_share": _shares(s * s),
+        "rel_log_amplitude": ctx.patch_frequency_profile,
+    }
 
 
 # ---------------------------------------------------------------- derived from the records
@@ -480,6 +492,39 @@ def applicable_metrics(
     return [s.name for s in keep if s.per_head], [s.name for s in keep if not s.per_head]
 
 
+Measures = tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]
+
+
+def block_measures(
+    attn: torch.Tensor,
+    layout: TokenLayout,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    *,
+    workspace: Workspace | None = None,
+    out: torch.Tensor | None = None,
+    families: tuple[str, ...] = ("attention",),
+) -> Measures:
+    """`block_metrics` plus the per-image profile vectors of the tokens family
+    (`token_profiles`; empty without it), from one shared `BlockContext`: (per_head,
+    per_block, profiles)."""
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise AttnscopeError(f"expected attention of shape (B, H, T, T), got {tuple(attn.shape)}")
+    if attn.shape[-1] != layout.num_tokens:
+        raise AttnscopeError(
+            f"attention has {attn.shape[-1]} tokens but the layout expects {layout.num_tokens} "
+            f"({layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches)"
+        )
+    if "tokens" in families and (out is None or x is None):
+        raise AttnscopeError("the token metrics need each block's input and output tokens")
+    ctx = BlockContext(attn, layout, x, y, workspace, out)
+    heads, blocks = applicable_metrics(layout, residual=x is not None and y is not None, families=families)
+    per_head = {name: METRICS[name].compute(ctx) for name in heads}
+    per_block = {name: METRICS[name].compute(ctx) for name in blocks}
+    profiles = token_profiles(ctx) if "tokens" in families else {}
+    return per_head, per_block, profiles
+
+
 def block_metrics(
     attn: torch.Tensor,
     layout: TokenLayout,
@@ -499,17 +544,7 @@ def block_metrics(
     (float64 for attn_distance_px and several token metrics where the device has it), on
     attn's device, holding exactly the metrics `applicable_metrics` names, in spec order.
     """
-    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
-        raise AttnscopeError(f"expected attention of shape (B, H, T, T), got {tuple(attn.shape)}")
-    if attn.shape[-1] != layout.num_tokens:
-        raise AttnscopeError(
-            f"attention has {attn.shape[-1]} tokens but the layout expects {layout.num_tokens} "
-            f"({layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches)"
-        )
-    if "tokens" in families and (out is None or x is None):
-        raise AttnscopeError("the token metrics need each block's input and output tokens")
-    ctx = BlockContext(attn, layout, x, y, workspace, out)
-    heads, blocks = applicable_metrics(layout, residual=x is not None and y is not None, families=families)
-    per_head = {name: METRICS[name].compute(ctx) for name in heads}
-    per_block = {name: METRICS[name].compute(ctx) for name in blocks}
+    per_head, per_block, _ = block_measures(
+        attn, layout, x, y, workspace=workspace, out=out, families=families
+    )
     return per_head, per_block

@@ -138,10 +138,22 @@ FILES = [
         "heads.csv",
         "every model's per-head table stacked: model, family, layer, head, metric, mean, std, count",
     ),
+    (
+        "spectrum.csv",
+        "tokens family only: each model's mean normalised singular-value spectrum of the centred patch "
+        "tokens per block: model, block, relative_depth, k, sv_share, energy_share, energy_cum",
+    ),
+    (
+        "frequency.csv",
+        "tokens family only: each model's mean relative log amplitude of the patch-token feature map along "
+        "the diagonal frequency per block: model, block, relative_depth, step, freq_row, freq_col, "
+        "frequency, rel_log_amplitude",
+    ),
     ("run.json", "configuration, versions, each model's provenance, findings"),
     (
         "runs/<model>/",
-        "each model's own run (layers.csv, heads.csv, images.csv, run.json with config_hash, gallery.npz), "
+        "each model's own run (layers.csv, heads.csv, images.csv, spectrum.csv and frequency.csv with "
+        "the tokens family, run.json with config_hash, gallery.npz), "
         "reused by the next compare with the same configuration",
     ),
     ("figures/", "every figure as PNG (and as SVG/PDF when those formats were asked for)"),

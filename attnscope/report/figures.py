@@ -207,8 +207,54 @@ CKA_CAPTION = (
 )
 
 
-def _token_figures(emit: _Emitter, enc: _Encoding, layers: pd.DataFrame, cka: pd.DataFrame | None) -> None:
-    """The token metrics against depth and the CKA heatmaps, when measured."""
+SPECTRUM_CAPTION = (
+    "spectrum.csv: the singular values s_k of each image's centred patch-token matrix (N patches x C "
+    "channels), normalised to sum 1 (top, log-log; the distribution whose entropy is the effective rank) "
+    "and the cumulative energy sum_{i<=k} s_i^2 / sum s^2 (bottom: the share of the tokens' variance in "
+    "the first k principal directions), mean over images, at the first block, a third, two thirds and the "
+    "last block of each model. How to read it: a steep spectrum whose energy reaches 1 within a few k "
+    'means the patches differ along a few directions only. "What do self-supervised ViTs learn?" and '
+    "LUT report that contrastive / JEA models collapse their later-block tokens to a few directions "
+    "(steep spectrum) while MIM models keep a flatter one. "
+)
+FREQUENCY_CAPTION = (
+    'frequency.csv: the Fourier analysis of "What do self-supervised ViTs learn?" (cl-vs-mim): the log '
+    "amplitude of the 2-D DFT of the patch tokens on their grid, averaged over channels and images, "
+    "relative to the DC (zero-frequency) value, along the diagonal from DC (0) to the highest frequency "
+    "below Nyquist (x in units of π radians per patch; the last point is patch_hf_amp), at the same depths. "
+    "How to read it: the lower a curve ends, the smoother the feature map. The paper reports that MIM "
+    "models keep high-frequency amplitude in their later blocks while contrastive / JEA models lose it "
+    "(their tokens carry low-frequency, shape-like information). "
+)
+
+
+def _profile_figures(emit: _Emitter, enc: _Encoding, profiles: dict[str, pd.DataFrame | None]) -> None:
+    """The spectrum and frequency profiles at a few depths, when measured."""
+    from attnscope.plots.tokens import profile_at_depths
+
+    for kind, title, caption in (
+        ("spectrum", "Singular-value spectrum of the patch tokens", SPECTRUM_CAPTION),
+        ("frequency", "High-frequency content of the patch tokens", FREQUENCY_CAPTION),
+    ):
+        table = profiles.get(kind)
+        if table is not None and not table.empty:
+            emit(
+                kind,
+                profile_at_depths(table, palette=enc.palette, linestyles=enc.linestyles, note=enc.warn),
+                title,
+                caption + "Colour: model, line style: family; a model's blocks are picked by relative depth.",
+            )
+
+
+def _token_figures(
+    emit: _Emitter,
+    enc: _Encoding,
+    layers: pd.DataFrame,
+    cka: pd.DataFrame | None,
+    profiles: dict[str, pd.DataFrame | None],
+) -> None:
+    """The token metrics against depth, the spectrum and frequency profiles and the CKA
+    heatmaps, when measured."""
     from attnscope.metrics import METRICS
     from attnscope.plots.compare import cka_heatmaps
 
@@ -221,6 +267,7 @@ def _token_figures(emit: _Emitter, enc: _Encoding, layers: pd.DataFrame, cka: pd
             "What the tokens carry, block by block",
             TOKEN_CAPTION + enc.x_note,
         )
+    _profile_figures(emit, enc, profiles)
     if cka is not None and not cka.empty:
         for token in ("patch_mean", "cls"):
             if token in set(cka["token"]):
@@ -242,11 +289,15 @@ def build_figures(
     formats: Sequence[str] = ("png",),
     intervals: pd.DataFrame | None = None,
     cka: pd.DataFrame | None = None,
+    spectrum: pd.DataFrame | None = None,
+    frequency: pd.DataFrame | None = None,
 ) -> list[ReportFigure]:
     """Draw and write every comparison figure (PNG always, plus `formats`), in report order.
 
     With `intervals` (compare.interval_table) the headline depth panels draw the 95%
     bootstrap interval of the mean as their band; without, ± one std over images.
+    `spectrum` and `frequency` (the stacked profile tables) add their figures after the
+    token metrics.
     """
     from attnscope.compare import HEADLINE_METRICS
     from attnscope.metrics import ALL_METRICS
@@ -270,7 +321,7 @@ def build_figures(
     )
     _head_figures(emit, enc, heads)
     _gallery_figure(emit, enc, runs)
-    _token_figures(emit, enc, layers, cka)
+    _token_figures(emit, enc, layers, cka, {"spectrum": spectrum, "frequency": frequency})
     present = [m for m in ALL_METRICS if m in set(layers["metric"])]
     emit(
         "depth_panels_all",
