@@ -19,9 +19,9 @@ from attnscope.probe.train import TensorSource
 def one_blas_thread():
     """scikit-learn's OpenMP and BLAS pools on one thread: on a busy shared CPU their default
     of every core makes a 60-point t-SNE take seconds instead of a tenth of one."""
-    from threadpoolctl import threadpool_limits
+    from attnscope.embedding import sklearn_threads
 
-    with threadpool_limits(1):
+    with sklearn_threads(blas=1, openmp=1):
         yield
 
 

@@ -883,8 +883,8 @@ def _embedding(
     """The 2-D embedding of the deepest block's [cls] and mean-patch features of the evaluation
     images (None with `embedding` "none" or fewer than 3 readable images)."""
     import torch
-    from threadpoolctl import threadpool_limits
 
+    from attnscope.embedding import sklearn_threads
     from attnscope.probe.clusters import EMBEDDING_POINTS, evaluation_embedding
 
     config = ctx.config
@@ -896,9 +896,9 @@ def _embedding(
             f"embedding: a seeded random {EMBEDDING_POINTS:,} of the {len(training.eval):,} evaluation "
             "images are embedded and scored"
         )
-    # scikit-learn's OpenMP and BLAS pools get the run's thread count too: on a shared CPU
-    # their default of every core thrashes as torch's would
-    with threadpool_limits(torch.get_num_threads()):
+    # scikit-learn's BLAS gets the run's threads, as torch does; its OpenMP (the t-SNE gradient)
+    # one, which costs seconds at the 2,000-image cap and never thrashes on a busy CPU
+    with sklearn_threads(blas=torch.get_num_threads()):
         result = evaluation_embedding(
             features.sources["eval"], training.eval, setup.data.eval.labels, setup.data.classes,
             setup.extractor.layout, method=config.embedding, block=setup.blocks[-1],

@@ -354,12 +354,15 @@ def embedding(emb: EvalEmbedding, classes: Sequence[str], *, label: str = "") ->
         )  # fmt: skip
     fig.suptitle(_embedding_title(emb, label), fontsize=11)
     # supxlabel, not fig.text: constrained layout makes room for it under the panels
-    fig.supxlabel(_embedding_caption(emb, len(classes)), fontsize=8, color="0.3")
+    width = int(fig.get_figwidth() * 16)  # characters of 8 pt text across the figure
+    fig.supxlabel(_embedding_caption(emb, len(classes), width), fontsize=8, color="0.3")
     return fig
 
 
-def _embedding_caption(emb: EvalEmbedding, num_classes: int) -> str:
-    """How to read the panel titles' numbers, under the panels."""
+def _embedding_caption(emb: EvalEmbedding, num_classes: int, width: int) -> str:
+    """How to read the panel titles' numbers, under the panels, wrapped to `width` characters."""
+    import textwrap
+
     k = next(iter(emb.scores.values())).k
     lines = [
         f"Scores on the full {emb.dim}-d features (cosine distance), not on the 2-D picture. {k}-NN: "
@@ -371,7 +374,9 @@ def _embedding_caption(emb: EvalEmbedding, num_classes: int) -> str:
             "t-SNE keeps neighbourhoods, not distances: the sizes of clusters and the gaps between them "
             "mean little."
         )
-    return "\n".join(lines)
+    if "cls" not in emb.embeddings:
+        lines.append("The model has no class token: only the mean of the patch tokens is shown.")
+    return "\n".join(textwrap.fill(line, width) for line in lines)
 
 
 def _embedding_title(emb: EvalEmbedding, label: str) -> str:
