@@ -17,12 +17,16 @@ __all__ = [
     "AnalysisResult",
     "AttentionRecorder",
     "AttnscopeError",
+    "ClusterScores",
     "ConfigError",
+    "Embedding",
     "METRICS",
     "MetricAccumulator",
     "TokenLayout",
     "analyze",
     "block_metrics",
+    "cluster_scores",
+    "embed_2d",
     "list_model_specs",
     "load_model",
     "token_layout",
@@ -37,6 +41,10 @@ _LAZY = {
     "METRICS": "attnscope.metrics",
     "MetricAccumulator": "attnscope.metrics",
     "block_metrics": "attnscope.metrics",
+    "ClusterScores": "attnscope.embedding",
+    "Embedding": "attnscope.embedding",
+    "cluster_scores": "attnscope.embedding",
+    "embed_2d": "attnscope.embedding",
     "TokenLayout": "attnscope.models",
     "list_model_specs": "attnscope.models",
     "load_model": "attnscope.models",
@@ -48,6 +56,7 @@ from attnscope.errors import AttnscopeError, ConfigError  # noqa: E402
 if TYPE_CHECKING:
     from attnscope.analysis import AnalysisResult, analyze
     from attnscope.capture import AttentionRecorder
+    from attnscope.embedding import ClusterScores, Embedding, cluster_scores, embed_2d
     from attnscope.metrics import METRICS, MetricAccumulator, block_metrics
     from attnscope.models import TokenLayout, list_model_specs, load_model, token_layout
 

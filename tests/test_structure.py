@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "attnscope.maps": 1,
     "attnscope.compare": 1,
     "attnscope.cka": 1,
+    "attnscope.embedding": 1,
     "attnscope.probe": 1,
     "attnscope.results": 2,
     "attnscope.plots": 2,

@@ -256,6 +256,16 @@ ThreadsOpt = Annotated[
 MapsOpt = Annotated[
     int, typer.Option("--maps", help="Evaluation images in the AbMILP-vs-\\[cls] figure (0: none).", min=0)
 ]
+EmbeddingOpt = Annotated[
+    str,
+    typer.Option(
+        "--embedding",
+        help="2-D picture of the evaluation images' \\[cls] and mean-patch features of the deepest probed "
+        "block, coloured by class (embedding.csv, figures/embedding), with the k-NN accuracy and "
+        "silhouette of the full features: tsne (seeded, after PCA to 50 dims), pca, or none. At most "
+        "2,000 images (a seeded subsample). Example: --embedding pca",
+    ),
+]
 OldExtractBatchOpt = Annotated[int | None, typer.Option("--extract-batch-size", hidden=True, min=1)]
 OldMaxImgOpt = Annotated[int | None, typer.Option("--max-images", hidden=True, min=2)]
 
@@ -307,6 +317,7 @@ def probe_cmd(
     num_workers: WorkersOpt = 0,
     extract_batch_size: ExtractBatchOpt = 64,
     map_images: MapsOpt = 6,
+    embedding: EmbeddingOpt = "tsne",
     threads: ThreadsOpt = None,
     augment: AugmentOpt = 0,
     out: OutOpt = None,
@@ -322,8 +333,8 @@ def probe_cmd(
     hold-out of the training split and reports its evaluation accuracy.
 
     Writes results.csv (every head), summary.csv (the selected head per aggregator), maps.csv,
-    run.json and figures/ (accuracy by aggregator, the lr grid, AbMILP weights beside the model's
-    last-block \\[cls] attention).
+    embedding.csv, run.json and figures/ (accuracy by aggregator, the lr grid, AbMILP weights beside
+    the model's last-block \\[cls] attention, t-SNE of \\[cls] and mean-patch features by class).
 
     Examples:
 
@@ -526,10 +537,30 @@ def _show_result(ui: CliUI, config: ProbeConfig, result: ProbeResult, out_dir: P
             f"{result.maps[0].aggregator} weights vs {where} \\[cls] attention, Spearman ρ per image: "
             f"{shown} (mean {sum(rhos) / len(rhos):+.2f})"
         )
+    if result.embedding is not None:
+        ui.print(_embedding_line(result))
     skipped = len(result.info["images_skipped"])
     if skipped:
         ui.warn(f"{skipped} image(s) skipped; listed in run.json")
     ui.print(f"results: {out_dir}")
+
+
+def _embedding_line(result: ProbeResult) -> str:
+    """One line: how well each token kind's full features cluster by class (figures/embedding)."""
+    from attnscope.probe.clusters import TOKEN_LABELS
+
+    emb = result.embedding
+    assert emb is not None
+    method = "t-SNE" if emb.method == "tsne" else "PCA"
+    parts = []
+    for kind, score in emb.scores.items():
+        sil = "n/a" if score.silhouette != score.silhouette else f"{score.silhouette:+.2f}"
+        name = TOKEN_LABELS[kind].replace("[", "\\[")
+        parts.append(f"{name}: {score.k}-NN {100 * score.knn_accuracy:.1f}%, silhouette {sil}")
+    return (
+        f"embedding ({method} of block {emb.block}, {emb.points:,} evaluation images; scores on the full "
+        f"features, cosine): " + "; ".join(parts)
+    )
 
 
 def _with_interval(row: Any, column: str, prefix: str) -> str:

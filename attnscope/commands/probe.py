@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import torch
 
     from attnscope.models import LoadedModel
+    from attnscope.probe.clusters import EvalEmbedding
     from attnscope.probe.datasets import ImageSource, LabelledSplit, Positions, ProbeData
     from attnscope.probe.features import (
         AugmentedSource,
@@ -76,6 +77,7 @@ __all__ = [
 ]
 
 DEFAULT_AGGREGATORS = ("cls", "mean", "abmilp")
+EMBEDDINGS = ("tsne", "pca", "none")  # `embedding`: attnscope.embedding's methods, or none
 _HOLDOUT_STREAM = 31  # random stream of the hold-out split
 BLOCK_NUMBERING = (
     "1-based: block k is the output of the k-th transformer block (timm's blocks[k-1]); "
@@ -127,6 +129,8 @@ class ProbeConfig:
     num_workers: int = 0
     extract_batch_size: int = 64  # images per backbone forward
     map_images: int = 6
+    # the 2-D embedding of the deepest probed block's [cls] and mean-patch features: tsne, pca or none
+    embedding: str = "tsne"
     shard_images: int | None = None  # images per cache shard (default: about 512 MiB)
     threads: int | None = None  # torch threads for extraction and training; None: `default_threads()`
     formats: tuple[str, ...] = ("png",)
@@ -144,6 +148,7 @@ class ProbeConfig:
         for name, low in _AT_LEAST.items():
             check_at_least(name, getattr(self, name), low)
         check_choice("recipe", self.recipe, RECIPES)
+        check_choice("embedding", self.embedding, EMBEDDINGS)
         check_dtype(self.dtype)
         grid_values("lrs", self.lrs, positive=True)
         grid_values("wds", self.wds)
@@ -254,6 +259,7 @@ class ProbeResult:
     maps: list[MapRecord] = field(default_factory=list)
     bank: HeadBank | None = field(default=None, repr=False)
     curves: pd.DataFrame | None = None  # every head after every epoch (with `curves`)
+    embedding: EvalEmbedding | None = None  # the deepest block's [cls] / mean-patch embedding
 
 
 # --------------------------------------------------------------------------- the job
@@ -858,12 +864,50 @@ def _report(
     if maps and not setup.extractor.layout.has_cls:
         ctx.notes.append("maps: the model has no class token, so only the selective weights are shown")
     ctx.timings["maps"] = time.perf_counter() - t3
+    embedding = _embedding(ctx, setup, features, training)
     ctx.timings["total"] = time.perf_counter() - t0
     info = _provenance(ctx, setup, features, training, trained, maps)
+    info["embedding"] = embedding.as_dict() if embedding is not None else None
     curves = _curves(trained)
-    for table in (results, summary) + ((curves,) if curves is not None else ()):
+    tables = (results, summary) + tuple(
+        t for t in (curves, getattr(embedding, "table", None)) if t is not None
+    )
+    for table in tables:
         table.insert(0, "model", setup.loaded.name)
-    return ProbeResult(results, summary, info, maps, trained[deepest].bank, curves)
+    return ProbeResult(results, summary, info, maps, trained[deepest].bank, curves, embedding)
+
+
+def _embedding(
+    ctx: _Context, setup: _Setup, features: _Features, training: _Training
+) -> EvalEmbedding | None:
+    """The 2-D embedding of the deepest block's [cls] and mean-patch features of the evaluation
+    images (None with `embedding` "none" or fewer than 3 readable images)."""
+    import torch
+
+    from attnscope.embedding import sklearn_threads
+    from attnscope.probe.clusters import EMBEDDING_POINTS, evaluation_embedding
+
+    config = ctx.config
+    if config.embedding == "none":
+        return None
+    t0 = time.perf_counter()
+    if len(training.eval) > EMBEDDING_POINTS:
+        ctx.note(
+            f"embedding: a seeded random {EMBEDDING_POINTS:,} of the {len(training.eval):,} evaluation "
+            "images are embedded and scored"
+        )
+    # scikit-learn's BLAS gets the run's threads, as torch does; its OpenMP (the t-SNE gradient)
+    # one, which costs seconds at the 2,000-image cap and never thrashes on a busy CPU
+    with sklearn_threads(blas=torch.get_num_threads()):
+        result = evaluation_embedding(
+            features.sources["eval"], training.eval, setup.data.eval.labels, setup.data.classes,
+            setup.extractor.layout, method=config.embedding, block=setup.blocks[-1],
+            num_blocks=setup.extractor.num_blocks, seed=config.seed,
+        )  # fmt: skip
+    if result is None:
+        ctx.note("embedding: fewer than 3 readable evaluation images, none drawn")
+    ctx.timings["embedding"] = time.perf_counter() - t0
+    return result
 
 
 def _curves(trained: dict[int, BankResult]) -> pd.DataFrame | None:
@@ -1020,8 +1064,8 @@ def _ram_budget() -> int:
 def write_probe_run(
     writer: RunWriter, result: ProbeResult, meta: dict[str, Any], formats: Sequence[str] = ("png",)
 ) -> None:
-    """results.csv, summary.csv, curves.csv, maps.csv, figures/, then run.json last (it marks a
-    finished run).
+    """results.csv, summary.csv, curves.csv, maps.csv, embedding.csv, figures/, then run.json
+    last (it marks a finished run).
 
     The aggregator and lr figures show the deepest probed block (the last one by default);
     with several blocks, figures/accuracy_by_depth shows them all."""
@@ -1029,6 +1073,7 @@ def write_probe_run(
         accuracy_by_aggregator,
         accuracy_by_depth,
         accuracy_by_lr,
+        embedding,
         learning_curves,
         selection_maps,
     )
@@ -1067,4 +1112,8 @@ def write_probe_run(
         writer.write_figure(
             "figures/selection_vs_cls_attention", selection_maps(result.maps, label=shown), formats
         )
+    if result.embedding is not None:
+        writer.write_csv("embedding.csv", result.embedding.table)
+        classes = result.info["data"]["classes"]
+        writer.write_figure("figures/embedding", embedding(result.embedding, classes, label=label), formats)
     writer.write_json("run.json", meta)

@@ -1,5 +1,5 @@
 """Probe figures: accuracy by aggregator, over the lr grid, across depth, learning curves,
-selection maps.
+selection maps, the 2-D embedding of [cls] and mean-patch features.
 
 Functions return matplotlib Figures; nothing here saves or prints.
 """
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
+    from attnscope.probe.clusters import EvalEmbedding
     from attnscope.probe.selection import MapRecord
 
 
@@ -275,3 +276,120 @@ def selection_maps(maps: Sequence[MapRecord], *, label: str = "") -> Figure:
     title = "what the probe selects vs what [cls] attends to"
     fig.suptitle(f"{label}: {title}" if label else title, fontsize=10)
     return fig
+
+
+_MANY_CLASSES = 20  # beyond: a colour scale by class index and a colourbar instead of a legend
+
+
+def _class_colours(num_classes: int):
+    """One colour per class, the same in every panel: a qualitative palette up to 20 classes."""
+    import matplotlib as mpl
+
+    if num_classes <= 10:
+        _, sns = _setup()
+        return list(sns.color_palette("colorblind", 10))[:num_classes]
+    if num_classes <= _MANY_CLASSES:
+        cmap = mpl.colormaps["tab20"]
+        return [cmap(i) for i in range(num_classes)]
+    cmap = mpl.colormaps["turbo"]
+    return [cmap(i / (num_classes - 1)) for i in range(num_classes)]
+
+
+def _embedding_panel(ax, part: pd.DataFrame, colours, emb: EvalEmbedding, kind: str) -> None:
+    from attnscope.probe.clusters import TOKEN_LABELS
+
+    size = float(np.clip(4000 / max(len(part), 1), 4, 24))
+    ax.scatter(part["x"], part["y"], s=size, c=[colours[i] for i in part["label"]], linewidths=0,
+               alpha=0.85, rasterized=len(part) > 500)  # fmt: skip
+    score = emb.scores[kind]
+    sil = "n/a" if score.silhouette != score.silhouette else f"{score.silhouette:+.2f}"
+    ax.set_title(
+        f"{TOKEN_LABELS[kind]}\n{score.k}-NN accuracy {100 * score.knn_accuracy:.1f}%, silhouette {sil}",
+        fontsize=10,
+    )
+    evr = emb.embeddings[kind].explained_variance_ratio
+    if evr is not None:
+        ax.set_xlabel(f"PC 1 ({100 * evr[0]:.1f}% of variance)")
+        ax.set_ylabel(f"PC 2 ({100 * evr[1]:.1f}% of variance)")
+    else:  # t-SNE axes carry no units: only neighbourhoods mean something, so no ticks or grid
+        ax.set_xlabel("t-SNE 1")
+        ax.set_ylabel("t-SNE 2")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+    ax.set_aspect("equal", adjustable="datalim")
+
+
+def embedding(emb: EvalEmbedding, classes: Sequence[str], *, label: str = "") -> Figure:
+    """The evaluation images' [cls] and mean-patch features of one block in 2-D (t-SNE or
+    PCA), side by side, coloured by class (the same colours in both panels).
+
+    Each panel's title gives the leave-one-out k-NN accuracy and the silhouette (cosine) of
+    the full features, not of the 2-D picture: t-SNE keeps neighbourhoods, not distances, so
+    the size of a cluster and the gaps between clusters mean little."""
+    plt, _ = _setup()
+    kinds = list(emb.embeddings)
+    colours = _class_colours(len(classes))
+    many = len(classes) > _MANY_CLASSES
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(4.6 * len(kinds) + (1.0 if many else 2.2), 5.4), squeeze=False,
+        layout="constrained",
+    )  # fmt: skip
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        _embedding_panel(ax, emb.table[emb.table["token"] == kind], colours, emb, kind)
+    if many:
+        import matplotlib as mpl
+
+        scale = mpl.cm.ScalarMappable(mpl.colors.Normalize(0, len(classes) - 1), mpl.colormaps["turbo"])
+        fig.colorbar(scale, ax=list(axes[0]), shrink=0.85, label="class index")
+    else:
+        present = sorted(set(emb.table["label"]))
+        handles = [
+            plt.Line2D([], [], ls="", marker="o", ms=6, color=colours[i], label=str(classes[i]))
+            for i in present
+        ]
+        axes[0][-1].legend(
+            handles=handles, title="class", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+            title_fontsize=9, frameon=False, ncol=1 if len(present) <= 12 else 2,
+        )  # fmt: skip
+    fig.suptitle(_embedding_title(emb, label), fontsize=11)
+    # supxlabel, not fig.text: constrained layout makes room for it under the panels
+    width = int(fig.get_figwidth() * 16)  # characters of 8 pt text across the figure
+    fig.supxlabel(_embedding_caption(emb, len(classes), width), fontsize=8, color="0.3")
+    return fig
+
+
+def _embedding_caption(emb: EvalEmbedding, num_classes: int, width: int) -> str:
+    """How to read the panel titles' numbers, under the panels, wrapped to `width` characters."""
+    import textwrap
+
+    k = next(iter(emb.scores.values())).k
+    lines = [
+        f"Scores on the full {emb.dim}-d features (cosine distance), not on the 2-D picture. {k}-NN: "
+        f"leave-one-out accuracy of a {k}-nearest-neighbour vote (chance about {100 / num_classes:.0f}%).",
+        "Silhouette in [-1, 1]: above 0 when images are closer to their own class than to the nearest other.",
+    ]
+    if emb.method == "tsne":
+        lines.append(
+            "t-SNE keeps neighbourhoods, not distances: the sizes of clusters and the gaps between them "
+            "mean little."
+        )
+    if "cls" not in emb.embeddings:
+        lines.append("The model has no class token: only the mean of the patch tokens is shown.")
+    return "\n".join(textwrap.fill(line, width) for line in lines)
+
+
+def _embedding_title(emb: EvalEmbedding, label: str) -> str:
+    """The suptitle: model, block, method and its settings, the images and how they were chosen."""
+    first = next(iter(emb.embeddings.values()))
+    if first.method == "pca":
+        how = "PCA (the first two components)"
+    else:
+        how = f"t-SNE (perplexity {first.perplexity:g}"
+        how += f", after PCA to {first.pca_dims} dims)" if first.pca_dims else ")"
+    which = f"{emb.points:,} evaluation images"
+    if emb.points < emb.eval_images:
+        which += f" (a seeded random sample of the {emb.eval_images:,})"
+    block = f"block {emb.block} of {emb.num_blocks}"
+    head = f"{label}, {block}" if label else block
+    return f"{head}: {how}\nof {which}, coloured by class"
