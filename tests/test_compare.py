@@ -510,9 +510,12 @@ def test_compare_writes_cka_for_every_pair_and_reuses_it(tmp_path):
     }
     diag = cka[(cka.model_a == cka.model_b) & (cka.block_a == cka.block_b)]
     np.testing.assert_allclose(diag["cka"], 1.0, rtol=1e-9)
+    md = (out / "report.md").read_text()
+    tokens_section = md[md.index("## What the tokens carry") : md.index("## Summary")]
     for stem in ("tokens_depth", "spectrum", "frequency", "cka_patch_mean", "cka_cls"):
         assert (out / "figures" / f"{stem}.png").is_file(), stem
-        assert f"figures/{stem}.png" in (out / "report.md").read_text()
+        assert f"figures/{stem}.png" in tokens_section  # in the tokens family's own section
+    assert '<h2 id="tokens">' in (out / "report.html").read_text()
     spectrum, frequency = pd.read_csv(out / "spectrum.csv"), pd.read_csv(out / "frequency.csv")
     assert list(dict.fromkeys(spectrum["model"])) == list(MODELS) == list(dict.fromkeys(frequency["model"]))
     for model in MODELS:  # the stacked tables are each model run's own

@@ -175,6 +175,16 @@ def random_models(runs: Sequence[ModelRun]) -> list[str]:
 
 RANDOM_WARNING = "These numbers describe untrained networks and say nothing about pretrained models."
 
+TOKENS_HEADING = "What the tokens carry"
+TOKENS_INTRO = (
+    "The tokens family (--metrics attention,tokens): what each block's output tokens hold, beside "
+    "how its attention spreads. The papers' contrast to look for: MIM models (MAE, SimMIM, BEiT) keep "
+    "diverse, high-frequency patch tokens with a flat spectrum to the last block, while joint-embedding "
+    "models (DINO, iBOT, MoCo v3) make their patch tokens similar to one another and to [cls], "
+    "concentrated on a few directions and on low frequencies. The CKA heatmaps say which blocks of two "
+    "models hold the same representation up to a rotation and scale."
+)
+
 
 def real_comparison_hint(command: str) -> str:
     """What a comparison of pretrained models needs, and the command to run then."""

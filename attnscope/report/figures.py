@@ -26,7 +26,9 @@ class ReportFigure:
     caption: str
     files: dict[str, str] = field(default_factory=dict)  # format -> path relative to the report
     png: bytes = b""
-    group: str = "main"  # "main" (shown) or "metric" (one per metric, folded away in the HTML)
+    # "main" (shown), "tokens" (the tokens family's own section) or "metric" (one per metric,
+    # folded away in the HTML)
+    group: str = "main"
 
 
 def missing_reasons(runs: Sequence[ModelRun], metrics: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -243,6 +245,7 @@ def _profile_figures(emit: _Emitter, enc: _Encoding, profiles: dict[str, pd.Data
                 profile_at_depths(table, palette=enc.palette, linestyles=enc.linestyles, note=enc.warn),
                 title,
                 caption + "Colour: model, line style: family; a model's blocks are picked by relative depth.",
+                group="tokens",
             )
 
 
@@ -266,6 +269,7 @@ def _token_figures(
             _depth_panels(enc, layers, tokens),
             "What the tokens carry, block by block",
             TOKEN_CAPTION + enc.x_note,
+            group="tokens",
         )
     _profile_figures(emit, enc, profiles)
     if cka is not None and not cka.empty:
@@ -277,6 +281,7 @@ def _token_figures(
                     cka_heatmaps(cka, token, models=enc.models, note=enc.warn),
                     f"Block correspondence: linear CKA of {what}",
                     CKA_CAPTION + "Pairs where a model has no [cls] are absent from the [cls] figure.",
+                    group="tokens",
                 )
 
 

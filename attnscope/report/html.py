@@ -17,6 +17,8 @@ from attnscope.report.content import (
     FILES,
     MODEL_HEADER,
     RANDOM_WARNING,
+    TOKENS_HEADING,
+    TOKENS_INTRO,
     image_count,
     models_rows,
     random_models,
@@ -141,6 +143,10 @@ def render_html(
         parts.append("<details><summary>Every metric against depth</summary>")
         parts += [_figure_html(f) for f in per_metric]
         parts.append("</details>")
+    tokens = [f for f in figures if f.group == "tokens"]
+    if tokens:
+        parts += [f'<h2 id="tokens">{_e(TOKENS_HEADING)}</h2>', f"<p>{_e(TOKENS_INTRO)}</p>"]
+        parts += [_figure_html(f) for f in tokens]
     header, rows = summary_rows(summary, runs, intervals)
     parts += [
         "<h2>Summary</h2>",

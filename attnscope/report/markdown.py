@@ -9,6 +9,8 @@ from attnscope.report.content import (
     FILES,
     MODEL_HEADER,
     RANDOM_WARNING,
+    TOKENS_HEADING,
+    TOKENS_INTRO,
     image_count,
     models_rows,
     random_models,
@@ -73,7 +75,9 @@ def render_markdown(
     if notes:
         lines += ["", *[f"- *{n}*" for n in notes]]
     lines += ["", "## Figures", ""]
-    for group in ("main", "metric"):  # the per-metric figures last, as the HTML folds them
+    for group in ("main", "metric", "tokens"):  # the per-metric figures after the main ones, as in the HTML
+        if group == "tokens" and any(f.group == group for f in figures):
+            lines += [f"## {TOKENS_HEADING}", "", TOKENS_INTRO, ""]
         for fig in figures:
             if fig.group == group:
                 lines += [f"### {_md_text(fig.title)}", "", f"![{_md_text(fig.title)}]({fig.files['png']})"]
