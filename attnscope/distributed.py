@@ -33,6 +33,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -195,11 +196,24 @@ def _device_for_local_rank(device: str, local: int) -> torch.device:
     return dev
 
 
+#: How long `cleanup` lets gloo's worker threads finish before the interpreter shuts down.
+_DRAIN_SECONDS = 0.2
+
+
 def cleanup() -> None:
-    """Leave the process group (registered with atexit by `setup`)."""
+    """Leave the process group (registered with atexit by `setup`).
+
+    A gloo worker thread frees each finished collective's tensors after the caller has
+    already returned, and freeing a tensor that Python created takes the GIL. A rank
+    that exits right after its last collective can reach interpreter finalization
+    first; the thread then dies taking the GIL and the process aborts ("terminate called
+    without an active exception", SIGABRT; pytorch/pytorch#179291). Sleeping here, while
+    the interpreter is whole, releases the GIL so the thread can finish.
+    """
     dist = _dist()
     _STATE.update(device=None, control=None, backend=None)
     if dist is not None:
+        time.sleep(_DRAIN_SECONDS)
         with contextlib.suppress(Exception):  # a peer that already died must not turn exit into an error
             dist.destroy_process_group()
 
