@@ -28,7 +28,6 @@ from attnscope.config import (
     plain,
 )
 from attnscope.errors import AttnscopeError, ConfigError, Interrupted
-from attnscope.files import remove_stale_temporaries
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -444,7 +443,7 @@ def _computed(
     """
     from attnscope import distributed
     from attnscope.cka import GramCollector
-    from attnscope.commands.resume import PartialRun
+    from attnscope.commands.resume import PartialRun, committing
     from attnscope.commands.steps import load_with_ui, measure_configured
     from attnscope.compare import ModelRun
     from attnscope.results import read_images, read_profiles, read_run
@@ -452,7 +451,7 @@ def _computed(
     partial = None if distributed.is_distributed() else PartialRun(run_dir, chash, plan.name)
     resumed_after = resume.done if resume is not None else None  # the state object moves on
     grams = None
-    try:
+    with committing(partial):
         loaded = load_with_ui(plan.name, ui, seed=config.seed, load=lambda: _load(plan, config))
         if "tokens" in config.metrics:  # under torchrun: whole minibatches per rank, gathered
             grams = GramCollector(loaded.num_blocks)
@@ -474,13 +473,6 @@ def _computed(
         _free(loaded)
         _write_model_run(run_dir, plan, config, result, gallery, inputs, chash, command)
         grams = _write_grams(run_dir, grams)
-    except KeyboardInterrupt:
-        if partial is None:
-            raise
-        raise partial.interrupted() from None
-    if partial is not None:
-        partial.remove()
-        remove_stale_temporaries(run_dir)  # an earlier session may have been killed mid-write
     # Round-trip through the CSV so reused and fresh runs stack to byte-identical tables.
     layers, heads, _ = read_run(run_dir)
     status = "resumed" if resume is not None else "computed"

@@ -23,7 +23,6 @@ from attnscope.config import (
     normalise_formats,
 )
 from attnscope.errors import ConfigError
-from attnscope.files import remove_stale_temporaries
 from attnscope.models.loading import display_name
 
 if TYPE_CHECKING:
@@ -194,6 +193,7 @@ def run(
     result (the other ranks get None); such runs are not resumable.
     """
     from attnscope import distributed
+    from attnscope.commands.resume import committing
     from attnscope.results import RunWriter, run_metadata
 
     if config.resume and distributed.launched_by_torchrun():  # before the process group: said once
@@ -209,7 +209,7 @@ def run(
     paths, ignored = list_images(config.images, config.max_images, ui)
     partial, state = _partial(config, out_dir, paths, found)
     resumed_after = state.done if state is not None else None  # the state object moves on
-    try:
+    with committing(partial):
         loaded = load_configured(config, ui)
         result = measure_configured(
             loaded,
@@ -226,11 +226,4 @@ def run(
             result.info["resumed_after"] = resumed_after
         meta = run_metadata(command, config.as_dict(), {config.model: result.info}, config.seed)
         write_single_run(RunWriter(out_dir, overwrite=True), result, meta, config.formats)
-    except KeyboardInterrupt:
-        if partial is None:
-            raise
-        raise partial.interrupted() from None
-    if partial is not None:
-        partial.remove()
-        remove_stale_temporaries(out_dir)  # an earlier session may have been killed mid-write
     return out_dir, result

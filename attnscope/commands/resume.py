@@ -19,15 +19,18 @@ removes the folder; run.json, not the partial folder, is what marks a run finish
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnscope.errors import AttnscopeError, ConfigError, Interrupted
+from attnscope.files import remove_stale_temporaries
 
 if TYPE_CHECKING:
     import numpy as np
@@ -233,6 +236,23 @@ class PartialRun:
         else:
             detail = f"no image of {self.what} was committed yet"
         return Interrupted(prefix + detail, resumable=self.committed > 0)
+
+
+@contextlib.contextmanager
+def committing(partial: PartialRun | None) -> Iterator[None]:
+    """Around the measuring and writing of a run that commits its state as it goes (None:
+    one that does not, e.g. under torchrun). Ctrl-C becomes `Interrupted` saying what is
+    committed; a run that finishes drops its state and the temporaries an earlier, killed
+    session may have left mid-write."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if partial is None:
+            raise
+        raise partial.interrupted() from None
+    if partial is not None:
+        partial.remove()
+        remove_stale_temporaries(partial.run_dir)
 
 
 def _layout_dict(layout: Any) -> dict[str, Any]:
