@@ -165,6 +165,7 @@ def analyze(
     random_init: bool = False,
     seed: int = 0,
     img_size: tuple[int, int] | None = None,
+    position_resize: str = "own",
     family: str | None = None,
     batch_size: int = 16,
     device: str = "auto",
@@ -201,7 +202,13 @@ def analyze(
     dev = distributed.setup(device)  # resolve_device, or this rank's device under torchrun
     torch.manual_seed(seed)
     loaded = as_loaded_model(
-        model, checkpoint=checkpoint, random_init=random_init, seed=seed, img_size=img_size, family=family
+        model,
+        checkpoint=checkpoint,
+        random_init=random_init,
+        seed=seed,
+        img_size=img_size,
+        family=family,
+        position_resize=position_resize,
     )
     source = image_source(images, preprocessed=preprocessed, max_images=max_images)
     return measure_model(

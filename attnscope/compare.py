@@ -117,6 +117,7 @@ def config_inputs(
     seed: int,
     img_size: Sequence[int] | None,
     dtype: str,
+    position_resize: str = "own",
 ) -> dict[str, Any]:
     """Everything that changes a model's numbers, as plain JSON-able data.
 
@@ -134,6 +135,7 @@ def config_inputs(
         seed=seed,
         img_size=img_size,
         dtype=dtype,
+        position_resize=position_resize,
     )
 
 
@@ -147,9 +149,15 @@ def run_inputs(
     seed: int,
     img_size: Sequence[int] | None,
     dtype: str,
+    position_resize: str = "own",
 ) -> dict[str, Any]:
     """`config_inputs` of any one-model run (entropy's too): versions, model, weights,
-    input size, dtype and the images (path, size, mtime), as plain JSON-able data."""
+    input size, dtype and the images (path, size, mtime), as plain JSON-able data.
+
+    Where weights may meet a grid other than their own (an `img_size`, or a checkpoint whose
+    size the architecture's default need not match), the position resize rule is an input:
+    folders written before it existed resampled with timm's rule, so they lack the key and
+    are recomputed."""
     from attnscope import __version__
     from attnscope.versions import package_versions
 
@@ -161,6 +169,8 @@ def run_inputs(
         weights = {"pretrained": spec.timm_name}
     versions = package_versions()
     kwargs = dict(model_kwargs or {})
+    resizable = not random_init and (img_size is not None or checkpoint is not None)
+    positions = {"position_resize": position_resize} if resizable else {}
     return {
         # bumped when an input's meaning changes: 2 = random weights drawn per model, aliases
         # carrying their family's preprocessing (folders of version 1 hold other numbers)
@@ -174,6 +184,7 @@ def run_inputs(
         "img_size": list(img_size) if img_size else None,
         "dtype": dtype,
         "images": [_file_stamp(Path(p)) for p in sorted(paths)],
+        **positions,
     }
 
 

@@ -89,6 +89,14 @@ DataConfigOpt = Annotated[
         show_default=False,
     ),
 ]
+PositionResizeOpt = Annotated[
+    str,
+    typer.Option(
+        help="How position terms reach an --img-size other than the weights' own: 'own' = the model's "
+        "own code (DINOv2's offset rule, MAE's interpolate_pos_embed, BEiT's spline, ...; "
+        "docs/models.md), 'timm' = timm's loader, for comparison.",
+    ),
+]
 RandomInitOpt = Annotated[
     bool, typer.Option("--random-init", help="Random weights (seeded) - for testing pipelines only.")
 ]

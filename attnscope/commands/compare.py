@@ -62,6 +62,7 @@ _SHARED = (
     "images",
     "max_images",
     "img_size",
+    "position_resize",
     "random_init",
     "seed",
     "batch_size",
@@ -97,6 +98,7 @@ class CompareConfig:
     images: tuple[str, ...] | None = None
     max_images: int | None = None
     img_size: tuple[int, int] | None = None
+    position_resize: str = "own"
     random_init: bool = False
     seed: int = 0
     batch_size: int = 16
@@ -140,6 +142,7 @@ class CompareConfig:
             seed=self.seed,
             img_size=self.img_size,
             dtype=self.dtype,
+            position_resize=self.position_resize,
         )
         if plan.name in self.data_configs:  # preprocessing changes every number
             inputs["data_config"] = self.data_configs[plan.name]
@@ -294,6 +297,7 @@ def _load(plan: ModelPlan, config: CompareConfig) -> LoadedModel:
         family=plan.family,
         model_kwargs=plan.model_kwargs or None,
         data_config=config.data_configs.get(plan.name),
+        position_resize=config.position_resize,
     )
 
 

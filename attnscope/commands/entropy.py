@@ -45,6 +45,7 @@ class EntropyConfig:
     family: str | None = None
     data_config: str | None = None
     img_size: tuple[int, int] | None = None
+    position_resize: str = "own"
     max_images: int | None = None
     batch_size: int = 16
     num_workers: int = 0
@@ -89,6 +90,7 @@ class EntropyConfig:
             seed=self.seed,
             img_size=self.img_size,
             dtype=self.dtype,
+            position_resize=self.position_resize,
         )
         if self.data_config is not None:  # preprocessing changes every number
             inputs["data_config"] = self.data_config

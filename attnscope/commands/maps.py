@@ -63,6 +63,7 @@ class MapsConfig:
     upsample: str = "nearest"
     contour: float | None = 0.6
     img_size: tuple[int, int] | None = None
+    position_resize: str = "own"
     max_images: int | None = None
     batch_size: int = 8
     device: str = "auto"

@@ -95,6 +95,7 @@ class ProbeConfig:
     data_config: str | None = None  # timm tag or mean=...,std=...; None: the model's own
     seed: int = 0
     img_size: tuple[int, int] | None = None
+    position_resize: str = "own"  # 'own': the model's own resize rule at another size; 'timm'
     # e.g. {"depth": 2} for tiny test backbones
     model_kwargs: dict[str, Any] | None = field(default=None, hash=False)
     data: str | Path | None = None  # a folder tree (or a named dataset)
@@ -452,6 +453,7 @@ def _load(ctx: _Context) -> _Setup:
     loaded = load_model(
         config.model, checkpoint=config.checkpoint, random_init=config.random_init, seed=config.seed,
         img_size=config.img_size, model_kwargs=config.model_kwargs, data_config=config.data_config,
+        position_resize=config.position_resize,
     )  # fmt: skip
     for notice in loaded.notices:  # e.g. which preprocessing a bare checkpoint was given
         ctx.note(notice)

@@ -47,6 +47,7 @@ def load_configured(config: Any, ui: UI) -> LoadedModel:
             img_size=config.img_size,
             family=getattr(config, "family", None),
             data_config=config.data_config,
+            position_resize=config.position_resize,
         ),
     )
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from attnscope.models.positions import PositionRule
+
 _WRAPPER_KEYS = ("model", "state_dict", "teacher", "model_ema", "module", "target_encoder", "encoder")
 _PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "model.")
 DROP_PREFIXES = ("decoder", "mask_token", "head.", "heads.", "fc_norm_head", "predictor", "projector")
@@ -199,18 +201,29 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return load_state_strict(model, conversion, str(Path(path).resolve()))
 
 
-def load_state_strict(model: nn.Module, conversion: Conversion, origin: str) -> dict[str, Any]:
+def load_state_strict(
+    model: nn.Module, conversion: Conversion, origin: str, rule: PositionRule | None = None
+) -> dict[str, Any]:
     """Load converted weights strictly into `model`; return what was dropped.
 
-    Runs timm's own `checkpoint_filter_fn` for the architecture (official-format key
-    conversion and position-embedding resampling) and then refuses any missing weight:
-    research code's silent `strict=False` loses LayerScale gammas and nobody notices.
+    Position terms at another grid are first brought to the model's by `rule` (the family's
+    own resize, `attnscope.models.positions`; default timm's), so timm's own
+    `checkpoint_filter_fn` for the architecture only converts official-format keys. Then any
+    missing weight is refused: research code's silent `strict=False` loses LayerScale gammas
+    and nobody notices.
     """
     import importlib
 
     import torch
 
-    state = conversion.state
+    from attnscope.models.positions import RULES, resize_positions
+
+    state = dict(conversion.state)
+    try:
+        resized, resize = resize_positions(state, model, rule or RULES["timm"])
+    except AttnscopeError as exc:
+        raise AttnscopeError(f"checkpoint {origin}: {exc}") from exc
+    state.update(resized)
     module = importlib.import_module(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None and module.__name__.startswith("timm."):
@@ -231,6 +244,15 @@ def load_state_strict(model: nn.Module, conversion: Conversion, origin: str) -> 
     ]
     if bad:
         raise AttnscopeError(f"checkpoint {origin} has wrong shapes: {'; '.join(bad[:4])}")
+    for key, value in resized.items():  # the filter must not resample them a second time
+        state[key] = value
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
-    return {"path": origin, "dropped_keys": sorted(conversion.dropped), "unexpected_keys": unexpected}
+    report: dict[str, Any] = {
+        "path": origin,
+        "dropped_keys": sorted(conversion.dropped),
+        "unexpected_keys": unexpected,
+    }
+    if resize is not None:
+        report["positions"] = resize.as_dict()
+    return report

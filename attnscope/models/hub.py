@@ -52,7 +52,9 @@ def _cached_hub_file(pretrained_cfg: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _create_pretrained(timm_name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, str]:
+def pretrained_source(timm_name: str) -> tuple[str, str | None]:
+    """Where the tag's weights come from ("hf-hub:..." or "url:...") and their file in the
+    local cache; raises, in one line, when they are in neither the cache nor reach."""
     import timm
 
     arch, _, tag = timm_name.partition(".")
@@ -69,17 +71,27 @@ def _create_pretrained(timm_name: str, kwargs: dict[str, Any]) -> tuple[nn.Modul
     hub_id = cfg_dict.get("hf_hub_id")
     source = f"hf-hub:{hub_id}" if hub_id else f"url:{cfg_dict.get('url')}"
     cached = _cached_hub_file(cfg_dict)
+    if cached is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        if offline or not _hub_endpoint_reachable():
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+            raise ConfigError(
+                None, f"weights for {timm_name} are not in the local cache and {why}; {_HUB_HINT}"
+            )
+    return source, cached
+
+
+def _create_pretrained(timm_name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, str]:
+    import timm
+
+    source, cached = pretrained_source(timm_name)
     if cached is not None:
-        # Loading through the file override keeps timm's own filter/resampling but makes no
-        # network request at all, so a cached model works offline.
+        # Loading through the file override keeps timm's own filter but makes no network
+        # request at all, so a cached model works offline.
         model = timm.create_model(
             timm_name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs
         )
         return model, f"{source} (local cache: {cached})"
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline or not _hub_endpoint_reachable():
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
-        raise ConfigError(None, f"weights for {timm_name} are not in the local cache and {why}; {_HUB_HINT}")
     try:
         model = timm.create_model(timm_name, pretrained=True, **kwargs)
     except OSError as exc:  # network dropped mid-download, gated repo, ...

@@ -9,8 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from attnscope.errors import AttnscopeError, ConfigError
-from attnscope.models.checkpoints import RawCheckpoint, generic_conversion, load_state_strict, open_checkpoint
-from attnscope.models.hub import _create_pretrained
+from attnscope.models.checkpoints import (
+    Conversion,
+    RawCheckpoint,
+    generic_conversion,
+    load_state_strict,
+    open_checkpoint,
+)
+from attnscope.models.hub import _create_pretrained, pretrained_source
 from attnscope.models.layout import _pair
 from attnscope.models.preprocessing import DataConfig, apply_data_config, from_timm, parse_data_config
 from attnscope.models.registry import ModelSpec, resolve_model_spec
@@ -19,6 +25,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from attnscope.models.converters import Converter
+    from attnscope.models.positions import PositionRule
 
 
 def init_seed_for(seed: int, alias: str) -> int:
@@ -55,6 +62,8 @@ class LoadedModel:
     data_config_source: str = ""  # where the preprocessing came from (alias, tag, recognised layout, option)
     # one-line remarks for the user (settings named in backquotes)
     notices: list[str] = field(default_factory=list)
+    # the position terms brought to another grid: rule, its source, from/to grid (None: native)
+    positions: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -81,6 +90,7 @@ class LoadedModel:
             "data_config_source": self.data_config_source or None,
             "checkpoint": self.checkpoint_report or None,
             "init_seed": self.init_seed,
+            "positions": self.positions,
         }
 
 
@@ -94,6 +104,7 @@ def load_model(
     family: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     data_config: str | None = None,
+    position_resize: str = "own",
 ) -> LoadedModel:
     """Build the model `name` (alias or timm name) in eval mode on the CPU.
 
@@ -104,6 +115,8 @@ def load_model(
     `model_kwargs` go to the model constructor (e.g. `depth=2` for tiny test models).
     `data_config` (a timm tag or `mean=...,std=...,crop_pct=...,interpolation=...`)
     overrides the preprocessing the model would otherwise get (see `preprocessing`).
+    At an `img_size` whose patch grid differs from the weights', position terms are resized
+    by the family's own rule (`position_resize` "own"), or by timm's loader ("timm").
     """
     if checkpoint is not None and random_init:
         raise ConfigError("checkpoint", "and `random_init` exclude each other")
@@ -120,17 +133,18 @@ def load_model(
     kwargs.update({**(model_kwargs or {}), "num_classes": 0})
     if img_size is not None:
         kwargs["img_size"] = tuple(img_size)
+    rule = position_rule(spec, converter, position_resize)
     init_seed = init_seed_for(seed, spec.alias) if random_init else None
-    model, weights = _build(
+    model, weights, report = _build(
         spec,
         converter,
         kwargs,
         pretrained=raw is None and not random_init,
         seed=seed if init_seed is None else init_seed,
+        rule=rule,
     )
-    report: dict[str, Any] = {}
     if raw is not None:
-        report = _load_weights(model, raw, converter)
+        report = _load_weights(model, raw, converter, rule)
         weights = raw.origin
     elif random_init:
         weights = f"RANDOM INIT (seed {seed} -> {init_seed} for {spec.alias}) - not pretrained weights"
@@ -138,6 +152,9 @@ def load_model(
     if not hasattr(model, "blocks"):
         raise AttnscopeError(_not_supported(spec.timm_name, model))
     chosen, notices = choose_data_config(spec, model, converter, raw, data_config, name)
+    resized = report.pop("positions", None) if raw is None else report.get("positions")
+    if resized is not None:
+        notices.append(f"{name}: {_describe_resize(resized)}")
     apply_data_config(model, chosen)
     cfg = model_data_config(model, img_size)
     return LoadedModel(
@@ -148,11 +165,64 @@ def load_model(
         random_init=random_init,
         input_size=(int(cfg["input_size"][1]), int(cfg["input_size"][2])),
         data_config=cfg,
-        checkpoint_report=report,
+        checkpoint_report=report if raw is not None else {},
         init_seed=init_seed,
         data_config_source=chosen.source,
         notices=notices,
+        positions=resized,
     )
+
+
+def _describe_resize(resized: Mapping[str, Any]) -> str:
+    a, b = resized["from"], resized["to"]
+    other = "timm's loader" if resized["rule"] != "timm" else "the model's own rule"
+    return (
+        f"position terms resized from the weights' {a[0]}x{a[1]} grid to {b[0]}x{b[1]} by the "
+        f"{resized['rule']} rule ({resized['source'].split(':')[0]}); `position_resize` chooses {other}"
+    )
+
+
+def position_rule(spec: ModelSpec, converter: Converter | None, option: str = "own") -> PositionRule:
+    """The rule that brings this model's position terms to another grid.
+
+    "timm" is timm's loader, for comparison. Otherwise the family's own: a Hugging Face
+    folder's is transformers'; a release file's is its family's (the converter's); an
+    alias's is its family's; any other DINOv2 or EVA-02 architecture's is its family's
+    (official DINOv2 weights passed with a timm name); every other timm architecture's own
+    code is timm's, so its loader's rule is the model's own.
+    """
+    from attnscope.models.positions import RESIZE_CHOICES, get_rule
+
+    if option not in RESIZE_CHOICES:
+        raise ConfigError("position_resize", f"must be one of {', '.join(RESIZE_CHOICES)}, got {option!r}")
+    if option == "timm":
+        return get_rule("timm")
+    if converter is not None and converter.positions is not None:
+        return get_rule(converter.positions)
+    if spec.positions is not None:
+        return get_rule(spec.positions)
+    arch = spec.arch
+    if "dinov2" in arch:
+        return get_rule("dinov2-reg" if "_reg" in arch else "dinov2")
+    if arch.startswith("eva02"):
+        return get_rule("eva02")
+    return get_rule("timm")
+
+
+def check_grid(model: nn.Module, img_size: int | tuple[int, int] | None, timm_name: str) -> None:
+    """An input size must be a whole number of patches: a remainder would be cropped by some
+    patch embeddings (timm's DINOv2 runs 96 px as 84) and refused by others."""
+    patch = _pair(getattr(getattr(model, "patch_embed", None), "patch_size", 1))
+    if img_size is None:
+        return
+    for side, p in zip(_pair(img_size), patch, strict=True):
+        if side % p:
+            lower, upper = side // p * p, (side // p + 1) * p
+            near = f"{lower} or {upper}" if lower else str(upper)
+            raise ConfigError(
+                "img_size",
+                f"{side} px is not a whole number of {timm_name}'s {p}-px patches; use {near}",
+            )
 
 
 def open_source(checkpoint: str | Path) -> RawCheckpoint:
@@ -188,23 +258,43 @@ def _file_weights_message(spec: ModelSpec) -> str:
 
 
 def _build(
-    spec: ModelSpec, converter: Converter | None, kwargs: dict[str, Any], *, pretrained: bool, seed: int
-) -> tuple[nn.Module, str]:
-    """The architecture, with hub weights when `pretrained`, else seeded random weights."""
+    spec: ModelSpec,
+    converter: Converter | None,
+    kwargs: dict[str, Any],
+    *,
+    pretrained: bool,
+    seed: int,
+    rule: PositionRule,
+) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The architecture, with hub weights when `pretrained`, else seeded random weights; and
+    the position resize the hub weights needed (empty when none)."""
     import timm
     import torch
 
     weights = ""
+    report: dict[str, Any] = {}
+    img_size = kwargs.get("img_size")
     try:
-        if pretrained:
+        if pretrained and img_size is None:
             model, weights = _create_pretrained(spec.timm_name, kwargs)
         else:
+            if pretrained:
+                pretrained_source(spec.timm_name)  # unreachable weights fail before any build
             torch.manual_seed(seed)
             if converter is not None and converter.build is not None:
                 model = converter.build({k: v for k, v in kwargs.items() if k != "num_classes"})
             else:
                 # The tagged name keeps that tag's pretrained_cfg; preprocessing is chosen after.
                 model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+            check_grid(model, img_size, spec.timm_name)
+            if pretrained:
+                # timm would resample the positions with its own rule while loading: load the
+                # weights at their native size, then bring them over with the family's rule
+                native, weights = _create_pretrained(
+                    spec.timm_name, {k: v for k, v in kwargs.items() if k != "img_size"}
+                )
+                report = load_state_strict(model, Conversion(native.state_dict()), weights, rule)
+                del native
     except TypeError as exc:
         if "img_size" in str(exc):
             raise ConfigError("img_size", f"is not accepted by {spec.timm_name}") from exc
@@ -214,19 +304,21 @@ def _build(
         ) from exc
     except (RuntimeError, ValueError, AssertionError) as exc:
         raise AttnscopeError(f"cannot build {spec.timm_name}: {_first(exc)}") from exc
-    return model, weights
+    return model, weights, report
 
 
 def _first(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else repr(exc)
 
 
-def _load_weights(model: nn.Module, raw: RawCheckpoint, converter: Converter | None) -> dict[str, Any]:
-    """Convert (family layout, or the generic reading) and load strictly; the report lists
-    every source key not used and what else the file carried."""
+def _load_weights(
+    model: nn.Module, raw: RawCheckpoint, converter: Converter | None, rule: PositionRule
+) -> dict[str, Any]:
+    """Convert (family layout, or the generic reading) and load strictly, positions resized by
+    `rule`; the report lists every source key not used and what else the file carried."""
     conversion = converter.convert(raw, model) if converter is not None else generic_conversion(raw)
     try:
-        report = load_state_strict(model, conversion, raw.origin.removeprefix("checkpoint:"))
+        report = load_state_strict(model, conversion, raw.origin.removeprefix("checkpoint:"), rule)
     except AttnscopeError as exc:
         if converter is None or not converter.aliases:
             raise

@@ -34,6 +34,9 @@ class ModelSpec:
     weights_url: str | None = None
     sha256: str | None = None
     weights_page: str | None = None  # where a file without a public link can be asked for
+    # how the family's own code resizes its position terms (`attnscope.models.positions.RULES`);
+    # None: the architecture's, which for a timm model is timm's loader
+    positions: str | None = None
 
     @property
     def arch(self) -> str:
@@ -80,6 +83,7 @@ _FILE_SPECS = [
         "MIM",
         "SimMIM ViT-B/16 800 ep; shared relative position bias, LayerScale, no absolute positions",
         converter="simmim",
+        positions="beit",
         arch_kwargs=(*_BEIT_PT, ("init_values", 0.1)),
         data_config=_eval(
             "SimMIM data_finetune eval: resize 256, centre crop 224, bicubic, ImageNet mean/std"
@@ -92,6 +96,7 @@ _FILE_SPECS = [
         "MIM",
         "BEiT-v2 ViT-B/16 pre-training only (1600 ep, IN-1k); shared relative position bias",
         converter="beitv2",
+        positions="beit",
         arch_kwargs=(*_BEIT_PT, ("init_values", 0.1)),
         data_config=_eval("BEiT-v2 eval: crop_pct 224/256, bicubic, --imagenet_default_mean_and_std"),
         weights_url=_BEIT_URL + "beitv2_base_patch16_224_pt1k.pth",
@@ -102,6 +107,7 @@ _FILE_SPECS = [
         "MIM",
         "BEiT-v2 ViT-L/16 pre-training only (1600 ep, IN-1k); shared relative position bias",
         converter="beitv2",
+        positions="beit",
         arch_kwargs=(*_BEIT_PT, ("init_values", 1e-5)),
         data_config=_eval("BEiT-v2 eval: crop_pct 224/256, bicubic, --imagenet_default_mean_and_std"),
         weights_url=_BEIT_URL + "beitv2_large_patch16_224_pt1k.pth",
@@ -116,6 +122,7 @@ _FILE_SPECS = [
         "MIM",
         "LUT ViT-B/16 (MAE encoder layout); the repository publishes no weights link",
         converter="lut",
+        positions="mae",
         data_config=_eval("LUT eval (MAE's): resize 256, centre crop 224, bicubic, ImageNet mean/std"),
         weights_page="https://github.com/naver-ai/lut",
     ),
@@ -125,6 +132,7 @@ _FILE_SPECS = [
         "JEA",
         "iBOT ViT-S/16 teacher backbone",
         converter="ibot",
+        positions="dino",
         data_config=_eval("iBOT eval_linear: resize 256, centre crop 224, bicubic, ImageNet mean/std"),
         weights_url=_IBOT_URL + "vits_16/checkpoint_teacher.pth",
     ),
@@ -134,6 +142,7 @@ _FILE_SPECS = [
         "JEA",
         "iBOT ViT-B/16 teacher backbone",
         converter="ibot",
+        positions="dino",
         data_config=_eval("iBOT eval_linear: resize 256, centre crop 224, bicubic, ImageNet mean/std"),
         weights_url=_IBOT_URL + "vitb_16/checkpoint_teacher.pth",
     ),
@@ -143,6 +152,7 @@ _FILE_SPECS = [
         "JEA",
         "iBOT ViT-L/16 teacher backbone",
         converter="ibot",
+        positions="dino",
         data_config=_eval("iBOT eval_linear: resize 256, centre crop 224, bicubic, ImageNet mean/std"),
         weights_url=_IBOT_URL + "vitl_16/checkpoint_teacher.pth",
     ),
@@ -152,6 +162,7 @@ _FILE_SPECS = [
         "JEA",
         "MoCo v3 ViT-S/16 300 ep; 12 heads (timm's ViT-S has 6); fixed sin-cos positions",
         converter="mocov3",
+        positions="mocov3",
         arch_kwargs=(("num_heads", 12),),
         data_config=_eval(
             "MoCo v3 main_lincls: resize 256, centre crop 224, bilinear, ImageNet mean/std", "bilinear"
@@ -164,6 +175,7 @@ _FILE_SPECS = [
         "JEA",
         "MoCo v3 ViT-B/16 300 ep; fixed sin-cos positions",
         converter="mocov3",
+        positions="mocov3",
         arch_kwargs=(("num_heads", 12),),
         data_config=_eval(
             "MoCo v3 main_lincls: resize 256, centre crop 224, bilinear, ImageNet mean/std", "bilinear"
@@ -180,6 +192,7 @@ _SPECS = [
         "MIM",
         "MAE pre-training, no fine-tuning",
         converter="mae",
+        positions="mae",
         data_config=_MAE_EVAL,
     ),
     ModelSpec(
@@ -188,6 +201,7 @@ _SPECS = [
         "MIM",
         "MAE pre-training",
         converter="mae",
+        positions="mae",
         data_config=_MAE_EVAL,
     ),
     ModelSpec(
@@ -196,17 +210,29 @@ _SPECS = [
         "MIM",
         "MAE pre-training",
         converter="mae",
+        positions="mae",
         data_config=_MAE_EVAL,
     ),
-    ModelSpec("ijepa_vit_huge", "vit_huge_patch14_gap_224.in1k_ijepa", "MIM", "I-JEPA; no class token"),
     ModelSpec(
-        "eva02_mim_vit_base", "eva02_base_patch14_224.mim_in22k", "MIM", "EVA-02 MIM; rotary positions"
+        "ijepa_vit_huge",
+        "vit_huge_patch14_gap_224.in1k_ijepa",
+        "MIM",
+        "I-JEPA; no class token",
+        positions="ijepa",
+    ),
+    ModelSpec(
+        "eva02_mim_vit_base",
+        "eva02_base_patch14_224.mim_in22k",
+        "MIM",
+        "EVA-02 MIM; rotary positions",
+        positions="eva02",
     ),
     ModelSpec(
         "beitv2_vit_base",
         "beitv2_base_patch16_224.in1k_ft_in22k_in1k",
         "MIM (fine-tuned)",
         "only fine-tuned BEiT-v2 weights are public; relative position bias",
+        positions="beit",
     ),
     ModelSpec(
         "dino_vit_small",
@@ -214,10 +240,17 @@ _SPECS = [
         "JEA",
         "DINO",
         converter="dino",
+        positions="dino",
         data_config=_DINO_EVAL,
     ),
     ModelSpec(
-        "dino_vit_base", "vit_base_patch16_224.dino", "JEA", "DINO", converter="dino", data_config=_DINO_EVAL
+        "dino_vit_base",
+        "vit_base_patch16_224.dino",
+        "JEA",
+        "DINO",
+        converter="dino",
+        positions="dino",
+        data_config=_DINO_EVAL,
     ),
     ModelSpec(
         "dino_vit_small8",
@@ -225,6 +258,7 @@ _SPECS = [
         "JEA",
         "DINO, patch 8",
         converter="dino",
+        positions="dino",
         data_config=_DINO_EVAL,
     ),
     ModelSpec(
@@ -233,19 +267,50 @@ _SPECS = [
         "JEA",
         "DINO, patch 8",
         converter="dino",
+        positions="dino",
         data_config=_DINO_EVAL,
     ),
-    ModelSpec("dinov2_vit_small", "vit_small_patch14_dinov2.lvd142m", "JEA", "DINOv2; LayerScale; 518 px"),
-    ModelSpec("dinov2_vit_base", "vit_base_patch14_dinov2.lvd142m", "JEA", "DINOv2; LayerScale; 518 px"),
-    ModelSpec("dinov2_vit_large", "vit_large_patch14_dinov2.lvd142m", "JEA", "DINOv2; LayerScale; 518 px"),
     ModelSpec(
-        "dinov2_reg_vit_small", "vit_small_patch14_reg4_dinov2.lvd142m", "JEA", "DINOv2 + 4 registers; 518 px"
+        "dinov2_vit_small",
+        "vit_small_patch14_dinov2.lvd142m",
+        "JEA",
+        "DINOv2; LayerScale; 518 px",
+        positions="dinov2",
     ),
     ModelSpec(
-        "dinov2_reg_vit_base", "vit_base_patch14_reg4_dinov2.lvd142m", "JEA", "DINOv2 + 4 registers; 518 px"
+        "dinov2_vit_base",
+        "vit_base_patch14_dinov2.lvd142m",
+        "JEA",
+        "DINOv2; LayerScale; 518 px",
+        positions="dinov2",
     ),
     ModelSpec(
-        "dinov2_reg_vit_large", "vit_large_patch14_reg4_dinov2.lvd142m", "JEA", "DINOv2 + 4 registers; 518 px"
+        "dinov2_vit_large",
+        "vit_large_patch14_dinov2.lvd142m",
+        "JEA",
+        "DINOv2; LayerScale; 518 px",
+        positions="dinov2",
+    ),
+    ModelSpec(
+        "dinov2_reg_vit_small",
+        "vit_small_patch14_reg4_dinov2.lvd142m",
+        "JEA",
+        "DINOv2 + 4 registers; 518 px",
+        positions="dinov2-reg",
+    ),
+    ModelSpec(
+        "dinov2_reg_vit_base",
+        "vit_base_patch14_reg4_dinov2.lvd142m",
+        "JEA",
+        "DINOv2 + 4 registers; 518 px",
+        positions="dinov2-reg",
+    ),
+    ModelSpec(
+        "dinov2_reg_vit_large",
+        "vit_large_patch14_reg4_dinov2.lvd142m",
+        "JEA",
+        "DINOv2 + 4 registers; 518 px",
+        positions="dinov2-reg",
     ),
     ModelSpec("dinov3_vit_small", "vit_small_patch16_dinov3.lvd1689m", "JEA", "DINOv3; 4 registers; rotary"),
     ModelSpec("dinov3_vit_base", "vit_base_patch16_dinov3.lvd1689m", "JEA", "DINOv3; 4 registers; rotary"),

@@ -344,20 +344,33 @@ def feature_key_material(
     plain images, whose keys stay those of every earlier cache."""
     images = hashlib.sha256("\n".join(item_ids).encode()).hexdigest()
     layer = "last" if block is None or block == num_blocks else f"blocks.{block - 1}"
-    return {
-        "format": FORMAT_VERSION,
-        "timm_name": loaded.spec.timm_name,
-        "model_kwargs": dict(sorted((model_kwargs or {}).items())),
-        "weights": weights_identity(loaded, seed),
-        "transform": {
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(transform_config.items())
-        },
-        "layer": layer,
-        "prenorm": bool(prenorm) if layer == "last" else True,
-        "forward_dtype": dtype,
-        "num_images": len(item_ids),
-        "images_sha256": images,
-    } | ({"augment": augment} if augment is not None else {})
+    return (
+        {
+            "format": FORMAT_VERSION,
+            "timm_name": loaded.spec.timm_name,
+            "model_kwargs": dict(sorted((model_kwargs or {}).items())),
+            "weights": weights_identity(loaded, seed),
+            "transform": {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(transform_config.items())
+            },
+            "layer": layer,
+            "prenorm": bool(prenorm) if layer == "last" else True,
+            "forward_dtype": dtype,
+            "num_images": len(item_ids),
+            "images_sha256": images,
+        }
+        | ({"augment": augment} if augment is not None else {})
+        | _positions_key(loaded)
+    )
+
+
+def _positions_key(loaded: LoadedModel) -> dict[str, Any]:
+    """The position resize, when the weights met another grid: caches written before the
+    family's own rule existed were resampled by timm's and must not be reused (a model at
+    its weights' own grid keeps the keys of every earlier cache)."""
+    if not loaded.positions:
+        return {}
+    return {"positions": {k: loaded.positions[k] for k in ("rule", "from", "to")}}
 
 
 def cache_key(material: dict[str, Any]) -> str:

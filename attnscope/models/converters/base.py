@@ -45,6 +45,7 @@ class Converter:
     build: Callable[[Mapping[str, Any]], nn.Module] | None = None
     aliases: Mapping[int, str] = field(default_factory=dict)  # embed dim -> alias to suggest
     preprocessing: Callable[[RawCheckpoint], DataConfig | None] | None = None  # per file, if it says
+    positions: str | None = None  # the family's position resize (`attnscope.models.positions.RULES`)
 
     def data_config_of(self, raw: RawCheckpoint) -> DataConfig | None:
         """The file's own eval preprocessing when it states one, else the family's."""

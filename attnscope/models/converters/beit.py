@@ -93,6 +93,7 @@ BEITV2 = Converter(
     convert=_convert,
     arch_kwargs=beit_kwargs,
     aliases={768: "beitv2_vit_base_pt", 1024: "beitv2_vit_large_pt"},
+    positions="beit",
 )
 SIMMIM = Converter(
     "simmim",
@@ -103,4 +104,5 @@ SIMMIM = Converter(
     convert=_convert,
     arch_kwargs=beit_kwargs,
     aliases={768: "simmim_vit_base"},
+    positions="beit",
 )

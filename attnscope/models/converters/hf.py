@@ -295,4 +295,5 @@ HF = Converter(
     convert=_convert,
     arch_kwargs=hf_kwargs,
     preprocessing=_preprocessing,
+    positions="transformers",
 )

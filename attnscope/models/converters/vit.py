@@ -102,6 +102,7 @@ MAE = Converter(
     ),
     _is_mae,
     aliases={768: "mae_vit_base", 1024: "mae_vit_large", 1280: "mae_vit_huge"},
+    positions="mae",
 )
 LUT = Converter(
     "lut",
@@ -110,6 +111,7 @@ LUT = Converter(
     imagenet_eval("bicubic", "LUT eval (MAE's: resize 256, centre crop 224, bicubic, ImageNet mean/std)"),
     _is_lut,
     aliases={768: "lut_vit_base"},
+    positions="mae",
 )
 DINO = Converter(
     "dino",
@@ -118,6 +120,7 @@ DINO = Converter(
     imagenet_eval("bicubic", "DINO eval_linear (resize 256, centre crop 224, bicubic, ImageNet mean/std)"),
     _is_dino,
     aliases={384: "dino_vit_small", 768: "dino_vit_base"},
+    positions="dino",
 )
 IBOT = Converter(
     "ibot",
@@ -126,6 +129,7 @@ IBOT = Converter(
     imagenet_eval("bicubic", "iBOT eval_linear (resize 256, centre crop 224, bicubic, ImageNet mean/std)"),
     _is_ibot,
     aliases={384: "ibot_vit_small", 768: "ibot_vit_base"},
+    positions="dino",
 )
 MOCOV3 = Converter(
     "mocov3",
@@ -138,4 +142,5 @@ MOCOV3 = Converter(
     convert=_moco_convert,
     arch_kwargs=_moco_kwargs,
     aliases={384: "mocov3_vit_small", 768: "mocov3_vit_base"},
+    positions="mocov3",
 )
