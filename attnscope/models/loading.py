@@ -152,7 +152,7 @@ def load_model(
     if not hasattr(model, "blocks"):
         raise AttnscopeError(_not_supported(spec.timm_name, model))
     chosen, notices = choose_data_config(spec, model, converter, raw, data_config, name)
-    resized = report.pop("positions", None) if raw is None else report.get("positions")
+    resized = report.pop("positions", None)  # recorded once, as the model's `positions`
     if resized is not None:
         notices.append(f"{name}: {_describe_resize(resized)}")
     apply_data_config(model, chosen)
