@@ -436,3 +436,47 @@ def test_entropy_says_and_records_the_resize(tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "use 96 or 112" in bad.stderr
+
+
+# ---------------------------------------------------------------- the papers' preprocessing
+
+
+def _resize_and_crop(loaded) -> tuple[int, int, str]:
+    """The eval transform's resize (shorter side), centre crop and interpolation."""
+    from torchvision import transforms as T
+
+    from attnscope.data import build_eval_transform
+
+    transform, _ = build_eval_transform(loaded.model, loaded.input_size)
+    resize = next(t for t in transform.transforms if isinstance(t, T.Resize))
+    crop = next(t for t in transform.transforms if isinstance(t, T.CenterCrop))
+    size = resize.size if isinstance(resize.size, int) else min(resize.size)
+    return size, crop.size[0], resize.interpolation.value
+
+
+@pytest.mark.parametrize(
+    ("alias", "kw", "expected"),
+    [
+        ("dinov2_vit_small", DINOV2_KW, (256, 224, "bicubic")),  # DINOv2's eval, not the tag's 224/224
+        ("dinov2_reg_vit_small", DINOV2_KW, (256, 224, "bicubic")),
+        ("ijepa_vit_huge", {"embed_dim": D, "depth": 1, "num_heads": HEADS}, (256, 224, "bicubic")),
+        ("mocov3_vit_small", {"embed_dim": D, "depth": 1, "num_heads": HEADS}, (256, 224, "bilinear")),
+        ("clip_vit_base", {"embed_dim": D, "depth": 1, "num_heads": HEADS}, (224, 224, "bicubic")),
+    ],
+)
+def test_aliases_take_their_familys_eval_transform_at_224(alias, kw, expected):
+    loaded = load_model(alias, random_init=True, img_size=(224, 224), model_kwargs=kw)
+    assert _resize_and_crop(loaded) == expected
+
+
+def test_the_papers_transform_is_a_preset_for_any_model():
+    loaded = load_model(
+        "clip_vit_base",
+        random_init=True,
+        img_size=(224, 224),
+        model_kwargs={"embed_dim": D, "depth": 1, "num_heads": HEADS},
+        data_config="beyond_cls",
+    )
+    assert _resize_and_crop(loaded) == (256, 224, "bicubic")
+    assert tuple(loaded.data_config["mean"]) == (0.485, 0.456, 0.406)
+    assert "Beyond [cls]" in loaded.data_config_source

@@ -98,6 +98,25 @@ def imagenet_eval(interpolation: str = "bicubic", source: str = "") -> DataConfi
     return DataConfig(IMAGENET_MEAN, IMAGENET_STD, 224 / 256, interpolation, "center", source)
 
 
+#: OpenAI CLIP's normalisation (clip/clip.py), which EVA-02 also evaluates with by default
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: `data_config` names for a paper's transform, applied to any model (`--data-config beyond_cls`)
+PRESETS = {
+    "beyond_cls": lambda: imagenet_eval(
+        "bicubic",
+        "Beyond [cls] code (util/datasets.py build_dataset_v2, every model): resize int(size * 16 / 14), "
+        "centre crop, bicubic, ImageNet mean/std",
+    ),
+    "cl_vs_mim": lambda: imagenet_eval(
+        "bilinear",
+        "cl-vs-mim notebooks (timm 0.5.4 transforms_imagenet_eval): resize 256, centre crop 224, "
+        "bilinear, ImageNet mean/std",
+    ),
+}
+
+
 def from_timm(cfg: dict[str, Any], source: str) -> DataConfig:
     """A DataConfig from a timm data/pretrained config dict."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -113,7 +132,8 @@ def from_timm(cfg: dict[str, Any], source: str) -> DataConfig:
 
 
 def parse_data_config(text: str, base: DataConfig, arch: str) -> DataConfig:
-    """`--data-config` / `data_config`: a timm pretrained tag or explicit fields.
+    """`--data-config` / `data_config`: a paper's preset (`PRESETS`), a timm pretrained tag or
+    explicit fields.
 
     A tag is a full timm name (`vit_base_patch16_224.mae`) or a tag of the model's own
     architecture (`mae`); explicit fields are `mean=0.485,0.456,0.406,std=...,crop_pct=0.875,
@@ -122,6 +142,8 @@ def parse_data_config(text: str, base: DataConfig, arch: str) -> DataConfig:
     text = text.strip()
     if not text:
         raise ConfigError("data_config", "is empty")
+    if text in PRESETS:
+        return PRESETS[text]()
     if "=" not in text:
         return _from_tag(text, arch)
     found = list(_KEY_AT.finditer(text))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from attnscope.errors import AttnscopeError
-from attnscope.models.preprocessing import DataConfig, imagenet_eval
+from attnscope.models.preprocessing import CLIP_MEAN, CLIP_STD, DataConfig, imagenet_eval
 
 FAMILIES = ("MIM", "MIM (fine-tuned)", "JEA", "supervised", "language-supervised", "unknown")
 
@@ -54,6 +54,40 @@ def _eval(source: str, interpolation: str = "bicubic") -> DataConfig:
 
 _MAE_EVAL = _eval("MAE main_finetune eval: resize 256, centre crop 224, bicubic, ImageNet mean/std")
 _DINO_EVAL = _eval("DINO eval_linear: resize 256, centre crop 224, bicubic, ImageNet mean/std")
+_DINOV2_EVAL = _eval(
+    "DINOv2 make_classification_eval_transform (eval/linear, knn): resize 256, centre crop 224, bicubic, "
+    "ImageNet mean/std"
+)
+_DINOV3_EVAL = _eval(
+    "DINOv3 make_classification_eval_transform (eval/linear, knn): resize 256, centre crop 224, bicubic, "
+    "ImageNet mean/std"
+)
+# I-JEPA's repository has no eval transform: the papers' (Beyond [cls]) and CAPI's baseline
+# evaluation both use resize 256 / crop 224, bicubic, ImageNet mean/std (timm's tag: crop 0.9)
+_IJEPA_EVAL = _eval(
+    "I-JEPA has no eval transform; Beyond [cls]'s code and CAPI's I-JEPA baseline: resize 256, centre "
+    "crop 224, bicubic, ImageNet mean/std"
+)
+_EVA02_EVAL = DataConfig(
+    CLIP_MEAN,
+    CLIP_STD,
+    224 / 256,
+    "bicubic",
+    "center",
+    "EVA-02 datasets.build_transform at 224 px: crop_pct 224/256, bicubic, OpenAI CLIP mean/std",
+)
+_CLIP_EVAL = DataConfig(
+    CLIP_MEAN,
+    CLIP_STD,
+    1.0,
+    "bicubic",
+    "center",
+    "OpenAI CLIP clip._transform: resize 224 (shorter side), centre crop 224, bicubic, CLIP mean/std",
+)
+_BEITV2_FT_EVAL = _eval(
+    "BEiT-v2 fine-tuning eval (--imagenet_default_mean_and_std, crop_pct 224/256): resize 256, centre "
+    "crop 224, bicubic, ImageNet mean/std"
+)
 _BEIT_PT = (("global_pool", "token"), ("use_abs_pos_emb", False), ("use_rel_pos_bias", True))
 _BEIT_URL = "https://conversationhub.blob.core.windows.net/beit-share-public/beitv2/"
 _CAPI_URL = "https://dl.fbaipublicfiles.com/capi/"
@@ -219,6 +253,7 @@ _SPECS = [
         "MIM",
         "I-JEPA; no class token",
         positions="ijepa",
+        data_config=_IJEPA_EVAL,
     ),
     ModelSpec(
         "eva02_mim_vit_base",
@@ -226,6 +261,7 @@ _SPECS = [
         "MIM",
         "EVA-02 MIM; rotary positions",
         positions="eva02",
+        data_config=_EVA02_EVAL,
     ),
     ModelSpec(
         "beitv2_vit_base",
@@ -233,6 +269,7 @@ _SPECS = [
         "MIM (fine-tuned)",
         "only fine-tuned BEiT-v2 weights are public; relative position bias",
         positions="beit",
+        data_config=_BEITV2_FT_EVAL,
     ),
     ModelSpec(
         "dino_vit_small",
@@ -276,6 +313,7 @@ _SPECS = [
         "JEA",
         "DINOv2; LayerScale; 518 px",
         positions="dinov2",
+        data_config=_DINOV2_EVAL,
     ),
     ModelSpec(
         "dinov2_vit_base",
@@ -283,6 +321,7 @@ _SPECS = [
         "JEA",
         "DINOv2; LayerScale; 518 px",
         positions="dinov2",
+        data_config=_DINOV2_EVAL,
     ),
     ModelSpec(
         "dinov2_vit_large",
@@ -290,6 +329,7 @@ _SPECS = [
         "JEA",
         "DINOv2; LayerScale; 518 px",
         positions="dinov2",
+        data_config=_DINOV2_EVAL,
     ),
     ModelSpec(
         "dinov2_reg_vit_small",
@@ -297,6 +337,7 @@ _SPECS = [
         "JEA",
         "DINOv2 + 4 registers; 518 px",
         positions="dinov2-reg",
+        data_config=_DINOV2_EVAL,
     ),
     ModelSpec(
         "dinov2_reg_vit_base",
@@ -304,6 +345,7 @@ _SPECS = [
         "JEA",
         "DINOv2 + 4 registers; 518 px",
         positions="dinov2-reg",
+        data_config=_DINOV2_EVAL,
     ),
     ModelSpec(
         "dinov2_reg_vit_large",
@@ -311,11 +353,28 @@ _SPECS = [
         "JEA",
         "DINOv2 + 4 registers; 518 px",
         positions="dinov2-reg",
+        data_config=_DINOV2_EVAL,
     ),
-    ModelSpec("dinov3_vit_small", "vit_small_patch16_dinov3.lvd1689m", "JEA", "DINOv3; 4 registers; rotary"),
-    ModelSpec("dinov3_vit_base", "vit_base_patch16_dinov3.lvd1689m", "JEA", "DINOv3; 4 registers; rotary"),
     ModelSpec(
-        "clip_vit_base", "vit_base_patch16_clip_224.openai", "language-supervised", "OpenAI CLIP image tower"
+        "dinov3_vit_small",
+        "vit_small_patch16_dinov3.lvd1689m",
+        "JEA",
+        "DINOv3; 4 registers; rotary",
+        data_config=_DINOV3_EVAL,
+    ),
+    ModelSpec(
+        "dinov3_vit_base",
+        "vit_base_patch16_dinov3.lvd1689m",
+        "JEA",
+        "DINOv3; 4 registers; rotary",
+        data_config=_DINOV3_EVAL,
+    ),
+    ModelSpec(
+        "clip_vit_base",
+        "vit_base_patch16_clip_224.openai",
+        "language-supervised",
+        "OpenAI CLIP image tower",
+        data_config=_CLIP_EVAL,
     ),
     ModelSpec(
         "supervised_vit_base",
