@@ -480,3 +480,30 @@ def test_the_papers_transform_is_a_preset_for_any_model():
     assert _resize_and_crop(loaded) == (256, 224, "bicubic")
     assert tuple(loaded.data_config["mean"]) == (0.485, 0.456, 0.406)
     assert "Beyond [cls]" in loaded.data_config_source
+
+
+def test_an_official_dinov2_register_file_is_resized_before_timm_folds_its_class_row(tmp_path):
+    """DINOv2-reg release files carry a class position row and `register_tokens`; timm's
+    filter folds the row into the class token. The rule (antialiased bicubic, the register
+    models' own) resizes the grid rows, and the class row is folded unchanged."""
+    import timm
+
+    torch.manual_seed(4)
+    kw = {"embed_dim": D, "depth": 1, "num_heads": HEADS, "init_values": None}
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, **kw)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    official = {k: v for k, v in sd.items() if k not in ("reg_token", "pos_embed", "cls_token")}
+    pos = torch.randn(1, 1 + 37 * 37, D) * 0.5
+    cls = torch.randn(1, 1, D)
+    official.update({"register_tokens": sd["reg_token"], "pos_embed": pos, "cls_token": cls})
+    official["mask_token"] = torch.zeros(1, D)  # every official file has one (timm's cue for the layout)
+    torch.save(official, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    loaded = load_model(
+        "dinov2_reg_vit_small",
+        checkpoint=tmp_path / "dinov2_vits14_reg4_pretrain.pth",
+        img_size=(224, 224),
+        model_kwargs=kw,
+    )
+    assert loaded.positions["rule"] == "dinov2-reg"
+    assert _relative_error(loaded.model.pos_embed[0], antialias_rule(pos[0, 1:], (37, 37), (16, 16))) < 1e-6
+    assert torch.allclose(loaded.model.cls_token, cls + pos[:, :1])

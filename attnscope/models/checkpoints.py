@@ -191,8 +191,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def generic_conversion(raw: RawCheckpoint) -> Conversion:
     """The flat reading minus decoder/head/mask-token keys, which a backbone never uses."""
     state = raw.flat()
-    dropped = sorted(k for k in state if k.startswith(DROP_PREFIXES))
-    return Conversion({k: v for k, v in state.items() if not k.startswith(DROP_PREFIXES)}, dropped)
+    # timm's filter reads an official DINOv2 file by its `mask_token` (and pops it): an
+    # official file with registers needs that cue to become timm's layout
+    keep = ("mask_token",) if "register_tokens" in state else ()
+    dropped = sorted(k for k in state if k.startswith(DROP_PREFIXES) and k not in keep)
+    return Conversion({k: v for k, v in state.items() if k not in dropped}, dropped)
 
 
 def load_checkpoint_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
@@ -245,7 +248,8 @@ def load_state_strict(
     if bad:
         raise AttnscopeError(f"checkpoint {origin} has wrong shapes: {'; '.join(bad[:4])}")
     for key, value in resized.items():  # the filter must not resample them a second time
-        state[key] = value
+        if key in state and state[key].shape == value.shape:  # (it may re-lay them: DINOv2-reg)
+            state[key] = value
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     report: dict[str, Any] = {

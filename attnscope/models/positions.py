@@ -303,12 +303,22 @@ def _square(count: int, what: str) -> Grid:
     return (side, side)
 
 
-def _pos_prefix(model: nn.Module) -> int:
-    """Rows of `pos_embed` that are not on the grid (timm's `no_embed_class` models fold the
-    class position into the class token, so their table is the grid alone)."""
+def _pos_prefix(model: nn.Module, rows: int) -> int:
+    """Rows of a checkpoint's `pos_embed` that are not on the grid: the model's prefix
+    (timm's `no_embed_class` models fold the class position into the class token, so their
+    table is the grid alone), or one class row that an official file still carries (DINOv2
+    with registers, which timm's filter folds afterwards)."""
     if getattr(model, "no_embed_class", False):
-        return 0
-    return int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
+        own = 0
+    else:
+        own = int(
+            getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)
+        )
+    for prefix in (own, 1):
+        side = math.isqrt(max(rows - prefix, 0))
+        if side * side == rows - prefix:
+            return prefix
+    return own
 
 
 @dataclass(frozen=True)
@@ -354,7 +364,7 @@ def resize_positions(
     out: dict[str, torch.Tensor] = {}
     old: Grid | None = None
     if pos is not None and getattr(model, "pos_embed", None) is not None:
-        prefix = _pos_prefix(model)
+        prefix = _pos_prefix(model, pos.shape[1])
         grid = _square(pos.shape[1] - prefix, "the checkpoint's pos_embed")
         if grid != new:
             if rule.absolute is None:
