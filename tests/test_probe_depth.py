@@ -282,6 +282,7 @@ def test_probe_and_entropy_give_the_same_block_the_same_number(tmp_path):
         assert set(pd.read_csv(tmp_path / "p" / name)["block"]) == {0, 2}, name
     summary = pd.read_csv(tmp_path / "p" / "summary.csv")
     assert dict(zip(summary["block"], summary["relative_depth"], strict=False)) == {0: 0.0, 2: 0.4}
+    assert set(pd.read_csv(tmp_path / "p" / "maps.csv")["block"]) == {2}  # the deepest probed block
     assert set(pd.read_csv(tmp_path / "p" / "embedding.csv")["block"]) == {2}
     assert info["features"]["blocks"] == [0, 2] and info["embedding"]["block"] == 2
 

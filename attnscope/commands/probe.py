@@ -1089,7 +1089,8 @@ def write_probe_run(
     deepest = blocks[-1]
     results = result.results[result.results["block"] == deepest]
     summary = result.summary[result.summary["block"] == deepest]
-    shown = label if len(blocks) == 1 else f"{label}, block {deepest}"
+    last = result.info["num_blocks"] - 1
+    shown = label if blocks == [last] else f"{label}, block {deepest}"  # counted from 0
     writer.write_figure(
         "figures/accuracy_by_aggregator",
         accuracy_by_aggregator(results, summary, label=shown, num_classes=num_classes),

@@ -277,7 +277,8 @@ def selection_maps(maps: Sequence[MapRecord], *, label: str = "") -> Figure:
                     m.image,
                     cls,
                     vmax,
-                    f"last-block [cls] attention (max {cls.max():.1f}x)\nSpearman rho = {rho}",
+                    f"{block_label(m.block, m.num_blocks)}: [cls] attention (max {cls.max():.1f}x)\n"
+                    f"Spearman rho = {rho}",
                 )
         fig.colorbar(im, ax=list(row[1:]), shrink=0.85, label="x uniform")
     title = "what the probe selects vs what [cls] attends to"

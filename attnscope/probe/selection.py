@@ -179,8 +179,10 @@ class MapRecord:
     grid: tuple[int, int]
     aggregator: str
     weights: np.ndarray  # (gh, gw), sums to 1
-    cls_attention: np.ndarray | None  # (gh, gw) head mean of the last block, renormalised over patches
+    cls_attention: np.ndarray | None  # (gh, gw) head mean of block `block`, renormalised over patches
     spearman: float
+    block: int  # whose tokens the head read and whose [cls] attention is shown, counted from 0
+    num_blocks: int  # of the model (block num_blocks - 1 is the last)
 
 
 def selection_maps(
@@ -216,6 +218,7 @@ def selection_maps(
     batch = collate_images([dataset[int(p)] for p in picks if int(p) in weights])
     if batch.images is None:
         return []
+    block = extractor.last_block if block is None else block
     cls_attn = _cls_attention(extractor, batch, block) if extractor.layout.has_cls else {}
     gh, gw = extractor.layout.grid
     records = []
@@ -232,6 +235,8 @@ def selection_maps(
                 weights=w.reshape(gh, gw),
                 cls_attention=None if c is None else c.reshape(gh, gw),
                 spearman=_spearman(w, c),
+                block=block,
+                num_blocks=extractor.num_blocks,
             )
         )
     return records
@@ -324,6 +329,7 @@ def maps_table(maps: Sequence[MapRecord]) -> pd.DataFrame:
                 "label": m.label,
                 "predicted": m.predicted,
                 "aggregator": m.aggregator,
+                "block": m.block,
                 "spearman_vs_cls_attention": m.spearman,
                 "max_weight": float(m.weights.max()),
                 "uniform_weight": 1.0 / m.weights.size,
