@@ -60,7 +60,8 @@ def main() -> None:
     print(f"{args.alias} random weights, 518 -> {args.img_size} px, own rule vs timm's")
     print(f"{'metric':<28} {'worst block':>11} {'own':>12} {'timm':>12} {'rel. diff':>10}")
     for row in worst.itertuples():
-        print(f"{row.metric:<28} {row.layer:>11} {row.mean_own:>12.5g} {row.mean_timm:>12.5g} {row.rel:>10.4f}")
+        values = f"{row.mean_own:>12.5g} {row.mean_timm:>12.5g} {row.rel:>10.4f}"
+        print(f"{row.metric:<28} {row.layer:>11} {values}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def extraction_benchmark(args) -> None:
     keep = ds.stratified_subsample(data.train.labels, min(args.images, len(data.train)), 0)
     source = ds.SubsetSource(data.train.source, keep)
     extractor = feat.TokenExtractor(loaded, blocks="all")
-    every, last = extractor.blocks, [extractor.num_blocks]
+    every, last = extractor.blocks, [extractor.last_block]
     tokens, dim = extractor.token_shape()
     print(f"extraction: {args.model} at {args.img_size} px, {len(source)} digits, {tokens} tokens x {dim}, "
           f"{len(every)} blocks, batch {args.batch}, {torch.get_num_threads()} threads")  # fmt: skip

@@ -188,7 +188,7 @@ def test_evaluation_embedding_table_and_run_json_entry():
     classes = ["ant", "bee", "cat"]
     emb = evaluation_embedding(
         TensorSource(torch.from_numpy(tokens)), np.arange(50), labels, classes, layout,
-        method="pca", block=4, num_blocks=6, seed=0, cap=30,
+        method="pca", block=3, num_blocks=6, seed=0, cap=30,
     )  # fmt: skip
     assert emb is not None
     table = emb.table
@@ -204,7 +204,7 @@ def test_evaluation_embedding_table_and_run_json_entry():
     assert "30 of 50" in info["subsample"] and set(info["tokens"]) == {"cls", "patch_mean"}
     assert info["tokens"]["cls"]["scores_on_full_features"]["knn_k"] == 10
     assert evaluation_embedding(
-        TensorSource(torch.from_numpy(tokens)), [0, 1], labels, classes, layout, method="pca", block=1,
+        TensorSource(torch.from_numpy(tokens)), [0, 1], labels, classes, layout, method="pca", block=0,
         num_blocks=1,
     ) is None  # fmt: skip
 
@@ -219,12 +219,12 @@ def test_embedding_figure_has_two_panels_and_a_legend_or_a_colourbar(num_classes
     labels = np.arange(120) % num_classes
     classes = [f"c{i}" for i in range(num_classes)]
     emb = evaluation_embedding(TensorSource(tokens), np.arange(120), labels, classes, layout, method="pca",
-                               block=2, num_blocks=2)  # fmt: skip
+                               block=1, num_blocks=2)  # fmt: skip
     fig = embedding(emb, classes, label="tiny")
     panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert len(panels) == 2 and "[cls] token" in panels[0].get_title()
     assert "10-NN accuracy" in panels[1].get_title() and "PC 1" in panels[0].get_xlabel()
-    assert "block 2 of 2" in fig._suptitle.get_text() and "PCA" in fig._suptitle.get_text()
+    assert "block 1 (last)" in fig._suptitle.get_text() and "PCA" in fig._suptitle.get_text()
     has_legend = panels[-1].get_legend() is not None
     assert has_legend == (num_classes <= 20) and (len(fig.axes) == 3) == (num_classes > 20)
     assert isinstance(emb.table, pd.DataFrame)
@@ -265,7 +265,7 @@ def test_probe_writes_the_embedding_table_figure_and_settings_and_none_writes_ne
     n_eval = info["splits"]["eval"]
     assert len(table) == 2 * n_eval and set(table["token"]) == {"cls", "patch_mean"}
     assert (table["method"] == "tsne").all() and (table["split"] == "eval").all()
-    assert (table["block"] == info["num_blocks"]).all()
+    assert (table["block"] == info["num_blocks"] - 1).all()  # the last block, counted from 0
     for token, part in table.groupby("token"):
         assert sorted(part["image"]) == list(range(n_eval)), token
     classes = info["data"]["classes"]

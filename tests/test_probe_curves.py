@@ -106,7 +106,7 @@ def test_best_epoch_is_the_selected_heads_first_maximum_on_the_evaluation_split(
 def test_cli_curves_csv_ends_at_results_csv_and_no_curves_writes_none(tmp_path):
     args = [
         "probe", "--model", "test_vit", "--random-init", "--img-size", "48", "--max-images-per-split", "150",
-        "--epochs", "3", "--lrs", "0.01,0.1", "--wds", "0", "--maps", "0", "--blocks", "3,6",
+        "--epochs", "3", "--lrs", "0.01,0.1", "--wds", "0", "--maps", "0", "--blocks", "2,5",
         "--cache-dir", str(tmp_path / "cache"),
     ]  # fmt: skip
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "on")], catch_exceptions=False)
@@ -114,7 +114,7 @@ def test_cli_curves_csv_ends_at_results_csv_and_no_curves_writes_none(tmp_path):
     assert "max*" in result.output and "Max accuracy" in result.output
     out = tmp_path / "on"
     results, curves = pd.read_csv(out / "results.csv"), pd.read_csv(out / "curves.csv")
-    assert list(curves.columns[:3]) == ["model", "block", "aggregator"] and set(curves["block"]) == {3, 6}
+    assert list(curves.columns[:3]) == ["model", "block", "aggregator"] and set(curves["block"]) == {2, 5}
     final_epoch_matches(results, curves)
     summary = pd.read_csv(out / "summary.csv")
     ev = curves[curves["split"] == "eval"]
@@ -134,5 +134,5 @@ def test_cli_curves_csv_ends_at_results_csv_and_no_curves_writes_none(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "off" / "results.csv"), results)
     off = pd.read_csv(tmp_path / "off" / "summary.csv")
     assert off[["best_epoch", "best_epoch_top1"]].isna().all().all()
-    _, selected = select_hyperparameters(results[results["block"] == 6].drop(columns=["model", "block"]))
-    assert list(selected["eval_top1"]) == list(summary.loc[summary["block"] == 6, "eval_top1"])
+    _, selected = select_hyperparameters(results[results["block"] == 5].drop(columns=["model", "block"]))
+    assert list(selected["eval_top1"]) == list(summary.loc[summary["block"] == 5, "eval_top1"])

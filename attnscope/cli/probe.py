@@ -195,9 +195,10 @@ BlocksOpt = Annotated[
     str,
     typer.Option(
         "--blocks",
-        help="Which blocks' tokens to probe: last, all, or block numbers counted from 1 (3,6,9,12; "
-        "-1 is the last; the paper code's --return_block is k-1). One forward fills every block's "
-        "cache; the heads are trained on each block in turn. Only the last block gets the final norm.",
+        help="Which blocks' tokens to probe: last, all, or block numbers counted from 0 as in entropy and "
+        "maps (2,5,8,11 on a 12-block ViT; -1 is the last; the paper code's --return_block k > 0 is block "
+        "k). One forward fills every block's cache; the heads are trained on each block in turn. Only the "
+        "last block gets the final norm.",
     ),
 ]
 CurvesOpt = Annotated[
@@ -457,11 +458,12 @@ def _show_plan(ui: CliUI, plan: FeaturePlan) -> None:
     )
     lay = plan.token_layout
     where = f"last block of {plan.model}, {plan.norm}"
-    if plan.blocks and plan.blocks != [plan.num_blocks]:
+    last = plan.num_blocks - 1
+    if plan.blocks and plan.blocks != [last]:
         listed = ", ".join(str(b) for b in plan.blocks)
         where = (
-            f"blocks {listed} of {plan.num_blocks} of {plan.model} (counted from 1; the last block: "
-            f"{plan.norm}, the others: their raw output)"
+            f"blocks {listed} of {plan.model}'s 0 to {last} (the last block: {plan.norm}, the others: "
+            "their raw output)"
         )
     if plan.threads:
         where += f"; {plan.threads} torch thread{'s' if plan.threads > 1 else ''}"
@@ -533,8 +535,9 @@ def _show_result(ui: CliUI, config: ProbeConfig, result: ProbeResult, out_dir: P
     rhos = [m.spearman for m in result.maps if not math.isnan(m.spearman)]
     if rhos:
         shown = ", ".join(f"{r:+.2f}" for r in rhos)
-        blocks = result.info["features"].get("blocks") or [result.info["num_blocks"]]
-        where = "last-block" if blocks[-1] == result.info["num_blocks"] else f"block-{blocks[-1]}"
+        last = result.info["num_blocks"] - 1
+        blocks = result.info["features"].get("blocks") or [last]
+        where = "last-block" if blocks[-1] == last else f"block-{blocks[-1]}"
         ui.print(
             f"{result.maps[0].aggregator} weights vs {where} \\[cls] attention, Spearman ρ per image: "
             f"{shown} (mean {sum(rhos) / len(rhos):+.2f})"

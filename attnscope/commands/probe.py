@@ -80,8 +80,8 @@ DEFAULT_AGGREGATORS = ("cls", "mean", "abmilp")
 EMBEDDINGS = ("tsne", "pca", "none")  # `embedding`: attnscope.embedding's methods, or none
 _HOLDOUT_STREAM = 31  # random stream of the hold-out split
 BLOCK_NUMBERING = (
-    "1-based: block k is the output of the k-th transformer block (timm's blocks[k-1]); "
-    "the paper code's return_block is k - 1"
+    "counted from 0: block k is the output of timm's blocks[k], the last of L blocks is L - 1 "
+    "(as entropy's layer and maps' layer); the paper code's return_block k > 0 is block k"
 )
 
 
@@ -117,8 +117,8 @@ class ProbeConfig:
     lrs: tuple[float, ...] | None = None
     wds: tuple[float, ...] | None = None
     prenorm: bool = False
-    # which blocks' tokens: "last", "all" or 1-based numbers (block k = the k-th block's
-    # output; the paper code's return_block is k - 1)
+    # which blocks' tokens: "last", "all" or numbers counted from 0 (block k = the output of
+    # timm's blocks[k]; negative from the end, -1 = last; the paper code's return_block k > 0 is k)
     blocks: str | tuple[int, ...] = "last"
     # learning curves: measure every head after every epoch (curves.csv); None: on unless `no_cache`
     curves: bool | None = None
@@ -209,7 +209,7 @@ class FeaturePlan:
     token_layout: dict[str, Any]
     norm: str  # of the last block's tokens; every other block's are its raw output
     cache: CachePlan | None  # None: not cached, streamed through the backbone every epoch
-    blocks: list[int] = field(default_factory=list)  # 1-based
+    blocks: list[int] = field(default_factory=list)  # counted from 0
     num_blocks: int = 0
     threads: int = 0  # torch threads of extraction and training
 
@@ -372,7 +372,7 @@ class _Setup:
 
     @property
     def blocks(self) -> list[int]:
-        """The probed blocks, 1-based and ascending."""
+        """The probed blocks, counted from 0 and ascending."""
         return self.extractor.blocks
 
 
@@ -526,9 +526,11 @@ def _plan_features(ctx: _Context, setup: _Setup) -> tuple[dict[str, dict[int, Fe
                     model_kwargs=config.model_kwargs, block=block, num_blocks=extractor.num_blocks,
                     augment=augment,
                 )  # fmt: skip
-                # the last block's folder keeps the name it had before blocks could be chosen
+                # the last block's folder keeps the name it had before blocks could be chosen;
+                # another block's folder carries its number, counted from 0 (the folders of
+                # versions that counted from 1 carry other numbers and are never found)
                 label = f"{loaded.spec.arch}-{name}"
-                if block != extractor.num_blocks:
+                if block != extractor.last_block:
                     label = f"{loaded.spec.arch}-b{block}-{name}"
                 cache = feat.open_cache(
                     cache_dir, label, material, len(source), setup.tokens, setup.dim, config.shard_images
@@ -928,7 +930,7 @@ def _select(
     ctx: _Context, setup: _Setup, trained: dict[int, BankResult]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(every head, the selected head per aggregator), block by block, with a `block` column
-    (and the summary a `relative_depth`: block / number of blocks)."""
+    (and the summary a `relative_depth`: block / last block, as spectrum.csv's)."""
     import pandas as pd
 
     from attnscope.probe.selection import add_best_epochs, grid_edge_notes, select_hyperparameters
@@ -941,7 +943,7 @@ def _select(
             ctx.note(f"block {block}: {text}" if len(trained) > 1 else text)
         results.insert(0, "block", block)
         summary.insert(0, "block", block)
-        summary.insert(1, "relative_depth", block / setup.extractor.num_blocks)
+        summary.insert(1, "relative_depth", block / max(setup.extractor.last_block, 1))
         every.append(results)
         chosen.append(summary)
     return pd.concat(every, ignore_index=True), pd.concat(chosen, ignore_index=True)
@@ -1035,10 +1037,10 @@ def _curves_info(ctx: _Context, trained: dict[int, BankResult]) -> dict[str, Any
 
 def _features_info(ctx: _Context, setup: _Setup, transform: dict[str, Any]) -> dict[str, Any]:
     """run.json's `features`: which blocks, which norm, the token geometry and the transform."""
-    extractor, blocks, n = setup.extractor, setup.blocks, setup.extractor.num_blocks
-    layer = f"last block (blocks.{n - 1})"
-    if blocks != [n]:
-        layer = "blocks " + ", ".join(f"{b} (blocks.{b - 1})" for b in blocks)
+    extractor, blocks, last = setup.extractor, setup.blocks, setup.extractor.last_block
+    layer = f"last block ({last}, timm's blocks.{last})"
+    if blocks != [last]:
+        layer = "blocks " + ", ".join(str(b) for b in blocks) + " (timm's blocks.<k>)"
     info: dict[str, Any] = {
         "layer": layer,
         "prenorm": ctx.config.prenorm,
@@ -1050,7 +1052,7 @@ def _features_info(ctx: _Context, setup: _Setup, transform: dict[str, Any]) -> d
         "blocks": list(blocks),
         "block_numbering": BLOCK_NUMBERING,
     }
-    if blocks[0] < n:
+    if blocks[0] < last:
         info["intermediate_blocks"] = "the block's output, without the final norm (as the paper's code)"
     return info
 
@@ -1089,7 +1091,8 @@ def write_probe_run(
     deepest = blocks[-1]
     results = result.results[result.results["block"] == deepest]
     summary = result.summary[result.summary["block"] == deepest]
-    shown = label if len(blocks) == 1 else f"{label}, block {deepest}"
+    last = result.info["num_blocks"] - 1
+    shown = label if blocks == [last] else f"{label}, block {deepest}"  # counted from 0
     writer.write_figure(
         "figures/accuracy_by_aggregator",
         accuracy_by_aggregator(results, summary, label=shown, num_classes=num_classes),

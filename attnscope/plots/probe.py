@@ -31,6 +31,12 @@ def _setup():
     return plt, sns
 
 
+def block_label(block: int, num_blocks: int) -> str:
+    """'block 11 (last)' or 'block 3 of 0-11': blocks counted from 0, as in every figure."""
+    last = num_blocks - 1
+    return f"block {block} " + ("(last)" if block == last else f"of 0-{last}")
+
+
 def accuracy_by_aggregator(
     results: pd.DataFrame, summary: pd.DataFrame, *, label: str = "", num_classes: int | None = None
 ) -> Figure:
@@ -138,8 +144,9 @@ def accuracy_by_lr(results: pd.DataFrame, *, label: str = "") -> Figure:
 def accuracy_by_depth(
     summaries: pd.DataFrame | Mapping[str, pd.DataFrame], *, label: str = "", num_classes: int | None = None
 ) -> Figure:
-    """Evaluation top-1 of each aggregator's selected head against relative depth (block /
-    number of blocks), with its 95% interval as a band where the table has one.
+    """Evaluation top-1 of each aggregator's selected head against relative depth (block / last
+    block, blocks counted from 0: the first block at 0, the last at 1, as in entropy's and
+    compare's depth figures), with its 95% interval as a band where the table has one.
 
     One summary table (a run's summary.csv): one panel, a line per aggregator. Several
     (`{model label: summary}`, e.g. a MIM and a JEA model): one panel per aggregator and a
@@ -167,8 +174,8 @@ def accuracy_by_depth(
                 ax.fill_between(x, low, high, color=palette[key], alpha=0.15, lw=0)
         if num_classes:
             ax.axhline(100.0 / num_classes, color="0.4", ls="--", lw=1, label="chance")
-        ax.set_xlim(0, 1.02)
-        ax.set_xlabel("relative depth (block / blocks)")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_xlabel("relative depth (block / last block)")
         ax.set_title(panel, fontsize=10)
     axes[0][0].set_ylabel("evaluation top-1 (%), selected head")
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
@@ -270,7 +277,8 @@ def selection_maps(maps: Sequence[MapRecord], *, label: str = "") -> Figure:
                     m.image,
                     cls,
                     vmax,
-                    f"last-block [cls] attention (max {cls.max():.1f}x)\nSpearman rho = {rho}",
+                    f"{block_label(m.block, m.num_blocks)}: [cls] attention (max {cls.max():.1f}x)\n"
+                    f"Spearman rho = {rho}",
                 )
         fig.colorbar(im, ax=list(row[1:]), shrink=0.85, label="x uniform")
     title = "what the probe selects vs what [cls] attends to"
@@ -390,6 +398,6 @@ def _embedding_title(emb: EvalEmbedding, label: str) -> str:
     which = f"{emb.points:,} evaluation images"
     if emb.points < emb.eval_images:
         which += f" (a seeded random sample of the {emb.eval_images:,})"
-    block = f"block {emb.block} of {emb.num_blocks}"
+    block = block_label(emb.block, emb.num_blocks)
     head = f"{label}, {block}" if label else block
     return f"{head}: {how}\nof {which}, coloured by class"

@@ -36,7 +36,7 @@ class EvalEmbedding:
 
     table: pd.DataFrame  # embedding.csv: image, split, label, class, block, token, method, x, y
     method: str
-    block: int  # 1-based
+    block: int  # counted from 0, as everywhere
     num_blocks: int
     dim: int  # width of the features that were embedded and scored
     points: int  # images embedded

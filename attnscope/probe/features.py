@@ -6,7 +6,8 @@ patches; the last block by default) are stored as float16 `.npy` shards that are
 memory-mapped back for training. Each block has its own cache (and so does each augmented
 view of the training images); one forward fills every block's cache that lacks an image.
 
-Layout of one cache folder (`<cache-dir>/<model>[-b<block>]-<split>-<key>/`):
+Layout of one cache folder (`<cache-dir>/<model>[-b<block>]-<split>-<key>/`; `block` counted
+from 0, absent for the last block):
 
     key.json                     everything the key was computed from (for people)
     shard-<first>-<last>.npy     (n, T, D) float16, row i = position positions[i]
@@ -140,8 +141,8 @@ class _StopForward(Exception):
 class TokenExtractor:
     """Frozen backbone -> the tokens `(B, T, D)` of chosen blocks, from one forward.
 
-    Blocks are numbered from 1 (block k is the output of the k-th transformer block, timm's
-    `blocks[k-1]`; the last one is `num_blocks`). The last block's tokens have the model's
+    Blocks are numbered from 0, as everywhere in attnscope: block k is the output of timm's
+    `blocks[k]`, the last one is `num_blocks - 1`. The last block's tokens have the model's
     final norm applied (`forward_features`, timm semantics) unless `prenorm`; every other
     block's are the block's output as it is, with no norm (as the paper's code, which never
     applies the final norm at any block). Models whose final norm sits after pooling
@@ -175,7 +176,7 @@ class TokenExtractor:
         norm = getattr(self.model, "norm", None)
         self.has_token_norm = norm is not None and not isinstance(norm, torch.nn.Identity)
         self.num_blocks = len(self._block_modules())
-        self.blocks = parse_blocks(blocks, self.num_blocks)  # 1-based, ascending
+        self.blocks = parse_blocks(blocks, self.num_blocks)  # counted from 0, ascending
         self._shape: tuple[int, int] | None = None
 
     def _block_modules(self) -> torch.nn.Sequential | torch.nn.ModuleList:
@@ -189,9 +190,14 @@ class TokenExtractor:
             return "no per-token final norm in this model (prenorm and normed are the same)"
         return "pre-norm (last block output)" if self.prenorm else "final norm applied"
 
+    @property
+    def last_block(self) -> int:
+        """The number of the last block, `num_blocks - 1`."""
+        return self.num_blocks - 1
+
     def is_normed(self, block: int) -> bool:
         """Whether block `block`'s tokens pass through the model's final norm."""
-        return block == self.num_blocks and not self.prenorm and self.has_token_norm
+        return block == self.last_block and not self.prenorm and self.has_token_norm
 
     def extract(self, images: torch.Tensor, blocks: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
         """`{block: (B, T, D) float32 tokens}` of `blocks` (default: the extractor's), one forward."""
@@ -200,7 +206,7 @@ class TokenExtractor:
         from attnscope.measure import forward_features
 
         wanted = sorted(set(blocks if blocks is not None else self.blocks))
-        last = self.num_blocks
+        last = self.last_block
         hooked = [b for b in wanted if b != last or self.prenorm]
         stop_at = wanted[-1] if wanted[-1] < last else None
         captured: dict[int, torch.Tensor] = {}
@@ -214,7 +220,7 @@ class TokenExtractor:
             return grab
 
         modules = self._block_modules()
-        handles = [modules[b - 1].register_forward_hook(hook(b)) for b in hooked]
+        handles = [modules[b].register_forward_hook(hook(b)) for b in hooked]
         out: Any = None
         try:
             with torch.inference_mode():
@@ -264,8 +270,8 @@ def block_tokens(
 
 
 def normalise_blocks(spec: str | Sequence[int | str]) -> str | tuple[int, ...]:
-    """`last`, `all` or block numbers (`"3,6,9,12"` or a sequence; 1-based, negative from the
-    end) as a config keeps them: the word, or a tuple of ints (checked against a model later)."""
+    """`last`, `all` or block numbers (`"2,5,8,11"` or a sequence; counted from 0, negative from
+    the end) as a config keeps them: the word, or a tuple of ints (checked against a model later)."""
     items = spec.split(",") if isinstance(spec, str) else [str(s) for s in spec]
     words = [s.strip().lower() for s in items if s.strip()]
     if words in (["last"], ["all"]):
@@ -274,27 +280,30 @@ def normalise_blocks(spec: str | Sequence[int | str]) -> str | tuple[int, ...]:
         numbers = tuple(int(w) for w in words)
     except ValueError:
         numbers = ()
-    if not numbers or 0 in numbers:
+    if not numbers:
         raise ConfigError(
-            "blocks", f"takes last, all or block numbers counted from 1 (e.g. 3,6,9,12), got {spec!r}"
+            "blocks", f"takes last, all or block numbers counted from 0 (e.g. 2,5,8,11), got {spec!r}"
         )
     return numbers
 
 
 def parse_blocks(spec: str | Sequence[int] | None, num_blocks: int) -> list[int]:
-    """`last`, `all` or block numbers (1-based; negative counts from the end, -1 = last) ->
-    sorted distinct block numbers of a model with `num_blocks` blocks."""
+    """`last`, `all` or block numbers (counted from 0, as timm's `blocks[k]`; negative counts
+    from the end, -1 = last) -> sorted distinct block numbers of a model with `num_blocks`
+    blocks, `0 .. num_blocks - 1`."""
     if spec is None or spec == "last":
-        return [num_blocks]
+        return [num_blocks - 1]
     if spec == "all":
-        return list(range(1, num_blocks + 1))
+        return list(range(num_blocks))
     if isinstance(spec, str):
         raise ConfigError("blocks", f"takes last, all or block numbers, got {spec!r}")
-    chosen = [int(b) + num_blocks + 1 if int(b) < 0 else int(b) for b in spec]
-    bad = [b for b, c in zip(spec, chosen, strict=True) if not 1 <= c <= num_blocks]
+    chosen = [int(b) + num_blocks if int(b) < 0 else int(b) for b in spec]
+    bad = [b for b, c in zip(spec, chosen, strict=True) if not 0 <= c < num_blocks]
     if bad or not chosen:
         raise ConfigError(
-            "blocks", f"names blocks {list(bad or spec)}; the model has blocks 1 to {num_blocks} (1-based)"
+            "blocks",
+            f"names blocks {list(bad or spec)}; the model has blocks 0 to {num_blocks - 1} "
+            "(counted from 0; -1 is the last)",
         )
     return sorted(set(chosen))
 
@@ -337,13 +346,16 @@ def feature_key_material(
 ) -> dict[str, Any]:
     """Everything that changes the cached tokens, as a JSON-able dict.
 
-    `block` (1-based) of `num_blocks`: None or the last block is the layer `last` (the key
-    of every cache written before blocks could be chosen, so those caches stay valid);
-    another block is `blocks.<block - 1>`, whose tokens never pass the final norm.
+    `block` (counted from 0) of `num_blocks`: None or the last block is the layer `last` (the
+    key of every cache written before blocks could be chosen, so those caches stay valid);
+    another block is timm's module name `blocks.<block>`, whose tokens never pass the final
+    norm. The key names the module, never a number of ours, so it cannot depend on how
+    blocks are counted.
     `augment`: what identifies one augmented view (`AugmentedSource.key`); absent for the
     plain images, whose keys stay those of every earlier cache."""
     images = hashlib.sha256("\n".join(item_ids).encode()).hexdigest()
-    layer = "last" if block is None or block == num_blocks else f"blocks.{block - 1}"
+    last = None if num_blocks is None else num_blocks - 1
+    layer = "last" if block is None or block == last else f"blocks.{block}"
     return (
         {
             "format": FORMAT_VERSION,

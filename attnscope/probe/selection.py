@@ -8,9 +8,9 @@ weights over the patches beside the model's own last-block [cls] attention (`Map
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence, Sized
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -179,8 +179,10 @@ class MapRecord:
     grid: tuple[int, int]
     aggregator: str
     weights: np.ndarray  # (gh, gw), sums to 1
-    cls_attention: np.ndarray | None  # (gh, gw) head mean of the last block, renormalised over patches
+    cls_attention: np.ndarray | None  # (gh, gw) head mean of block `block`, renormalised over patches
     spearman: float
+    block: int  # whose tokens the head read and whose [cls] attention is shown, counted from 0
+    num_blocks: int  # of the model (block num_blocks - 1 is the last)
 
 
 def selection_maps(
@@ -198,7 +200,7 @@ def selection_maps(
 ) -> list[MapRecord]:
     """For `count` evaluation images drawn (seeded) from `positions`: the weights of the first
     selective aggregator of the bank (its selected head) beside the model's [cls] attention
-    in block `block` (1-based; default the last, the block the bank was trained on) on the
+    in block `block` (counted from 0; default the last, the block the bank was trained on) on the
     same preprocessed image. Empty when `count` is 0 or the bank has no selective
     aggregator; without a class token `cls_attention` is None."""
     from attnscope.data import collate_images
@@ -216,6 +218,7 @@ def selection_maps(
     batch = collate_images([dataset[int(p)] for p in picks if int(p) in weights])
     if batch.images is None:
         return []
+    block = extractor.last_block if block is None else block
     cls_attn = _cls_attention(extractor, batch, block) if extractor.layout.has_cls else {}
     gh, gw = extractor.layout.grid
     records = []
@@ -232,6 +235,8 @@ def selection_maps(
                 weights=w.reshape(gh, gw),
                 cls_attention=None if c is None else c.reshape(gh, gw),
                 spearman=_spearman(w, c),
+                block=block,
+                num_blocks=extractor.num_blocks,
             )
         )
     return records
@@ -259,11 +264,12 @@ def _head_weights(
 
 
 class _BlockClsAttention:
-    """`measure.forwards` consumer: one block's [cls] attention over the patches (`last`:
-    its 0-based index), averaged over heads, one `(B, N)` tensor per forward."""
+    """`measure.forwards` consumer: one block's [cls] attention over the patches (block
+    `block`, counted from 0 as `BlockTensors.index`), averaged over heads, one `(B, N)` tensor
+    per forward."""
 
-    def __init__(self, last: int) -> None:
-        self.last = last
+    def __init__(self, block: int) -> None:
+        self.block = block
         self.layout: TokenLayout | None = None
         self.maps: list[torch.Tensor] = []
 
@@ -271,7 +277,7 @@ class _BlockClsAttention:
         self.layout = layout
 
     def __call__(self, block: BlockTensors) -> None:
-        if block.index == self.last:
+        if block.index == self.block:
             assert self.layout is not None
             self.maps.append(block.attn[:, :, 0, self.layout.patch_slice].float().mean(1).cpu())
 
@@ -280,11 +286,11 @@ def _cls_attention(
     extractor: TokenExtractor, batch: ImageBatch, block: int | None = None
 ) -> dict[int, np.ndarray]:
     """Per image of `batch`: the model's own [cls] attention over the patches in block
-    `block` (1-based, default the last; float32 forward), renormalised to sum to 1 over the
-    patches."""
+    `block` (counted from 0, default the last; float32 forward), renormalised to sum to 1 over
+    the patches."""
     from attnscope.measure import forwards
 
-    grab = _BlockClsAttention((block or len(cast(Sized, extractor.model.blocks))) - 1)
+    grab = _BlockClsAttention(extractor.last_block if block is None else block)
     for _ in forwards(extractor.loaded, [batch], grab, device=extractor.device, residual=False):
         pass
     attn = grab.maps[-1].numpy()
@@ -323,6 +329,7 @@ def maps_table(maps: Sequence[MapRecord]) -> pd.DataFrame:
                 "label": m.label,
                 "predicted": m.predicted,
                 "aggregator": m.aggregator,
+                "block": m.block,
                 "spearman_vs_cls_attention": m.spearman,
                 "max_weight": float(m.weights.max()),
                 "uniform_weight": 1.0 / m.weights.size,
