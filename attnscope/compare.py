@@ -173,8 +173,10 @@ def run_inputs(
     positions = {"position_resize": position_resize} if resizable else {}
     return {
         # bumped when an input's meaning changes: 2 = random weights drawn per model, aliases
-        # carrying their family's preprocessing (folders of version 1 hold other numbers)
-        "inputs_version": 2,
+        # carrying their family's preprocessing (folders of version 1 hold other numbers);
+        # 3 = DINOv2, DINOv3, I-JEPA, EVA-02, CLIP and fine-tuned BEiT-v2 aliases evaluated
+        # with their family's transform instead of timm's tag
+        "inputs_version": 3,
         "attnscope": __version__,
         "timm": versions.get("timm"),
         "torch": versions.get("torch"),

@@ -507,3 +507,20 @@ def test_an_official_dinov2_register_file_is_resized_before_timm_folds_its_class
     assert loaded.positions["rule"] == "dinov2-reg"
     assert _relative_error(loaded.model.pos_embed[0], antialias_rule(pos[0, 1:], (37, 37), (16, 16))) < 1e-6
     assert torch.allclose(loaded.model.cls_token, cls + pos[:, :1])
+
+
+def test_folders_of_the_timm_tag_transforms_are_not_reused():
+    from attnscope.compare import run_inputs
+    from attnscope.models import resolve_model_spec
+
+    inputs = run_inputs(
+        resolve_model_spec("dinov2_vit_small"),
+        [],
+        checkpoint=None,
+        model_kwargs=None,
+        random_init=False,
+        seed=0,
+        img_size=None,
+        dtype="float32",
+    )
+    assert inputs["inputs_version"] == 3  # 2: DINOv2 measured with timm's 224/224 transform
