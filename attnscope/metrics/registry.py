@@ -2,9 +2,10 @@
 
 The contract these formulas implement is docs/metrics.md. A record says what a metric is
 called and how it is shown (label, unit), what it needs (a class token, registers, the
-residual stream), whether it has a head dimension, whether its values lie in [0, 1] and
-whether it is a headline metric. Everything else is derived from the records: the name
-tuples, the labels, which metrics apply to a token layout, why one is absent, and
+residual stream), whether it has a head dimension, whether its values lie in [0, 1],
+whether it is a headline metric, and its revision (raised whenever its numbers change).
+Everything else is derived from the records: the name tuples, the labels, which metrics
+apply to a token layout, why one is absent, which revisions a run's hash holds, and
 `block_metrics`, which evaluates them.
 
 To add a metric, add a record + formula here at its place in spec order (CSV rows and
@@ -14,7 +15,7 @@ several metrics need it), then its known answer and float64 reference in tests/.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,9 @@ class MetricSpec:
     unit_interval: bool = False  # every value lies in [0, 1]
     headline: bool = False  # leads comparisons (summary.csv columns, headline panels and table)
     family: str = "attention"  # "attention" or "tokens" (needs each block's output tokens)
+    # bumped whenever the formula changes the numbers it returns: it enters the hash that
+    # decides whether a run folder may be reused or resumed (`metric_revisions`)
+    revision: int = 1
 
     def absent_reason(self, *, has_cls: bool, num_registers: int) -> str | None:
         """Why the metric has no rows for this token layout, or None when it applies."""
@@ -80,6 +84,7 @@ def metric(
     unit_interval: bool = False,
     headline: bool = False,
     family: str = "attention",
+    revision: int = 1,
 ) -> Callable[[Formula], Formula]:
     """Register the decorated formula as metric `name`, after those registered before it."""
 
@@ -100,6 +105,7 @@ def metric(
             unit_interval=unit_interval,
             headline=headline,
             family=family,
+            revision=revision,
         )
         return compute
 
@@ -454,6 +460,15 @@ ALL_METRICS: tuple[str, ...] = HEAD_METRICS + BLOCK_METRICS
 METRIC_LABELS: dict[str, str] = {name: METRICS[name].label for name in ALL_METRICS}
 HEADLINE_METRICS: tuple[str, ...] = tuple(name for name in ALL_METRICS if METRICS[name].headline)
 UNIT_INTERVAL_METRICS: frozenset[str] = frozenset(name for name in ALL_METRICS if METRICS[name].unit_interval)
+
+
+def metric_revisions(families: Sequence[str]) -> dict[str, int]:
+    """{metric: revision} of the metrics of `families` whose definition has changed since
+    attnscope first wrote them (revision > 1), for the hash of a run's inputs: a folder
+    measured under an older definition then hashes differently and is recomputed, while the
+    hash of a run with no revised metric stays what it always was."""
+    revised = (spec for spec in METRICS.values() if spec.family in families and spec.revision > 1)
+    return {spec.name: spec.revision for spec in revised}
 
 
 def metric_spec(name: str) -> MetricSpec:
