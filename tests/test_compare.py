@@ -559,3 +559,28 @@ def test_metric_revisions_enter_the_hash_of_the_runs_that_measure_them(monkeypat
     assert metric_inputs(("tokens",))["metric_revisions"]["patch_norm_mean"] == spec.revision + 1
     after = [c.inputs_hash(paths) for c in configs]
     assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_the_outlier_pair_is_at_revision_2():
+    """Revision 1 of patch_outlier_frac and cls_outlier_mass was median + 5 MAD."""
+    from attnscope.compare import metric_inputs
+
+    revised = {"patch_outlier_frac": 2, "cls_outlier_mass": 2}
+    families = ["attention", "tokens"]
+    assert metric_inputs(families) == {"metrics": families, "metric_revisions": revised}
+
+
+@pytest.mark.slow
+def test_runs_measured_before_a_metric_was_redefined_are_recomputed(tmp_path, monkeypatch):
+    """A tokens run folder written before the outlier pair was redefined (its hash had no
+    revisions) holds median + 5 MAD numbers: compare recomputes it instead of reusing it."""
+    from attnscope import metrics
+    from attnscope.commands.compare import CompareConfig, run
+
+    config = CompareConfig(
+        MODELS, out=tmp_path, random_init=True, max_images=1, gallery=0, metrics=("tokens",), overwrite=True
+    )
+    with monkeypatch.context() as m:  # the folders of an attnscope from before the redefinition
+        m.setattr(metrics, "metric_revisions", lambda families: {})
+        assert [r.status for r in run(config).runs] == ["computed", "computed"]
+    assert [r.status for r in run(config).runs] == ["computed", "computed"]  # not reused

@@ -25,8 +25,8 @@ from attnscope.metrics.context import (
     BlockContext,
     Workspace,
     entropy,
+    high_norm_mode,
     patch_distance_matrix,
-    robust_outliers,
 )
 
 if TYPE_CHECKING:
@@ -336,11 +336,14 @@ def patch_residual_ratio(ctx: BlockContext) -> torch.Tensor:
 #: The metric families, in spec order.
 FAMILIES: tuple[str, ...] = METRIC_FAMILIES
 
-#: Outlier patches: norm > median + OUTLIER_K * MAD over the image's patches. The high-norm
-#: tokens of "Vision Transformers Need Registers" have several times the typical norm, far
-#: beyond this; for normally distributed norms (MAD = 0.674 sigma) it is 3.4 sigma above the
-#: median, which 3e-4 of ordinary patches exceed.
-OUTLIER_K = 5.0
+#: Outlier patches, per image (docs/metrics.md): norm > OUTLIER_RATIO x the median patch
+#: norm, and above the lowest empty band of a factor OUTLIER_GAP above the median (a patch
+#: norm t with none in (t / OUTLIER_GAP, t)): a separate high-norm mode, not the upper tail
+#: of the bulk. The artefact tokens of "Vision Transformers Need Registers" have about 10
+#: times the norm of the others, across an empty band from ~100 to ~150 (a factor 1.5).
+#: Both constants are ratios, so the rule does not depend on the scale of the norms.
+OUTLIER_RATIO = 3.0
+OUTLIER_GAP = 1.5
 
 
 @metric("cls_patch_cos", "[cls]-patch cosine similarity", needs_cls=True, per_head=False, family="tokens")
@@ -375,11 +378,18 @@ def cls_norm(ctx: BlockContext) -> torch.Tensor:
 
 
 @metric(
-    "patch_outlier_frac", "fraction of high-norm patches", per_head=False, unit_interval=True, family="tokens"
+    "patch_outlier_frac",
+    "fraction of high-norm patches",
+    per_head=False,
+    unit_interval=True,
+    family="tokens",
+    revision=2,  # 1 was norm > median + 5 MAD, which flags the upper tail of any distribution
 )
 def patch_outlier_frac(ctx: BlockContext) -> torch.Tensor:
-    """mean_{j in P} [norm(z_j) > median + k MAD]"""
-    return robust_outliers(ctx.out_norms[:, ctx.P].to(ctx.wide), OUTLIER_K).to(ctx.wide).mean(-1)
+    """|O(z)| / N, O(z) the patches with norm > OUTLIER_RATIO * median and >= t, the lowest patch
+    norm above the median with no patch norm in (t / OUTLIER_GAP, t)"""
+    mode = high_norm_mode(ctx.out_norms[:, ctx.P].to(ctx.wide), OUTLIER_RATIO, OUTLIER_GAP)
+    return mode.to(ctx.wide).mean(-1)
 
 
 @metric(
@@ -389,6 +399,7 @@ def patch_outlier_frac(ctx: BlockContext) -> torch.Tensor:
     per_head=False,
     unit_interval=True,
     family="tokens",
+    revision=2,  # its outlier set changed with patch_outlier_frac's
 )
 def cls_outlier_mass(ctx: BlockContext) -> torch.Tensor:
     """mean_h sum_{j in O} A[c, j], O = the outlier patches of the stream entering the block.
@@ -399,7 +410,7 @@ def cls_outlier_mass(ctx: BlockContext) -> torch.Tensor:
     """
     assert ctx.x is not None
     norms = ctx.input_norms[:, ctx.P].to(ctx.wide)
-    mask = robust_outliers(norms, OUTLIER_K).to(ctx.A.dtype)  # (B, N)
+    mask = high_norm_mode(norms, OUTLIER_RATIO, OUTLIER_GAP).to(ctx.A.dtype)  # (B, N)
     return (ctx.cls_patch * mask.unsqueeze(1)).sum(-1).mean(-1)
 
 
