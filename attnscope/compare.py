@@ -190,6 +190,20 @@ def run_inputs(
     }
 
 
+def metric_inputs(families: Sequence[str]) -> dict[str, Any]:
+    """The config inputs of what a run measures: its metric families and, when a metric of
+    theirs has been redefined since attnscope first wrote it, that metric's revision
+    (`attnscope.metrics.metric_revisions`), so a folder holding the old numbers is recomputed
+    instead of reused or resumed. Runs without a redefined metric keep their old hash."""
+    from attnscope.metrics import metric_revisions
+
+    inputs: dict[str, Any] = {"metrics": list(families)}
+    revisions = metric_revisions(families)
+    if revisions:
+        inputs["metric_revisions"] = revisions
+    return inputs
+
+
 def config_hash(inputs: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of `config_inputs`."""
     text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)

@@ -74,8 +74,10 @@ TOKEN_METRICS: tuple[str, ...] = (
     "patch_hf_amp",
 )
 TOKEN_NEEDS_CLS = frozenset({"cls_patch_cos", "cls_norm", "cls_outlier_mass"})
-#: k of the outlier rule norm > median + k * MAD (docs/metrics.md).
-OUTLIER_K = 5.0
+#: The outlier rule of docs/metrics.md: norm > OUTLIER_RATIO x the median patch norm and >= t,
+#: the lowest patch norm above the median with no patch norm in (t / OUTLIER_GAP, t).
+OUTLIER_RATIO = 3.0
+OUTLIER_GAP = 1.5
 
 #: Which per-head metrics need the class token ``c`` / at least one register.
 NEEDS_CLS = frozenset(
@@ -287,10 +289,19 @@ def reference_block_metrics(
     return per_head, per_block
 
 
-def _outliers(norms: np.ndarray) -> np.ndarray:
-    med = np.median(norms)
-    mad = np.median(np.abs(norms - med))
-    return norms > med + OUTLIER_K * mad
+def outlier_patches(norms: np.ndarray) -> np.ndarray:
+    """O: one image's outlier patches, as docs/metrics.md states the rule.
+
+    The band's top t is the first of the image's own patch norms, lowest first, that is
+    above the median and has nothing in (t / OUTLIER_GAP, t): every norm is either >= t or
+    at most t / OUTLIER_GAP (written OUTLIER_GAP * n <= t). The outliers are the norms
+    >= t that are also more than OUTLIER_RATIO times the median. No such t: none."""
+    norms = np.asarray(norms, dtype=np.float64)
+    med = float(np.median(norms))
+    for t in np.unique(norms):  # ascending
+        if t > med and np.all((norms >= t) | (OUTLIER_GAP * norms <= t)):
+            return (norms >= t) & (norms > OUTLIER_RATIO * med)
+    return np.zeros(norms.shape, dtype=bool)
 
 
 def effective_rank(tokens: np.ndarray) -> float:
@@ -369,7 +380,7 @@ def reference_token_metrics(
         pair = [z[i] @ z[j] / (norms[i] * norms[j]) for i in range(n) for j in range(n) if i != j]
         result["patch_patch_cos"].append(float(np.mean(pair)))
         result["patch_norm_mean"].append(float(norms.mean()))
-        result["patch_outlier_frac"].append(float(_outliers(norms).mean()))
+        result["patch_outlier_frac"].append(float(outlier_patches(norms).mean()))
         result["patch_eff_rank"].append(effective_rank(z))
         amp = log_amplitude(z, grid)
         result["patch_hf_amp"].append(float(amp[(gh - 1) // 2, (gw - 1) // 2] - amp[0, 0]))
@@ -380,7 +391,7 @@ def reference_token_metrics(
                 float(np.mean([c @ zj / (cn * nj) for zj, nj in zip(z, norms, strict=True)]))
             )
             result["cls_norm"].append(float(cn))
-            mask = _outliers(np.linalg.norm(x[b, p0:], axis=1))
+            mask = outlier_patches(np.linalg.norm(x[b, p0:], axis=1))
             mass = [A[b, h, 0, p0:][mask].sum() for h in range(A.shape[1])]
             result["cls_outlier_mass"].append(float(np.mean(mass)))
     return {m: np.asarray(v, dtype=np.float64) for m, v in result.items()}

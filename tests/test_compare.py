@@ -536,3 +536,51 @@ def test_compare_writes_cka_for_every_pair_and_reuses_it(tmp_path):
     assert invoke(*args, "--out", str(again), "--overwrite").exit_code == 0
     meta = json.loads((again / "run.json").read_text())
     assert meta["runs"][MODELS[0]]["status"] == "computed" and meta["runs"][MODELS[1]]["status"] == "reused"
+
+
+def test_metric_revisions_enter_the_hash_of_the_runs_that_measure_them(monkeypatch):
+    """Raising a metric's revision (its definition changed) changes the hash of every run that
+    measures its family, so a folder measured under the old definition is neither reused nor
+    resumed (an entropy run cannot be resumed across the change); a run of another family
+    keeps its hash, and a run with no revised metric the hash it always had."""
+    import dataclasses
+
+    from attnscope.commands.entropy import EntropyConfig
+    from attnscope.compare import metric_inputs
+    from attnscope.data import bundled_sample_paths
+    from attnscope.metrics import registry
+
+    assert metric_inputs(("attention",)) == {"metrics": ["attention"]}  # the key it always was
+    paths = bundled_sample_paths()[:2]
+    configs = [EntropyConfig("test_vit", random_init=True, metrics=m) for m in (("attention",), ("tokens",))]
+    before = [c.inputs_hash(paths) for c in configs]
+    spec = registry.METRICS["patch_norm_mean"]
+    monkeypatch.setitem(registry.METRICS, spec.name, dataclasses.replace(spec, revision=spec.revision + 1))
+    assert metric_inputs(("tokens",))["metric_revisions"]["patch_norm_mean"] == spec.revision + 1
+    after = [c.inputs_hash(paths) for c in configs]
+    assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_the_outlier_pair_is_at_revision_2():
+    """Revision 1 of patch_outlier_frac and cls_outlier_mass was median + 5 MAD."""
+    from attnscope.compare import metric_inputs
+
+    revised = {"patch_outlier_frac": 2, "cls_outlier_mass": 2}
+    families = ["attention", "tokens"]
+    assert metric_inputs(families) == {"metrics": families, "metric_revisions": revised}
+
+
+@pytest.mark.slow
+def test_runs_measured_before_a_metric_was_redefined_are_recomputed(tmp_path, monkeypatch):
+    """A tokens run folder written before the outlier pair was redefined (its hash had no
+    revisions) holds median + 5 MAD numbers: compare recomputes it instead of reusing it."""
+    from attnscope import metrics
+    from attnscope.commands.compare import CompareConfig, run
+
+    config = CompareConfig(
+        MODELS, out=tmp_path, random_init=True, max_images=1, gallery=0, metrics=("tokens",), overwrite=True
+    )
+    with monkeypatch.context() as m:  # the folders of an attnscope from before the redefinition
+        m.setattr(metrics, "metric_revisions", lambda families: {})
+        assert [r.status for r in run(config).runs] == ["computed", "computed"]
+    assert [r.status for r in run(config).runs] == ["computed", "computed"]  # not reused

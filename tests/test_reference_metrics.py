@@ -14,6 +14,7 @@ import pytest
 from reference_metrics import (
     BLOCK_METRICS,
     HEAD_METRICS,
+    outlier_patches,
     reference_block_metrics,
     reference_tables,
 )
@@ -564,3 +565,37 @@ def test_reference_tables_end_to_end():
     ].iloc[0]
     assert row["mean"] == pytest.approx(3 / 4)
     assert isinstance(layers_df, pd.DataFrame)
+
+
+@pytest.mark.parametrize(
+    "norms, expected",
+    [
+        # one patch 8x the rest: above the ratio and alone above an empty band
+        ([1, 1, 1, 1, 1, 1, 1, 8], [7]),
+        # a tail, not a mode: 4.6 is more than 3x the median (1.4), but every norm is within
+        # a factor 1.5 of the next smaller one, so there is no empty band above the median
+        ([1.0, 1.0, 1.1, 1.2, 1.4, 2.0, 2.8, 3.6, 4.6], []),
+        # alone above a band, but not 3x the median: no outlier; just above 3x: one
+        ([1, 1, 1, 1, 1, 1, 1, 2.9], []),
+        ([1, 1, 1, 1, 1, 1, 1, 3.1], [7]),
+        # the band starts at 2.9 (the lowest band above the median): the mode is 2.9, 4 and 8,
+        # of which 4 and 8 are more than 3x the median; 2.9 does not hide the rest
+        ([1] * 10 + [2.9, 4.0, 8.0], [11, 12]),
+        # a second band inside the mode (5 -> 12) does not split it: the lowest band counts
+        ([1] * 10 + [5.0, 12.0], [10, 11]),
+        # an even count's median is the mean of the two middle values: (1 + 3) / 2 = 2, so
+        # 3.5 is not 3x the median (the lower middle value, 1, would make it one)
+        ([1, 1, 1, 3, 3.5, 10], [5]),
+        # all equal: no band above the median
+        ([2.5] * 9, []),
+    ],
+)
+def test_outlier_patches_by_hand(norms, expected):
+    norms = np.asarray(norms, dtype=np.float64)
+    want = np.zeros(norms.shape, dtype=bool)
+    want[expected] = True
+    np.testing.assert_array_equal(outlier_patches(norms), want)
+    # ratios only: the same patches at any scale, in any order
+    perm = np.random.default_rng(0).permutation(norms.size)
+    for scale in (1e-3, 1e3):
+        np.testing.assert_array_equal(outlier_patches(norms[perm] * scale), want[perm])

@@ -133,7 +133,7 @@ class CompareConfig:
 
     def inputs(self, plan: ModelPlan, paths: Sequence[Path]) -> dict[str, Any]:
         """`config_inputs` of one model under this configuration."""
-        from attnscope.compare import config_inputs
+        from attnscope.compare import config_inputs, metric_inputs
 
         inputs = config_inputs(
             plan,
@@ -146,7 +146,7 @@ class CompareConfig:
         )
         if plan.name in self.data_configs:  # preprocessing changes every number
             inputs["data_config"] = self.data_configs[plan.name]
-        inputs["metrics"] = list(self.metrics)  # a reused run must hold the same metric set
+        inputs.update(metric_inputs(self.metrics))  # a reused run holds the same metrics, as defined now
         return inputs
 
 

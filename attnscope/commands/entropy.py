@@ -78,7 +78,7 @@ class EntropyConfig:
 
     def inputs_hash(self, paths: Sequence[Path]) -> str:
         """The hash of everything that changes this run's numbers (a resume must match it)."""
-        from attnscope.compare import config_hash, run_inputs
+        from attnscope.compare import config_hash, metric_inputs, run_inputs
         from attnscope.models import resolve_model_spec
 
         inputs = run_inputs(
@@ -94,7 +94,7 @@ class EntropyConfig:
         )
         if self.data_config is not None:  # preprocessing changes every number
             inputs["data_config"] = self.data_config
-        inputs["metrics"] = list(self.metrics)  # a resumed run must measure the same metric set
+        inputs.update(metric_inputs(self.metrics))  # a resumed run measures the same metrics, as defined now
         return config_hash({"command": "entropy", **inputs})
 
 

@@ -31,6 +31,7 @@ from attnscope.metrics.registry import (
     applicable_metrics,
     block_measures,
     block_metrics,
+    metric_revisions,
     metric_spec,
     token_profiles,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "applicable_metrics",
     "block_measures",
     "block_metrics",
+    "metric_revisions",
     "metric_spec",
     "patch_distance_matrix",
     "token_profiles",

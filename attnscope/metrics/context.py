@@ -343,11 +343,21 @@ def eigvalsh_cpu(gram: torch.Tensor) -> torch.Tensor:
         torch.set_num_threads(threads)
 
 
-def robust_outliers(norms: torch.Tensor, k: float) -> torch.Tensor:
-    """norms (B, N) -> (B, N) bool: norm > median + k * MAD, medians over each row (the mean
-    of the two middle values when N is even)."""
+def high_norm_mode(norms: torch.Tensor, ratio: float, gap: float) -> torch.Tensor:
+    """norms (B, N) -> (B, N) bool: each row's separate mode of high values.
+
+    A value belongs to it when it is more than `ratio` times the row's median (of an even
+    count: the mean of the two middle values) and at or above `t`, the row's lowest value
+    above the median with no value strictly between `t / gap` and `t` (an empty band of a
+    factor `gap` below it). All False when no value qualifies.
+    """
     import torch
 
+    if norms.shape[-1] < 2:
+        return torch.zeros_like(norms, dtype=torch.bool)
     med = torch.quantile(norms, 0.5, dim=-1, keepdim=True)
-    mad = torch.quantile((norms - med).abs(), 0.5, dim=-1, keepdim=True)
-    return norms > med + k * mad
+    ranked = norms.sort(dim=-1).values
+    upper, lower = ranked[..., 1:], ranked[..., :-1]
+    starts = (upper > med) & (upper >= gap * lower)  # an empty band of a factor `gap` below `upper`
+    t = torch.where(starts, upper, torch.inf).amin(dim=-1, keepdim=True)  # the lowest one
+    return (norms >= t) & (norms > ratio * med)

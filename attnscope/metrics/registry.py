@@ -2,9 +2,10 @@
 
 The contract these formulas implement is docs/metrics.md. A record says what a metric is
 called and how it is shown (label, unit), what it needs (a class token, registers, the
-residual stream), whether it has a head dimension, whether its values lie in [0, 1] and
-whether it is a headline metric. Everything else is derived from the records: the name
-tuples, the labels, which metrics apply to a token layout, why one is absent, and
+residual stream), whether it has a head dimension, whether its values lie in [0, 1],
+whether it is a headline metric, and its revision (raised whenever its numbers change).
+Everything else is derived from the records: the name tuples, the labels, which metrics
+apply to a token layout, why one is absent, which revisions a run's hash holds, and
 `block_metrics`, which evaluates them.
 
 To add a metric, add a record + formula here at its place in spec order (CSV rows and
@@ -14,7 +15,7 @@ several metrics need it), then its known answer and float64 reference in tests/.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,8 +25,8 @@ from attnscope.metrics.context import (
     BlockContext,
     Workspace,
     entropy,
+    high_norm_mode,
     patch_distance_matrix,
-    robust_outliers,
 )
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ class MetricSpec:
     unit_interval: bool = False  # every value lies in [0, 1]
     headline: bool = False  # leads comparisons (summary.csv columns, headline panels and table)
     family: str = "attention"  # "attention" or "tokens" (needs each block's output tokens)
+    # bumped whenever the formula changes the numbers it returns: it enters the hash that
+    # decides whether a run folder may be reused or resumed (`metric_revisions`)
+    revision: int = 1
 
     def absent_reason(self, *, has_cls: bool, num_registers: int) -> str | None:
         """Why the metric has no rows for this token layout, or None when it applies."""
@@ -80,6 +84,7 @@ def metric(
     unit_interval: bool = False,
     headline: bool = False,
     family: str = "attention",
+    revision: int = 1,
 ) -> Callable[[Formula], Formula]:
     """Register the decorated formula as metric `name`, after those registered before it."""
 
@@ -100,6 +105,7 @@ def metric(
             unit_interval=unit_interval,
             headline=headline,
             family=family,
+            revision=revision,
         )
         return compute
 
@@ -330,11 +336,14 @@ def patch_residual_ratio(ctx: BlockContext) -> torch.Tensor:
 #: The metric families, in spec order.
 FAMILIES: tuple[str, ...] = METRIC_FAMILIES
 
-#: Outlier patches: norm > median + OUTLIER_K * MAD over the image's patches. The high-norm
-#: tokens of "Vision Transformers Need Registers" have several times the typical norm, far
-#: beyond this; for normally distributed norms (MAD = 0.674 sigma) it is 3.4 sigma above the
-#: median, which 3e-4 of ordinary patches exceed.
-OUTLIER_K = 5.0
+#: Outlier patches, per image (docs/metrics.md): norm > OUTLIER_RATIO x the median patch
+#: norm, and above the lowest empty band of a factor OUTLIER_GAP above the median (a patch
+#: norm t with none in (t / OUTLIER_GAP, t)): a separate high-norm mode, not the upper tail
+#: of the bulk. The artefact tokens of "Vision Transformers Need Registers" have about 10
+#: times the norm of the others, across an empty band from ~100 to ~150 (a factor 1.5).
+#: Both constants are ratios, so the rule does not depend on the scale of the norms.
+OUTLIER_RATIO = 3.0
+OUTLIER_GAP = 1.5
 
 
 @metric("cls_patch_cos", "[cls]-patch cosine similarity", needs_cls=True, per_head=False, family="tokens")
@@ -369,11 +378,18 @@ def cls_norm(ctx: BlockContext) -> torch.Tensor:
 
 
 @metric(
-    "patch_outlier_frac", "fraction of high-norm patches", per_head=False, unit_interval=True, family="tokens"
+    "patch_outlier_frac",
+    "fraction of high-norm patches",
+    per_head=False,
+    unit_interval=True,
+    family="tokens",
+    revision=2,  # 1 was norm > median + 5 MAD, which flags the upper tail of any distribution
 )
 def patch_outlier_frac(ctx: BlockContext) -> torch.Tensor:
-    """mean_{j in P} [norm(z_j) > median + k MAD]"""
-    return robust_outliers(ctx.out_norms[:, ctx.P].to(ctx.wide), OUTLIER_K).to(ctx.wide).mean(-1)
+    """|O(z)| / N, O(z) the patches with norm > OUTLIER_RATIO * median and >= t, the lowest patch
+    norm above the median with no patch norm in (t / OUTLIER_GAP, t)"""
+    mode = high_norm_mode(ctx.out_norms[:, ctx.P].to(ctx.wide), OUTLIER_RATIO, OUTLIER_GAP)
+    return mode.to(ctx.wide).mean(-1)
 
 
 @metric(
@@ -383,6 +399,7 @@ def patch_outlier_frac(ctx: BlockContext) -> torch.Tensor:
     per_head=False,
     unit_interval=True,
     family="tokens",
+    revision=2,  # its outlier set changed with patch_outlier_frac's
 )
 def cls_outlier_mass(ctx: BlockContext) -> torch.Tensor:
     """mean_h sum_{j in O} A[c, j], O = the outlier patches of the stream entering the block.
@@ -393,7 +410,7 @@ def cls_outlier_mass(ctx: BlockContext) -> torch.Tensor:
     """
     assert ctx.x is not None
     norms = ctx.input_norms[:, ctx.P].to(ctx.wide)
-    mask = robust_outliers(norms, OUTLIER_K).to(ctx.A.dtype)  # (B, N)
+    mask = high_norm_mode(norms, OUTLIER_RATIO, OUTLIER_GAP).to(ctx.A.dtype)  # (B, N)
     return (ctx.cls_patch * mask.unsqueeze(1)).sum(-1).mean(-1)
 
 
@@ -454,6 +471,15 @@ ALL_METRICS: tuple[str, ...] = HEAD_METRICS + BLOCK_METRICS
 METRIC_LABELS: dict[str, str] = {name: METRICS[name].label for name in ALL_METRICS}
 HEADLINE_METRICS: tuple[str, ...] = tuple(name for name in ALL_METRICS if METRICS[name].headline)
 UNIT_INTERVAL_METRICS: frozenset[str] = frozenset(name for name in ALL_METRICS if METRICS[name].unit_interval)
+
+
+def metric_revisions(families: Sequence[str]) -> dict[str, int]:
+    """{metric: revision} of the metrics of `families` whose definition has changed since
+    attnscope first wrote them (revision > 1), for the hash of a run's inputs: a folder
+    measured under an older definition then hashes differently and is recomputed, while the
+    hash of a run with no revised metric stays what it always was."""
+    revised = (spec for spec in METRICS.values() if spec.family in families and spec.revision > 1)
+    return {spec.name: spec.revision for spec in revised}
 
 
 def metric_spec(name: str) -> MetricSpec:

@@ -196,8 +196,10 @@ TOKEN_CAPTION = (
     "contrastive / joint-embedding models (JEA) drive the patch tokens together in the later blocks "
     "(patch-patch cosine rising towards 1, effective rank and high-frequency amplitude falling) "
     'while masked-image-modelling models (MIM) keep them diverse and high-frequency; "Vision '
-    'Transformers Need Registers" finds a few high-norm patches in large JEA models that take much of '
-    "the [cls] attention (outlier fraction and [cls] outlier mass above zero in the middle blocks). "
+    'Transformers Need Registers" finds a few high-norm patches in large ViTs that take much of the '
+    "[cls] attention: a separate mode of norms, about 10x the others (outlier fraction and [cls] "
+    "outlier mass above zero from the middle blocks on; near 0 while a model's patch norms form "
+    "one mode, as in small or untrained models). "
 )
 CKA_CAPTION = (
     "Linear CKA (unbiased minibatch estimator of Nguyen, Raghu & Kornblith 2021) between every block "
