@@ -273,8 +273,12 @@ def _default_data_config(
     chosen = from_timm(dict(getattr(model, "pretrained_cfg", {}) or {}), f"timm default for {spec.arch}")
     if raw is None:
         return chosen, []
+    # a Hugging Face folder is recognised; what it lacks is its preprocessing
+    what = "checkpoint layout not recognised"
+    if raw.hf_config is not None:
+        what = f"Hugging Face folder ({raw.hf_config.get('model_type')}) has no preprocessor_config.json"
     return chosen, [
-        f"{name}: checkpoint layout not recognised; normalising with timm's default for {spec.arch} "
+        f"{name}: {what}; normalising with timm's default for {spec.arch} "
         f"({chosen.describe()}); choose another with `data_config`"
     ]
 
