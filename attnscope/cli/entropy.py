@@ -104,7 +104,8 @@ def entropy_cmd(
     if result is None:  # torchrun: rank 0 shows the table
         return
     n_used, n_skipped = len(result.info["images_used"]), len(result.info["images_skipped"])
-    ui.print(layer_table(result.layers, f"{display_name(model, random_init)}: mean over {n_used} images"))
+    name = display_name(result.info["name"], random_init)  # a path's short name
+    ui.print(layer_table(result.layers, f"{name}: mean over {n_used} images"))
     if n_skipped:
         ui.warn(f"{n_skipped} file(s) skipped; listed in run.json")
     ui.print(f"results: {out_dir}")

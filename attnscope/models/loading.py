@@ -13,7 +13,8 @@ from attnscope.models.checkpoints import RawCheckpoint, generic_conversion, load
 from attnscope.models.hub import _create_pretrained
 from attnscope.models.layout import _pair
 from attnscope.models.preprocessing import DataConfig, apply_data_config, from_timm, parse_data_config
-from attnscope.models.registry import ModelSpec, resolve_model_spec
+from attnscope.models.registry import ModelSpec
+from attnscope.models.source import own_weights, raw_files, resolve_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -95,7 +96,8 @@ def load_model(
     model_kwargs: Mapping[str, Any] | None = None,
     data_config: str | None = None,
 ) -> LoadedModel:
-    """Build the model `name` (alias or timm name) in eval mode on the CPU.
+    """Build the model `name` (alias, timm name, or a checkpoint file or Hugging Face folder
+    whose architecture can be told, see `source`) in eval mode on the CPU.
 
     Weights come from exactly one place: a local `checkpoint` (a weights file in any
     family's release layout, or a Hugging Face folder / hub id), random initialisation
@@ -107,7 +109,9 @@ def load_model(
     """
     if checkpoint is not None and random_init:
         raise ConfigError("checkpoint", "and `random_init` exclude each other")
-    spec = resolve_model_spec(name, family)
+    spec = resolve_model(name, family)
+    if spec.path is not None:  # a folder or file given as the model: its weights are the checkpoint
+        name, checkpoint = spec.alias, own_weights(spec, checkpoint, random_init)
     if img_size is not None and min(img_size) < 1:
         raise ConfigError("img_size", f"must be positive, got {img_size}")
     raw = open_source(checkpoint) if checkpoint is not None else None
@@ -232,6 +236,7 @@ def _load_weights(model: nn.Module, raw: RawCheckpoint, converter: Converter | N
             raise
         raise AttnscopeError(f"{exc} (the file has {converter.label}'s layout{converter.hint()})") from exc
     report["layout"] = converter.label if converter is not None else "generic"
+    report["files"] = [str(p.resolve()) for p in raw_files(raw)]  # what identifies these weights
     report["other_entries"] = raw.extras()
     return report
 
