@@ -135,7 +135,8 @@ def raw_files(raw: RawCheckpoint) -> list[Path]:
 
 
 def _stamps(path: Path) -> tuple[tuple[int, int], ...]:
-    stats = [f.stat() for f in (weights_files(path) if path.is_dir() else [path]) if f.exists()]
+    target = _hf_folder(path) or path  # a folder's weights file alone: its config.json counts too
+    stats = [f.stat() for f in (weights_files(target) if target.is_dir() else [target]) if f.exists()]
     return tuple((st.st_size, st.st_mtime_ns) for st in stats)
 
 
