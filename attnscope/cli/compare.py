@@ -143,6 +143,8 @@ def compare_cmd(
       attnscope compare mae dinov2 ijepa --img-size 224 --images ~/imagenet/val --max-images 500
 
       attnscope compare vit_base_patch16_224 dino --checkpoint vit_base_patch16_224=mae.pth --format pdf
+
+      attnscope compare ./dinov2-small/ dino
     """
     from rich.markup import escape
 

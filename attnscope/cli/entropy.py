@@ -74,6 +74,8 @@ def entropy_cmd(
       attnscope entropy --model vit_base_patch16_224 --checkpoint mae_pretrain_vit_base.pth
 
       attnscope entropy --model mocov3_vit_small --checkpoint vit-s-300ep.pth.tar
+
+      attnscope entropy --model ./dinov2-small/
     """
     from attnscope.commands.entropy import EntropyConfig, run
     from attnscope.models import display_name

@@ -43,8 +43,8 @@ def with_flags(text: str, overrides: Mapping[str, str] | None = None) -> str:
 
 
 _MODEL_HELP = (
-    "Alias (see `attnscope models`), any timm ViT name, or the path of a Hugging Face folder or a "
-    "checkpoint file whose architecture it tells (else --model ARCH --checkpoint PATH)."
+    "Alias (see `attnscope models`), any timm ViT name, or the path of a Hugging Face folder "
+    "or checkpoint file (its architecture read from it)."
 )
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=_MODEL_HELP, show_default=False)]
 # `attnscope entropy mae` and `attnscope entropy --model mae` say the same thing
