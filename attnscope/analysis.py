@@ -67,7 +67,7 @@ class AnalysisResult:
     frequency: pd.DataFrame = field(default_factory=lambda: empty_profile_table("frequency"), repr=False)
 
 
-def as_loaded_model(model: str | nn.Module | LoadedModel, **load_kwargs: Any) -> LoadedModel:
+def as_loaded_model(model: str | Path | nn.Module | LoadedModel, **load_kwargs: Any) -> LoadedModel:
     """Accept what a notebook user has at hand: a name, a bare nn.Module or a LoadedModel."""
     from torch import nn
 
@@ -75,8 +75,8 @@ def as_loaded_model(model: str | nn.Module | LoadedModel, **load_kwargs: Any) ->
 
     if isinstance(model, LoadedModel):
         return model
-    if isinstance(model, str):
-        return load_model(model, **load_kwargs)
+    if isinstance(model, str | Path):  # a name, or a checkpoint file / Hugging Face folder
+        return load_model(str(model), **load_kwargs)
     if isinstance(model, nn.Module):
         from attnscope.models import model_data_config
 
@@ -91,7 +91,9 @@ def as_loaded_model(model: str | nn.Module | LoadedModel, **load_kwargs: Any) ->
             input_size=(int(cfg["input_size"][1]), int(cfg["input_size"][2])),
             data_config=cfg,
         )
-    raise AttnscopeError(f"model must be a name, an nn.Module or a LoadedModel, not {type(model).__name__}")
+    raise AttnscopeError(
+        f"model must be a name, a path, an nn.Module or a LoadedModel, not {type(model).__name__}"
+    )
 
 
 def measure_model(
@@ -157,7 +159,7 @@ def profile_tables(accumulator: MetricAccumulator, layout: TokenLayout) -> tuple
 
 
 def analyze(
-    model: str | nn.Module | LoadedModel,
+    model: str | Path | nn.Module | LoadedModel,
     images: Any = None,
     *,
     preprocessed: bool = False,
@@ -178,7 +180,9 @@ def analyze(
 ) -> AnalysisResult:
     """Attention and token statistics of one model over a set of images, as DataFrames.
 
-    The notebook entry point: nothing is written or printed. `images` takes folders,
+    The notebook entry point: nothing is written or printed. `model` is a name, a checkpoint
+    file or Hugging Face folder (`attnscope.models.source`), an nn.Module or a LoadedModel.
+    `images` takes folders,
     files or globs (None: the bundled samples), PIL images, arrays or tensors (one, a list,
     or an (N, 3, H, W) batch), a torch Dataset or a DataLoader. Pictures (PIL, arrays,
     tensors in [0, 1] or uint8) go through the model's eval transform; tensors already

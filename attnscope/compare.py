@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,11 @@ class ModelPlan:
     def family(self) -> str:
         return self.spec.family
 
+    @property
+    def label(self) -> str:
+        """The name shown in tables and figures: as given, or a path's short name."""
+        return self.spec.alias if self.spec.path is not None else self.name
+
 
 def check_models(models: Sequence[str], **per_model: Mapping[str, Any]) -> None:
     """Two or more distinct models; every per-model option (`checkpoints=`, ...) names one of them."""
@@ -75,7 +80,8 @@ def plan_models(
 ) -> list[ModelPlan]:
     """Check the model list and per-model options; raise on the first problem, touch nothing."""
     from attnscope.files import slug as file_slug
-    from attnscope.models import resolve_model_spec
+    from attnscope.models.converters.hf import is_hf_source
+    from attnscope.models.source import resolve_model
 
     checkpoints = dict(checkpoints or {})
     families = dict(families or {})
@@ -83,17 +89,32 @@ def plan_models(
     plans: list[ModelPlan] = []
     slugs: set[str] = set()
     for name in models:
-        spec = resolve_model_spec(name, families.get(name))
+        spec = resolve_model(name, families.get(name))
         checkpoint = Path(checkpoints[name]).expanduser() if name in checkpoints else None
-        if checkpoint is not None and not checkpoint.is_file():
+        if checkpoint is not None and not (checkpoint.is_file() or is_hf_source(checkpoint)):
             raise ConfigError("checkpoints", f"{name}={checkpoint}: checkpoint not found")
-        slug, n = file_slug(name), 1
+        if checkpoint is not None and spec.path is not None:
+            raise ConfigError("checkpoints", f"{name}={checkpoint}: {name} is given as its weights already")
+        plan = ModelPlan(name, spec, "", checkpoint, dict((model_kwargs or {}).get(name, {})))
+        slug, n = file_slug(plan.label), 1
         while slug in slugs:  # "a/b" and "a-b" must not share a run folder
             n += 1
-            slug = f"{file_slug(name)}-{n}"
+            slug = f"{file_slug(plan.label)}-{n}"
         slugs.add(slug)
-        plans.append(ModelPlan(name, spec, slug, checkpoint, dict((model_kwargs or {}).get(name, {}))))
+        plans.append(replace(plan, slug=slug))
+    _check_labels(plans)
     return plans
+
+
+def _check_labels(plans: Sequence[ModelPlan]) -> None:
+    """Two models shown under one name would merge in every table and figure."""
+    seen: dict[str, str] = {}
+    for plan in plans:
+        other = seen.setdefault(plan.label, plan.name)
+        if other != plan.name:
+            raise ConfigError(
+                "models", f"has {other!r} and {plan.name!r}, both shown as {plan.label!r}; rename one"
+            )
 
 
 # ---------------------------------------------------------------- reuse
@@ -107,6 +128,17 @@ def _file_stamp(path: Path) -> list[Any]:
     except OSError:
         return [str(path), None, None]
     return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _weights_stamp(source: str | Path) -> list[Any]:
+    """A file's stamp (the form earlier run folders were hashed with); a Hugging Face folder's
+    config.json and weights file, each stamped, since the folder's own mtime does not change
+    when a file in it is rewritten."""
+    from attnscope.models.source import weights_files
+
+    if Path(source).expanduser().is_file():
+        return _file_stamp(Path(source).expanduser().resolve())
+    return [str(source), [_file_stamp(f.resolve()) for f in weights_files(source)]]
 
 
 def config_inputs(
@@ -161,8 +193,9 @@ def run_inputs(
     from attnscope import __version__
     from attnscope.versions import package_versions
 
-    if checkpoint is not None:
-        weights: dict[str, Any] = {"checkpoint": _file_stamp(Path(checkpoint).resolve())}
+    source = checkpoint if checkpoint is not None else spec.path  # a path given as the model
+    if source is not None:
+        weights: dict[str, Any] = {"checkpoint": _weights_stamp(source)}
     elif random_init:
         weights = {"random_init": True, "seed": seed}
     else:
@@ -279,7 +312,7 @@ class ModelRun:
 
     @property
     def name(self) -> str:
-        return self.plan.name
+        return self.plan.label
 
 
 # ---------------------------------------------------------------- tables and findings

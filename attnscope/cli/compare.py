@@ -37,14 +37,17 @@ if TYPE_CHECKING:
 ModelsArg = Annotated[
     list[str],
     typer.Argument(
-        help="Two or more models: aliases (see `attnscope models`) or timm ViT names.", show_default=False
+        help="Two or more models: aliases (see `attnscope models`), timm ViT names, or paths of "
+        "Hugging Face folders / checkpoint files whose architecture they tell.",
+        show_default=False,
     ),
 ]
 CheckpointsOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--checkpoint",
-        help="NAME=PATH: local weights for the model NAME of the list (repeatable, one per model). "
+        help="NAME=PATH: weights for the model NAME of the list: a file, a Hugging Face folder or hub id "
+        "(repeatable, one per model). "
         "With --random-init, models without a checkpoint get random weights (a baseline).",
         show_default=False,
     ),
@@ -142,6 +145,8 @@ def compare_cmd(
       attnscope compare mae dinov2 ijepa --img-size 224 --images ~/imagenet/val --max-images 500
 
       attnscope compare vit_base_patch16_224 dino --checkpoint vit_base_patch16_224=mae.pth --format pdf
+
+      attnscope compare ./dinov2-small/ dino
     """
     from rich.markup import escape
 

@@ -76,6 +76,8 @@ def entropy_cmd(
       attnscope entropy --model vit_base_patch16_224 --checkpoint mae_pretrain_vit_base.pth
 
       attnscope entropy --model mocov3_vit_small --checkpoint vit-s-300ep.pth.tar
+
+      attnscope entropy --model ./dinov2-small/
     """
     from attnscope.commands.entropy import EntropyConfig, run
     from attnscope.models import display_name
@@ -107,7 +109,8 @@ def entropy_cmd(
     if result is None:  # torchrun: rank 0 shows the table
         return
     n_used, n_skipped = len(result.info["images_used"]), len(result.info["images_skipped"])
-    ui.print(layer_table(result.layers, f"{display_name(model, random_init)}: mean over {n_used} images"))
+    name = display_name(result.info["name"], random_init)  # a path's short name
+    ui.print(layer_table(result.layers, f"{name}: mean over {n_used} images"))
     if n_skipped:
         ui.warn(f"{n_skipped} file(s) skipped; listed in run.json")
     ui.print(f"results: {out_dir}")

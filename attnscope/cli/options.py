@@ -42,23 +42,19 @@ def with_flags(text: str, overrides: Mapping[str, str] | None = None) -> str:
     return _FIELD.sub(lambda m: flag_for(m[1], overrides), text)
 
 
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model", "-m", help="Alias (see `attnscope models`) or any timm ViT name.", show_default=False
-    ),
-]
+_MODEL_HELP = (
+    "Alias (see `attnscope models`), any timm ViT name, or the path of a Hugging Face folder "
+    "or checkpoint file (its architecture read from it)."
+)
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=_MODEL_HELP, show_default=False)]
 # `attnscope entropy mae` and `attnscope entropy --model mae` say the same thing
 ModelArg = Annotated[
     str | None,
-    typer.Argument(help="Alias or timm name (or use --model).", show_default=False, metavar="MODEL"),
-]
-OptionalModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model", "-m", help="Alias (see `attnscope models`) or any timm ViT name.", show_default=False
+    typer.Argument(
+        help="Alias, timm name or weights path (or use --model).", show_default=False, metavar="MODEL"
     ),
 ]
+OptionalModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=_MODEL_HELP, show_default=False)]
 
 
 def one_model(positional: str | None, option: str | None) -> str:

@@ -525,7 +525,7 @@ def _show_recipe(ui: CliUI, recipe: Recipe, bank: BankPlan) -> None:
 
 def _show_result(ui: CliUI, config: ProbeConfig, result: ProbeResult, out_dir: Path) -> None:
     """The summary table, the maps' rank correlations, skipped files and the run folder."""
-    name = display_name(config.model, config.random_init)
+    name = display_name(result.info["name"], config.random_init)  # a path's short name
     # images actually measured: a streamed split learns of unreadable files only while reading
     summary = result.summary
     n_eval = (

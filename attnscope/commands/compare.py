@@ -291,7 +291,8 @@ def _load(plan: ModelPlan, config: CompareConfig) -> LoadedModel:
     return load_model(
         plan.name,
         checkpoint=plan.checkpoint,
-        random_init=config.random_init and plan.checkpoint is None,
+        # --random-init is the baseline for models without weights of their own
+        random_init=config.random_init and plan.checkpoint is None and plan.spec.path is None,
         seed=config.seed,
         img_size=config.img_size,
         family=plan.family,

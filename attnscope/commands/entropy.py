@@ -79,10 +79,10 @@ class EntropyConfig:
     def inputs_hash(self, paths: Sequence[Path]) -> str:
         """The hash of everything that changes this run's numbers (a resume must match it)."""
         from attnscope.compare import config_hash, metric_inputs, run_inputs
-        from attnscope.models import resolve_model_spec
+        from attnscope.models.source import resolve_model
 
         inputs = run_inputs(
-            resolve_model_spec(self.model, self.family),
+            resolve_model(self.model, self.family),
             paths,
             checkpoint=self.checkpoint,
             model_kwargs=None,
@@ -161,12 +161,13 @@ def check_out(out: Path, config: EntropyConfig, ui: UI) -> bool:
 def _prepare(config: EntropyConfig, ui: UI) -> tuple[Path, bool]:
     """Rank 0 checks `out` (its failure stops every rank); every rank gets the folder."""
     from attnscope import distributed
+    from attnscope.models.source import short_name
     from attnscope.results import default_run_dir
 
     out, found = None, False
     with distributed.step():
         if distributed.is_main():
-            out = config.out or default_run_dir(config.model)
+            out = config.out or default_run_dir(short_name(config.model))
             found = check_out(out, config, ui)
     return distributed.broadcast_object(out), found
 

@@ -31,7 +31,7 @@ from attnscope.maps import (
     parse_heads,
     parse_query,
 )
-from attnscope.models.loading import display_name, random_weights_warning
+from attnscope.models.loading import random_weights_warning
 
 if TYPE_CHECKING:
     from attnscope.maps import AttentionMaps
@@ -120,9 +120,9 @@ def _collect(config: MapsConfig, loaded: LoadedModel, paths: Sequence[Path], ui:
     from attnscope.maps import collect_maps
 
     if config.random_init:
-        ui.banner(random_weights_warning(config.model, config.seed, "maps"))
-    with ui.progress(config.model) as prog:
-        task = prog.add_task(config.model, total=len(paths))
+        ui.banner(random_weights_warning(loaded.name, config.seed, "maps"))
+    with ui.progress(loaded.name) as prog:
+        task = prog.add_task(loaded.name, total=len(paths))
         result = collect_maps(
             loaded,
             paths,
@@ -141,11 +141,13 @@ def _collect(config: MapsConfig, loaded: LoadedModel, paths: Sequence[Path], ui:
     return result
 
 
-def _write_figures(writer: RunWriter, config: MapsConfig, result: AttentionMaps, stems: list[str]) -> None:
+def _write_figures(
+    writer: RunWriter, config: MapsConfig, loaded: LoadedModel, result: AttentionMaps, stems: list[str]
+) -> None:
     from attnscope.plots.maps import overlay_figure
 
     assert isinstance(config.query, Query)
-    label = display_name(config.model, config.random_init)
+    label = loaded.label
     cell = (config.query.row, config.query.col) if config.query.kind == "patch" else None
     formats = list(dict.fromkeys(["png", *config.formats]))  # PNG always, for viewing
     for i, (path, stem) in enumerate(zip(result.paths, stems, strict=True)):
@@ -191,16 +193,18 @@ def _info(loaded: LoadedModel, result: AttentionMaps) -> dict[str, Any]:
 def run(config: MapsConfig, ui: UI | None = None, *, command: str = "") -> tuple[Path, AttentionMaps]:
     """One overlay figure per image, maps.npz and run.json; returns the folder and the maps."""
     from attnscope.commands.steps import list_images, load_configured
+    from attnscope.models.source import short_name
     from attnscope.results import RunWriter, default_run_dir, run_metadata
 
     ui = ui or NullUI()
     # refuse a bad out folder before any work
-    writer = RunWriter(config.out or default_run_dir(f"maps-{config.model}"), overwrite=config.overwrite)
+    out = config.out or default_run_dir(f"maps-{short_name(config.model)}")
+    writer = RunWriter(out, overwrite=config.overwrite)
     paths, _ = list_images(config.images, config.max_images, ui)
     loaded = load_configured(config, ui)
     result = _collect(config, loaded, paths, ui)
     stems = figure_stems(result.paths)
-    _write_figures(writer, config, result, stems)
+    _write_figures(writer, config, loaded, result, stems)
     writer.write_bytes(MAPS_FILE, _maps_bytes(result, stems))
     meta = run_metadata(
         command, config.as_dict(result.layer), {config.model: _info(loaded, result)}, config.seed

@@ -272,6 +272,7 @@ def run(
     """Probe one model and write its run folder; returns the folder and the result (None
     on the torchrun ranks other than 0)."""
     from attnscope import distributed
+    from attnscope.models.source import short_name
     from attnscope.results import RunWriter, default_run_dir, run_metadata
 
     device = distributed.setup(config.device)
@@ -280,7 +281,8 @@ def run(
     with distributed.step():
         if main:  # refuse a bad `out` before any work
             writer = RunWriter(
-                config.out or default_run_dir(f"probe-{config.model}"), overwrite=config.overwrite
+                config.out or default_run_dir(f"probe-{short_name(config.model)}"),
+                overwrite=config.overwrite,
             )
     out_dir = distributed.broadcast_object(writer.out_dir if writer is not None else None)
     ctx = _Context(

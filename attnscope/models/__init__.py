@@ -1,7 +1,8 @@
 """Models: which ViT a name means, how to load its weights, and how its tokens are laid out.
 
 One concern per module, as timm splits its own (`_registry`, `_hub`, `_builder`):
-`registry` (aliases and families), `hub` (pretrained weights and the local cache),
+`registry` (aliases and families), `source` (a checkpoint file or Hugging Face folder given
+as the model: its architecture read from it), `hub` (pretrained weights and the local cache),
 `checkpoints` (local files as published), `converters/` (one module per family's release
 layout), `preprocessing` (the eval transform and where it came from), `capi` (CAPI's encoder,
 which timm lacks), `loading` (`load_model`, `LoadedModel`), `layout` (`TokenLayout`) and
@@ -29,6 +30,7 @@ from attnscope.models.registry import (
     list_model_specs,
     resolve_model_spec,
 )
+from attnscope.models.source import resolve_model
 
 __all__ = [
     "FAMILIES",
@@ -48,6 +50,7 @@ __all__ = [
     "random_weights_warning",
     "read_checkpoint",
     "resolve_device",
+    "resolve_model",
     "resolve_model_spec",
     "token_layout",
 ]

@@ -19,7 +19,8 @@ from attnscope.models.checkpoints import (
 from attnscope.models.hub import _create_pretrained, pretrained_source
 from attnscope.models.layout import _pair
 from attnscope.models.preprocessing import DataConfig, apply_data_config, from_timm, parse_data_config
-from attnscope.models.registry import ModelSpec, resolve_model_spec
+from attnscope.models.registry import ModelSpec
+from attnscope.models.source import own_weights, raw_files, resolve_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -106,7 +107,8 @@ def load_model(
     data_config: str | None = None,
     position_resize: str = "own",
 ) -> LoadedModel:
-    """Build the model `name` (alias or timm name) in eval mode on the CPU.
+    """Build the model `name` (alias, timm name, or a checkpoint file or Hugging Face folder
+    whose architecture can be told, see `source`) in eval mode on the CPU.
 
     Weights come from exactly one place: a local `checkpoint` (a weights file in any
     family's release layout, or a Hugging Face folder / hub id), random initialisation
@@ -120,7 +122,9 @@ def load_model(
     """
     if checkpoint is not None and random_init:
         raise ConfigError("checkpoint", "and `random_init` exclude each other")
-    spec = resolve_model_spec(name, family)
+    spec = resolve_model(name, family)
+    if spec.path is not None:  # a folder or file given as the model: its weights are the checkpoint
+        name, checkpoint = spec.alias, own_weights(spec, checkpoint, random_init)
     if img_size is not None and min(img_size) < 1:
         raise ConfigError("img_size", f"must be positive, got {img_size}")
     raw = open_source(checkpoint) if checkpoint is not None else None
@@ -324,6 +328,7 @@ def _load_weights(
             raise
         raise AttnscopeError(f"{exc} (the file has {converter.label}'s layout{converter.hint()})") from exc
     report["layout"] = converter.label if converter is not None else "generic"
+    report["files"] = [str(p.resolve()) for p in raw_files(raw)]  # what identifies these weights
     report["other_entries"] = raw.extras()
     return report
 
@@ -365,8 +370,12 @@ def _default_data_config(
     chosen = from_timm(dict(getattr(model, "pretrained_cfg", {}) or {}), f"timm default for {spec.arch}")
     if raw is None:
         return chosen, []
+    # a Hugging Face folder is recognised; what it lacks is its preprocessing
+    what = "checkpoint layout not recognised"
+    if raw.hf_config is not None:
+        what = f"Hugging Face folder ({raw.hf_config.get('model_type')}) has no preprocessor_config.json"
     return chosen, [
-        f"{name}: checkpoint layout not recognised; normalising with timm's default for {spec.arch} "
+        f"{name}: {what}; normalising with timm's default for {spec.arch} "
         f"({chosen.describe()}); choose another with `data_config`"
     ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from attnscope.errors import AttnscopeError
@@ -21,7 +22,9 @@ class ModelSpec:
     need beyond the timm name (MoCo v3's 12 heads, BEiT's final norm, ...), `data_config`
     the family's published eval preprocessing (None: the timm tag's). `weights_url` is set
     when the weights are a file on the project's page rather than on a hub; `sha256` only
-    when the project publishes one.
+    when the project publishes one. `path` is set for a model given as its weights (a file
+    or a Hugging Face folder, `attnscope.models.source`): those are its checkpoint, and
+    `alias` is the short name it is shown under.
     """
 
     alias: str
@@ -37,6 +40,7 @@ class ModelSpec:
     # how the family's own code resizes its position terms (`attnscope.models.positions.RULES`);
     # None: the architecture's, which for a timm model is timm's loader
     positions: str | None = None
+    path: Path | None = None  # a model given as a folder or weights file (`models.source`)
 
     @property
     def arch(self) -> str:
@@ -427,6 +431,11 @@ def aliases_of(spec: ModelSpec) -> list[str]:
     return [short for short, full in SHORT_ALIASES.items() if full == spec.alias]
 
 
+def check_family(family: str | None) -> None:
+    if family is not None and family not in FAMILIES:
+        raise AttnscopeError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
+
+
 def resolve_model_spec(name: str, family: str | None = None) -> ModelSpec:
     """Map an alias or any timm model name to a ModelSpec.
 
@@ -435,8 +444,7 @@ def resolve_model_spec(name: str, family: str | None = None) -> ModelSpec:
     """
     import timm
 
-    if family is not None and family not in FAMILIES:
-        raise AttnscopeError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    check_family(family)
     key = SHORT_ALIASES.get(name, name)
     spec = MODEL_REGISTRY.get(key)
     if spec is None:
@@ -446,7 +454,8 @@ def resolve_model_spec(name: str, family: str | None = None) -> ModelSpec:
             close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise AttnscopeError(
-                f"unknown model {name!r}{hint}; see `attnscope models` or any timm model name"
+                f"unknown model {name!r}{hint}; see `attnscope models`, any timm model name, "
+                "or the path of a checkpoint file or Hugging Face folder"
             )
         spec = ModelSpec(alias=name, timm_name=name, family="unknown")
     if family is not None:

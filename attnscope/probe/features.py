@@ -312,12 +312,14 @@ def parse_blocks(spec: str | Sequence[int] | None, num_blocks: int) -> list[int]
 
 
 def weights_identity(loaded: LoadedModel, seed: int) -> dict[str, Any]:
-    """What identifies the weights: file + size + mtime, hub source, or the init seed."""
+    """What identifies the weights: file + size + mtime (a Hugging Face folder: its config.json
+    and weights file, each), hub source, or the init seed."""
     report = loaded.checkpoint_report or {}
     if report.get("path"):
-        p = Path(report["path"])
-        st = p.stat()
-        return {"kind": "checkpoint", "path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        stamps = [_stamp(Path(f)) for f in report.get("files") or [report["path"]]]
+        if report["path"].startswith("hf:"):  # each file: a folder's mtime stays put when one is rewritten
+            return {"kind": "hf", "files": stamps}
+        return {"kind": "checkpoint", **stamps[0]}  # the key every earlier cache has
     if loaded.random_init:
         return {"kind": "random", "seed": int(seed)}
     hub = None
@@ -329,6 +331,11 @@ def weights_identity(loaded: LoadedModel, seed: int) -> dict[str, Any]:
     if loaded.weights.startswith(("hf-hub:", "url:")):
         return {"kind": "pretrained", "timm_name": loaded.spec.timm_name, "hub": hub}
     return {"kind": "other", "weights": loaded.weights}
+
+
+def _stamp(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def feature_key_material(

@@ -54,7 +54,7 @@ def open_hf(checkpoint: str | Path) -> RawCheckpoint:
     if not config_path.is_file():
         raise AttnscopeError(f"{checkpoint}: a Hugging Face folder needs config.json beside its weights")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    weights = next((folder / f for f in _WEIGHT_FILES if (folder / f).is_file()), None)
+    weights = weights_file(folder)
     if weights is None:
         raise AttnscopeError(f"{checkpoint}: no {' or '.join(_WEIGHT_FILES)} in {folder}")
     processor = folder / "preprocessor_config.json"
@@ -62,6 +62,27 @@ def open_hf(checkpoint: str | Path) -> RawCheckpoint:
         config["_preprocessor"] = json.loads(processor.read_text(encoding="utf-8"))
     origin = f"hf:{checkpoint}" + ("" if path.is_dir() else f" ({folder})")
     return RawCheckpoint(weights, load_file(weights), hf_config=config, origin=origin)
+
+
+def weights_file(folder: Path) -> Path | None:
+    """The weights a folder is read from (safetensors first, as transformers does)."""
+    return next((folder / f for f in _WEIGHT_FILES if (folder / f).is_file()), None)
+
+
+def hf_files(checkpoint: str | Path) -> list[Path]:
+    """config.json and the weights file of a folder, or of a hub id in the local cache (none
+    when it is not there): the files whose bytes make the model, and so its identity."""
+    path = Path(checkpoint).expanduser()
+    folder: Path | None = path
+    if not path.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(checkpoint), "config.json")
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    if folder is None:
+        return []
+    weights = weights_file(folder)
+    return [folder / "config.json", *([weights] if weights is not None else [])]
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -112,12 +133,38 @@ def _norm_layer(cfg: dict[str, Any]) -> Any:
     return partial(nn.LayerNorm, eps=float(cfg.get("layer_norm_eps", 1e-6)))
 
 
+def _sizes(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The architecture's sizes as config.json states them: the folder, not the timm name
+    it is loaded under, says how wide and deep the model is (a 2-block test folder under
+    vit_small_patch14_dinov2 is still 2 blocks)."""
+    names = {
+        "hidden_size": "embed_dim",
+        "num_hidden_layers": "depth",
+        "num_attention_heads": "num_heads",
+        "patch_size": "patch_size",
+    }
+    sizes = {
+        ours: tuple(cfg[theirs]) if isinstance(cfg[theirs], list) else cfg[theirs]
+        for theirs, ours in names.items()
+        if theirs in cfg
+    }
+    if "mlp_ratio" in cfg:  # Dinov2Config
+        sizes["mlp_ratio"] = float(cfg["mlp_ratio"])
+    elif "intermediate_size" in cfg and cfg.get("hidden_size"):
+        sizes["mlp_ratio"] = cfg["intermediate_size"] / cfg["hidden_size"]
+    return sizes
+
+
 def hf_kwargs(raw: RawCheckpoint) -> dict[str, Any]:
-    """timm settings from config.json (sizes are checked against the weights on loading)."""
+    """timm settings from config.json (the weights' shapes are checked on loading)."""
     cfg = raw.hf_config or {}
     kind = _model_type(raw)
     size = cfg.get("image_size", 224)
-    common = {"img_size": size if isinstance(size, int) else tuple(size), "norm_layer": _norm_layer(cfg)}
+    common = {
+        **_sizes(cfg),
+        "img_size": size if isinstance(size, int) else tuple(size),
+        "norm_layer": _norm_layer(cfg),
+    }
     if kind in ("vit", "vit_mae"):
         return {**common, "qkv_bias": bool(cfg.get("qkv_bias", True))}
     if kind == "dinov2":
