@@ -148,8 +148,6 @@ def compare_cmd(
 
       attnscope compare ./dinov2-small/ dino
     """
-    from rich.markup import escape
-
     from attnscope.commands.compare import CompareConfig, run
 
     config = CompareConfig(
@@ -177,8 +175,14 @@ def compare_cmd(
     )
     ui = CliUI()
     result = run(config, ui, command=command_line())
-    if result is None:  # torchrun: a rank other than 0; rank 0 reports
-        return
+    if result is not None:  # None: torchrun, a rank other than 0; rank 0 reports
+        _report(result, ui)
+
+
+def _report(result: Comparison, ui: CliUI) -> None:
+    """What was reused, the summary table, the findings and where the report is."""
+    from rich.markup import escape
+
     reused = [r.name for r in result.runs if r.status.startswith("reused")]
     if reused:
         ui.print(
