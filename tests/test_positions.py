@@ -428,7 +428,10 @@ def test_entropy_says_and_records_the_resize(tmp_path):
     cmd += ["--img-size", "64", "--max-images", "1", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "resized from the weights' 10x10 grid to 4x4 by the timm rule" in done.stdout + done.stderr
+    assert (
+        "resized from the weights' 10x10 grid to 4x4 by timm's loader, which is this architecture's own"
+        in (done.stdout + done.stderr)
+    )
     positions = json.loads((out / "run.json").read_text())["models"]["test_vit"]["positions"]
     assert (positions["from"], positions["to"], positions["rule"]) == ([10, 10], [4, 4], "timm")
     bad = subprocess.run(

@@ -158,7 +158,7 @@ def load_model(
     chosen, notices = choose_data_config(spec, model, converter, raw, data_config, name)
     resized = report.pop("positions", None)  # recorded once, as the model's `positions`
     if resized is not None:
-        notices.append(f"{name}: {_describe_resize(resized)}")
+        notices.append(f"{name}: {_describe_resize(resized, position_resize)}")
     apply_data_config(model, chosen)
     cfg = model_data_config(model, img_size)
     return LoadedModel(
@@ -177,12 +177,16 @@ def load_model(
     )
 
 
-def _describe_resize(resized: Mapping[str, Any]) -> str:
+def _describe_resize(resized: Mapping[str, Any], option: str) -> str:
     a, b = resized["from"], resized["to"]
-    other = "timm's loader" if resized["rule"] != "timm" else "the model's own rule"
+    what = f"position terms resized from the weights' {a[0]}x{a[1]} grid to {b[0]}x{b[1]}"
+    if option == "timm":
+        return f"{what} by timm's loader, as `position_resize` asks (not the model's own rule)"
+    if resized["rule"] == "timm":
+        return f"{what} by timm's loader, which is this architecture's own code"
+    source = resized["source"].split(":")[0]
     return (
-        f"position terms resized from the weights' {a[0]}x{a[1]} grid to {b[0]}x{b[1]} by the "
-        f"{resized['rule']} rule ({resized['source'].split(':')[0]}); `position_resize` chooses {other}"
+        f"{what} by the {resized['rule']} rule ({source}); `position_resize` timm uses timm's loader instead"
     )
 
 
@@ -225,7 +229,7 @@ def check_grid(model: nn.Module, img_size: int | tuple[int, int] | None, timm_na
             near = f"{lower} or {upper}" if lower else str(upper)
             raise ConfigError(
                 "img_size",
-                f"{side} px is not a whole number of {timm_name}'s {p}-px patches; use {near}",
+                f"takes whole patches: {side} px is not a multiple of {timm_name}'s {p}-px patch; use {near}",
             )
 
 
