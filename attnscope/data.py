@@ -442,6 +442,11 @@ def image_source(
         if not hasattr(images.dataset, "__len__") or not hasattr(images.dataset, "__getitem__"):
             raise ConfigError("images", "takes a DataLoader over an indexable Dataset, not an iterable one")
         images, preprocessed = images.dataset, True
+    if isinstance(images, Sequence) and not isinstance(images, str) and len(images) == 0:
+        # an empty glob result must not turn into the bundled samples (that is `None`)
+        raise ConfigError(
+            "images", "is empty: no folders, files, globs or pictures (None: the bundled samples)"
+        )
     if images is None or isinstance(images, str | Path) or _all_paths(images):
         return PathImages(collect_image_paths(images, max_images=max_images, ignored=ignored))
     if isinstance(images, Image.Image | np.ndarray | torch.Tensor) and not _is_batch(images):

@@ -90,3 +90,16 @@ def test_public_names_are_listed_and_resolve():
     for name in attnscope.__all__:
         assert name in dir(attnscope)
         assert getattr(attnscope, name) is not None
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "glob"])
+def test_an_empty_image_list_is_an_error_not_the_bundled_samples(kind, tmp_path):
+    """`analyze(model, glob.glob("photos/*.tiff"))` with no match must not measure the 7
+    bundled photos (None asks for those)."""
+    import glob
+
+    import attnscope
+
+    empty = {"list": [], "tuple": (), "glob": glob.glob(str(tmp_path / "*.tiff"))}[kind]
+    with pytest.raises(ConfigError, match="images is empty"):
+        attnscope.analyze("test_vit", empty, random_init=True)
