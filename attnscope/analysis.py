@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnscope.config import check_at_least, check_dtype, check_img_size, normalise_families
+from attnscope.config import check_at_least, check_dtype, normalise_families, normalise_img_size
 from attnscope.errors import AttnscopeError
 from attnscope.measure import Checkpointing, ProgressFn, SkipFn, run_statistics_all_ranks
 
@@ -166,7 +166,7 @@ def analyze(
     checkpoint: str | Path | None = None,
     random_init: bool = False,
     seed: int = 0,
-    img_size: tuple[int, int] | None = None,
+    img_size: int | tuple[int, int] | None = None,
     position_resize: str = "own",
     family: str | None = None,
     batch_size: int = 16,
@@ -201,7 +201,7 @@ def analyze(
     check_at_least("batch_size", batch_size, 1)
     check_at_least("num_workers", num_workers, 0)
     check_dtype(dtype)
-    check_img_size(img_size)
+    img_size = normalise_img_size(img_size)
     families = normalise_families(metrics)
     dev = distributed.setup(device)  # resolve_device, or this rank's device under torchrun
     torch.manual_seed(seed)

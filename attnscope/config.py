@@ -41,11 +41,18 @@ def check_dtype(value: str, field: str = "dtype") -> None:
     check_choice(field, value, DTYPES)
 
 
-def check_img_size(value: Sequence[int] | None, field: str = "img_size") -> None:
+def normalise_img_size(value: int | Sequence[int] | None, field: str = "img_size") -> tuple[int, int] | None:
+    """(H, W) from one side (a square, as notebooks write it) or two; None stays None."""
     if value is None:
-        return
-    if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-        raise ConfigError(field, f"takes two positive integers (H, W), got {tuple(value)!r}")
+        return None
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, Sequence)
+        or len(pair) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair)
+    ):
+        raise ConfigError(field, f"takes one or two positive integers (H, W), got {value!r}")
+    return (int(pair[0]), int(pair[1]))
 
 
 def normalise_formats(values: Iterable[str], field: str = "formats") -> tuple[str, ...]:

@@ -103,3 +103,15 @@ def test_an_empty_image_list_is_an_error_not_the_bundled_samples(kind, tmp_path)
     empty = {"list": [], "tuple": (), "glob": glob.glob(str(tmp_path / "*.tiff"))}[kind]
     with pytest.raises(ConfigError, match="images is empty"):
         attnscope.analyze("test_vit", empty, random_init=True)
+
+
+def test_an_int_img_size_is_a_square_in_python_and_garbage_is_one_line():
+    import attnscope
+    from attnscope.commands.compare import CompareConfig
+
+    result = attnscope.analyze("test_vit", random_init=True, img_size=64, max_images=1)
+    assert result.info["input_size"] == [64, 64] and result.info["token_layout"]["grid"] == [4, 4]
+    assert CompareConfig(models=("test_vit", "test_vit2"), img_size=64).img_size == (64, 64)
+    for bad in ("64", (64,), (0, 64), 6.4):
+        with pytest.raises(ConfigError, match="img_size takes one or two positive integers"):
+            CompareConfig(models=("test_vit", "test_vit2"), img_size=bad)

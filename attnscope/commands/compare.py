@@ -22,9 +22,9 @@ from attnscope.compare import check_models
 from attnscope.config import (
     check_at_least,
     check_dtype,
-    check_img_size,
     normalise_families,
     normalise_formats,
+    normalise_img_size,
     plain,
 )
 from attnscope.errors import AttnscopeError, ConfigError, Interrupted
@@ -123,7 +123,7 @@ class CompareConfig:
         check_at_least("num_workers", self.num_workers, 0)
         check_at_least("max_images", self.max_images, 1)
         check_at_least("gallery", self.gallery, 0)
-        check_img_size(self.img_size)
+        object.__setattr__(self, "img_size", normalise_img_size(self.img_size))
         # no sources means the bundled samples; run.json records that as null
         object.__setattr__(self, "images", tuple(str(i) for i in self.images) if self.images else None)
 

@@ -17,10 +17,10 @@ from attnscope.commands.ui import UI, NullUI
 from attnscope.config import (
     check_at_least,
     check_dtype,
-    check_img_size,
     config_dict,
     normalise_families,
     normalise_formats,
+    normalise_img_size,
 )
 from attnscope.errors import ConfigError
 from attnscope.models.loading import display_name
@@ -64,7 +64,7 @@ class EntropyConfig:
         check_at_least("max_images", self.max_images, 1)
         check_dtype(self.dtype)
         object.__setattr__(self, "metrics", normalise_families(self.metrics))
-        check_img_size(self.img_size)
+        object.__setattr__(self, "img_size", normalise_img_size(self.img_size))
         object.__setattr__(self, "formats", normalise_formats(self.formats))
         # no sources means the bundled samples; run.json records that as null
         object.__setattr__(self, "images", tuple(str(i) for i in self.images) if self.images else None)

@@ -18,9 +18,9 @@ from attnscope.config import (
     check_at_least,
     check_choice,
     check_dtype,
-    check_img_size,
     config_dict,
     normalise_formats,
+    normalise_img_size,
 )
 from attnscope.errors import ConfigError
 from attnscope.maps import (
@@ -78,7 +78,7 @@ class MapsConfig:
         for name in ("checkpoint", "out"):  # a notebook may pass a string
             value = getattr(self, name)
             object.__setattr__(self, name, Path(value) if value is not None else None)
-        check_img_size(self.img_size)
+        object.__setattr__(self, "img_size", normalise_img_size(self.img_size))
         if isinstance(self.query, str):
             object.__setattr__(self, "query", parse_query(self.query))
         heads = parse_heads(self.heads) if isinstance(self.heads, str) else self.heads

@@ -35,9 +35,9 @@ from attnscope.config import (
     check_choice,
     check_dtype,
     check_fraction,
-    check_img_size,
     config_dict,
     normalise_formats,
+    normalise_img_size,
 )
 from attnscope.errors import AttnscopeError, ConfigError
 from attnscope.models.loading import display_name, random_weights_warning
@@ -143,7 +143,7 @@ class ProbeConfig:
         from attnscope.probe.heads import parse_aggregators
         from attnscope.probe.train import RECIPES, grid_values
 
-        check_img_size(self.img_size)
+        object.__setattr__(self, "img_size", normalise_img_size(self.img_size))
         check_fraction("val_fraction", self.val_fraction)
         check_fraction("holdout_fraction", self.holdout_fraction)
         for name, low in _AT_LEAST.items():
