@@ -212,3 +212,18 @@ def test_token_layout_from_model_not_sqrt():
     layout = token_layout(m, (70, 70))
     assert (layout.has_cls, layout.num_registers, layout.num_prefix) == (True, 4, 5)
     assert layout.register_slice == slice(1, 5)
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"hello\n", b""], ids=["bytes", "text", "empty"])
+def test_a_file_that_is_no_checkpoint_says_so_without_torchs_advice(tmp_path, content):
+    """torch's refusal advises weights_only=False, which attnscope never does; the one line
+    says the file is not a checkpoint instead (#20)."""
+    from attnscope.errors import AttnscopeError
+
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(AttnscopeError) as info:
+        load_model("test_vit", checkpoint=path)
+    message = str(info.value)
+    assert "not a torch checkpoint or safetensors file" in message
+    assert "weights_only" not in message and "\n" not in message

@@ -124,14 +124,25 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+_NOT_A_CHECKPOINT = "not a torch checkpoint or safetensors file (unreadable as either)"
+
+
 def _unpickle_reason(exc: BaseException) -> str:
-    """torch's weights-only refusal is a page of text; keep the class it refused."""
+    """torch's weights-only refusal is a page of text whose first line advises
+    `weights_only=False`, which attnscope never does: keep the class it refused, and call a
+    file that is no pickle at all what it is."""
     text = str(exc)
     for line in text.splitlines():
         if "Unsupported global" in line or "Can only" in line:
             return line.strip().removeprefix("WeightsUnpickler error: ") + (
                 " (attnscope unpickles only tensors, containers, argparse.Namespace and yacs CfgNode)"
             )
+    if "Weights only load failed" in text or isinstance(exc, KeyError | EOFError):
+        return _NOT_A_CHECKPOINT  # garbage bytes: an unknown opcode, a bad key, a short file
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError | UnicodeDecodeError):
+        return _NOT_A_CHECKPOINT
     return _first_line(exc)
 
 
