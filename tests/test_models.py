@@ -227,3 +227,17 @@ def test_a_file_that_is_no_checkpoint_says_so_without_torchs_advice(tmp_path, co
     message = str(info.value)
     assert "not a torch checkpoint or safetensors file" in message
     assert "weights_only" not in message and "\n" not in message
+
+
+def test_a_layout_of_another_width_does_not_advise_the_alias_that_failed(tmp_path):
+    """`entropy mae --checkpoint <an MAE ViT-S>` must not say "load it with --model
+    mae_vit_base", which is what was run (#20)."""
+    from attnscope.errors import AttnscopeError
+
+    small = timm.create_model("vit_small_patch16_224", num_classes=0, depth=1)
+    state = {**small.state_dict(), "decoder_embed.weight": torch.zeros(4, 384)}
+    torch.save({"model": state}, tmp_path / "mae_vits.pth")
+    with pytest.raises(AttnscopeError) as info:
+        load_model("mae", checkpoint=tmp_path / "mae_vits.pth", model_kwargs={"depth": 1})
+    assert "MAE's layout, width 384" in str(info.value)
+    assert "mae_vit_base" not in str(info.value)

@@ -148,7 +148,7 @@ def load_model(
         rule=rule,
     )
     if raw is not None:
-        report = _load_weights(model, raw, converter, rule)
+        report = _load_weights(model, raw, converter, rule, spec.alias)
         weights = raw.origin
     elif random_init:
         weights = f"RANDOM INIT (seed {seed} -> {init_seed} for {spec.alias}) - not pretrained weights"
@@ -320,7 +320,7 @@ def _first(exc: BaseException) -> str:
 
 
 def _load_weights(
-    model: nn.Module, raw: RawCheckpoint, converter: Converter | None, rule: PositionRule
+    model: nn.Module, raw: RawCheckpoint, converter: Converter | None, rule: PositionRule, name: str
 ) -> dict[str, Any]:
     """Convert (family layout, or the generic reading) and load strictly, positions resized by
     `rule`; the report lists every source key not used and what else the file carried."""
@@ -330,7 +330,16 @@ def _load_weights(
     except AttnscopeError as exc:
         if converter is None or not converter.aliases:
             raise
-        raise AttnscopeError(f"{exc} (the file has {converter.label}'s layout{converter.hint()})") from exc
+        from attnscope.models.converters.base import width_of
+
+        width = width_of(conversion.state)
+        alias = converter.aliases.get(width) if width is not None else None
+        if alias == name:  # the alias that failed cannot be the advice
+            alias = None
+        hint = f"; load it with --model {alias}" if alias else ""
+        if not alias and width:
+            hint = f", width {width}: give --model a timm architecture of that width"
+        raise AttnscopeError(f"{exc} (the file has {converter.label}'s layout{hint})") from exc
     report["layout"] = converter.label if converter is not None else "generic"
     report["files"] = [str(p.resolve()) for p in raw_files(raw)]  # what identifies these weights
     report["other_entries"] = raw.extras()
