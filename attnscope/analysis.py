@@ -203,6 +203,8 @@ def analyze(
     check_dtype(dtype)
     img_size = normalise_img_size(img_size)
     families = normalise_families(metrics)
+    # the images are checked (and listed) before any model is built: a wrong one costs nothing
+    source = image_source(images, preprocessed=preprocessed, max_images=max_images)
     dev = distributed.setup(device)  # resolve_device, or this rank's device under torchrun
     torch.manual_seed(seed)
     loaded = as_loaded_model(
@@ -214,7 +216,6 @@ def analyze(
         family=family,
         position_resize=position_resize,
     )
-    source = image_source(images, preprocessed=preprocessed, max_images=max_images)
     return measure_model(
         loaded,
         source,

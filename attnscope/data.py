@@ -455,6 +455,8 @@ def image_source(
         isinstance(images, Sequence) and len(images) > 0
     ):
         kind = "dataset" if isinstance(images, Dataset) else "images"
+        if not isinstance(images, Dataset):
+            _check_pictures(images, preprocessed)
         source = MemoryImages(images, preprocessed, kind)
         if max_images is not None:
             # Subset only indexes and measures it: torch's stub asks for a Dataset subclass
@@ -465,6 +467,31 @@ def image_source(
         "takes folders, files or globs, PIL images, arrays or tensors, a torch Dataset or a "
         f"DataLoader; got {type(images).__name__}" + (" (empty)" if not images else ""),
     )
+
+
+def _check_pictures(images: Any, preprocessed: bool) -> None:
+    """Tensors and arrays in memory, checked before any model loads: each must be one
+    picture (C, H, W) or (H, W, C); float pictures outside [0, 1] that are not declared
+    `preprocessed` are most likely normalised model input, which the eval transform would
+    wreck, so they get a warning."""
+    import warnings
+
+    tensors = [torch.as_tensor(i) for i in images if isinstance(i, torch.Tensor | np.ndarray)]
+    for t in tensors:
+        if t.ndim != 3:
+            raise ConfigError(
+                "images", f"takes pictures of shape (3, H, W) or an (N, 3, H, W) batch, got {tuple(t.shape)}"
+            )
+    floats = [t for t in tensors[:16] if t.is_floating_point() and t.numel()]
+    if not preprocessed and floats:
+        low, high = min(float(t.min()) for t in floats), max(float(t.max()) for t in floats)
+        if low < -0.01 or high > 1.01:
+            warnings.warn(
+                f"images: float values in [{low:.2f}, {high:.2f}], outside a picture's [0, 1]; if they are "
+                "already normalised model input, pass preprocessed=True",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _all_paths(images: Any) -> bool:

@@ -115,3 +115,25 @@ def test_an_int_img_size_is_a_square_in_python_and_garbage_is_one_line():
     for bad in ("64", (64,), (0, 64), 6.4):
         with pytest.raises(ConfigError, match="img_size takes one or two positive integers"):
             CompareConfig(models=("test_vit", "test_vit2"), img_size=bad)
+
+
+def test_a_tensor_that_is_no_picture_is_refused_before_any_model_loads(monkeypatch):
+    import timm
+
+    import attnscope
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("no model may be built"))
+    with pytest.raises(ConfigError, match=r"images takes pictures of shape \(3, H, W\).*got \(2, 2\)"):
+        attnscope.analyze("test_vit", torch.rand(2, 2), random_init=True)
+
+
+def test_normalised_tensors_without_preprocessed_get_a_warning():
+    import warnings
+
+    normalised = (torch.rand(2, 3, 32, 32) - 0.45) / 0.225
+    with pytest.warns(UserWarning, match="pass preprocessed=True"):
+        image_source(normalised)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image_source(normalised, preprocessed=True)  # declared: no warning
+        image_source(torch.rand(2, 3, 32, 32))  # pictures in [0, 1]: no warning
