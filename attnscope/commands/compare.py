@@ -133,7 +133,8 @@ class CompareConfig:
 
     def inputs(self, plan: ModelPlan, paths: Sequence[Path]) -> dict[str, Any]:
         """`config_inputs` of one model under this configuration."""
-        from attnscope.compare import config_inputs, metric_inputs
+        from attnscope.compare import config_inputs
+        from attnscope.inputs import metric_inputs
 
         inputs = config_inputs(
             plan,
@@ -506,7 +507,7 @@ def run_or_reuse(
     gallery and writes, and the other ranks return None.
     """
     from attnscope import distributed
-    from attnscope.compare import config_hash
+    from attnscope.inputs import config_hash
 
     run_dir = runs_root / plan.slug
     main = distributed.is_main()
@@ -652,7 +653,7 @@ def check_partial_runs(
     clean-up) is removed.
     """
     from attnscope.commands.resume import PartialRun
-    from attnscope.compare import config_hash
+    from attnscope.inputs import config_hash
 
     states: dict[str, StreamState | None] = {}
     waiting = []

@@ -78,7 +78,7 @@ class EntropyConfig:
 
     def inputs_hash(self, paths: Sequence[Path]) -> str:
         """The hash of everything that changes this run's numbers (a resume must match it)."""
-        from attnscope.compare import config_hash, metric_inputs, run_inputs
+        from attnscope.inputs import config_hash, metric_inputs, run_inputs
         from attnscope.models.source import resolve_model
 
         inputs = run_inputs(
