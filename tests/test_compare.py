@@ -165,7 +165,7 @@ def test_second_compare_reuses_runs_and_no_reuse_recomputes(report):
 
 def test_relative_depth_aligns_models_of_different_depths(report):
     from attnscope.plots.compare import depth_panels, family_linestyles
-    from attnscope.plots.entropy import model_palette
+    from attnscope.plots.style import model_palette
 
     out, _ = report
     layers = pd.read_csv(out / "layers.csv")
