@@ -31,7 +31,10 @@ def registered_aggregators() -> list[tuple[str, str]]:
                     for target in stmt.targets
                     if isinstance(target, ast.Name)
                 }
-                found.append((int(attrs["init_stream"]), str(attrs["name"]), str(attrs["help"])))
+                stream = attrs["init_stream"]
+                if not isinstance(stream, int):
+                    raise TypeError(f"{path.name}:{node.name}: init_stream must be an int literal")
+                found.append((stream, str(attrs["name"]), str(attrs["help"])))
     return [(name, help_) for _, name, help_ in sorted(found)]
 
 
