@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from conftest import _save_with_yacs_config, beit_official, our_forward, vit_official
 from reference_models import beit_forward, vit_forward
 from reference_positions import (
     antialias_rule,
@@ -23,7 +24,6 @@ from reference_positions import (
     offset_rule,
     size_rule,
 )
-from test_converters import _save_with_yacs_config, beit_official, our_forward, vit_official
 
 from attnscope.errors import AttnscopeError, ConfigError
 from attnscope.models import load_model
