@@ -3,6 +3,10 @@
 Every file is written to a temporary name in the same folder and renamed into place, so a
 crash or Ctrl-C leaves either the old file or the new one, never half of one; and a
 folder that already holds results is never written into without `overwrite`.
+
+`RunWriter` writes any file of any command's folder; `RunFolder` owns one model's run
+folder (entropy's, and each of compare's `runs/<model>/`): what it holds, in which order it
+is written, and whether it is finished and reusable.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from attnscope.versions import package_versions
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
+
+    from attnscope.analysis import AnalysisResult
+    from attnscope.cka import GramCollector
+    from attnscope.compare import Gallery
 
 RUNS_ROOT = Path("attnscope-runs")
 
@@ -192,3 +200,165 @@ def read_profiles(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame] | No
             return None
         tables.append(frame)
     return tables[0], tables[1]
+
+
+# ---------------------------------------------------------------- one model's run folder
+
+RUN_JSON = "run.json"
+GALLERY_FILE = "gallery.npz"
+GRAMS_FILE = "cka_grams.npz"
+Profiles = tuple["pd.DataFrame", "pd.DataFrame"] | None  # (spectrum, frequency): the tokens family
+Found = tuple["pd.DataFrame", "pd.DataFrame", dict[str, Any], "pd.DataFrame", Profiles]
+
+
+class RunFolder:
+    """One model's run folder: its tables, token profiles, gallery and CKA Grams, and
+    run.json.
+
+    run.json is written last and removed first, so its presence marks a finished run and
+    a half-rewritten folder never looks finished; with its `config_hash` it marks a run a
+    later command may reuse. Every file goes through a `RunWriter`, so each write is atomic.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._writer: RunWriter | None = None
+
+    @property
+    def writer(self) -> RunWriter:
+        """Made on the first write: reading or checking a folder never refuses it."""
+        if self._writer is None:
+            self._writer = RunWriter(self.path, overwrite=True)  # the caller decided it may be written
+        return self._writer
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / RUN_JSON).is_file()
+
+    # ------------------------------------------------------------ writing, in this order
+
+    def write_tables(self, result: AnalysisResult) -> None:
+        """layers.csv, heads.csv, images.csv and the token profiles, after removing an older
+        run.json (the folder is unfinished until `finish`)."""
+        (self.writer.prepare() / RUN_JSON).unlink(missing_ok=True)
+        self.writer.write_csv("layers.csv", result.layers)
+        self.writer.write_csv("heads.csv", result.heads)
+        self.writer.write_csv("images.csv", result.images, float_format=None)
+        write_profiles(self.writer, result.spectrum, result.frequency)
+
+    def write_gallery(self, gallery: Gallery, config_hash: str) -> Path:
+        """gallery.npz: the last-block maps of the first images, stamped with the run's hash."""
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            maps=gallery.maps.astype(np.float32),
+            views=gallery.views,
+            names=np.array(gallery.names),
+            query=np.array(gallery.query),
+            patch_size=np.array(gallery.patch_size),
+            config_hash=np.array(config_hash),
+        )
+        return self.writer.write_bytes(GALLERY_FILE, buf.getvalue())
+
+    def write_grams(self, grams: GramCollector | None) -> GramCollector | None:
+        """Keep a complete set of CKA Grams beside the tables (so a reuse can compute CKA);
+        an incomplete set is not kept, and an older file is removed."""
+        import io
+
+        import numpy as np
+
+        if grams is None or not grams.complete:
+            (self.path / GRAMS_FILE).unlink(missing_ok=True)
+            return None
+        buffer = io.BytesIO()
+        np.savez(buffer, **grams.to_arrays())  # type: ignore[arg-type]
+        self.writer.write_bytes(GRAMS_FILE, buffer.getvalue())
+        return grams
+
+    def write_figure(self, relative_stem: str, fig: Figure, formats: Sequence[str] = ("png",)) -> list[Path]:
+        return self.writer.write_figure(relative_stem, fig, formats)
+
+    def finish(self, meta: dict[str, Any]) -> Path:
+        """run.json, last: the run is finished."""
+        return self.writer.write_json(RUN_JSON, meta)
+
+    # ------------------------------------------------------------ reading
+
+    def read(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+        """(layers, heads, run.json) of the finished run."""
+        return read_run(self.path)
+
+    def read_images(self) -> pd.DataFrame:
+        return read_images(self.path)
+
+    def read_profiles(self) -> Profiles:
+        return read_profiles(self.path)
+
+    def reusable(self, config_hash: str, name: str) -> Found | None:
+        """(layers, heads, run.json, images, profiles) of a finished run of `name` with this
+        hash, or None.
+
+        A folder without images.csv (an older attnscope), or whose images.csv does not add
+        up to its layers.csv, is recomputed, not trusted; so is a run of the tokens family
+        without its spectrum.csv and frequency.csv.
+        """
+        from attnscope.compare import images_agree
+
+        if not self.finished:
+            return None
+        try:
+            meta = json.loads((self.path / RUN_JSON).read_text(encoding="utf-8"))
+            if meta.get("config_hash") != config_hash or name not in meta.get("models", {}):
+                return None
+            layers, heads, meta = self.read()
+            images = self.read_images()
+            profiles = self.read_profiles()
+        except (OSError, ValueError, KeyError, AttnscopeError):
+            return None
+        if profiles is None and "tokens" in meta.get("config_inputs", {}).get("metrics", []):
+            return None
+        return (layers, heads, meta, images, profiles) if images_agree(images, layers) else None
+
+    def read_gallery(self, config_hash: str, k: int) -> Gallery | None:
+        """The first `k` gallery images of this run, or None when gallery.npz is missing,
+        of another hash, shorter or damaged (it is then recomputed, not trusted)."""
+        import numpy as np
+
+        from attnscope.compare import Gallery
+
+        path = self.path / GALLERY_FILE
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if str(data["config_hash"]) != config_hash or len(data["maps"]) < k:
+                    return None
+                return Gallery(
+                    maps=data["maps"][:k],
+                    views=data["views"][:k],
+                    names=[str(n) for n in data["names"][:k]],
+                    query=str(data["query"]),
+                    patch_size=(int(data["patch_size"][0]), int(data["patch_size"][1])),
+                )
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def read_grams(self) -> GramCollector | None:
+        """The CKA Grams kept beside the tables, or None (older run, resumed run, damaged:
+        CKA is then left out, the statistics stand)."""
+        import numpy as np
+
+        from attnscope.cka import GramCollector
+
+        path = self.path / GRAMS_FILE
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                return GramCollector.from_arrays({k: data[k] for k in data.files})
+        except (OSError, ValueError, KeyError):
+            return None

@@ -165,7 +165,7 @@ def test_second_compare_reuses_runs_and_no_reuse_recomputes(report):
 
 def test_relative_depth_aligns_models_of_different_depths(report):
     from attnscope.plots.compare import depth_panels, family_linestyles
-    from attnscope.plots.entropy import model_palette
+    from attnscope.plots.style import model_palette
 
     out, _ = report
     layers = pd.read_csv(out / "layers.csv")
@@ -546,8 +546,8 @@ def test_metric_revisions_enter_the_hash_of_the_runs_that_measure_them(monkeypat
     import dataclasses
 
     from attnscope.commands.entropy import EntropyConfig
-    from attnscope.compare import metric_inputs
     from attnscope.data import bundled_sample_paths
+    from attnscope.inputs import metric_inputs
     from attnscope.metrics import registry
 
     assert metric_inputs(("attention",)) == {"metrics": ["attention"]}  # the key it always was
@@ -563,7 +563,7 @@ def test_metric_revisions_enter_the_hash_of_the_runs_that_measure_them(monkeypat
 
 def test_the_outlier_pair_is_at_revision_2():
     """Revision 1 of patch_outlier_frac and cls_outlier_mass was median + 5 MAD."""
-    from attnscope.compare import metric_inputs
+    from attnscope.inputs import metric_inputs
 
     revised = {"patch_outlier_frac": 2, "cls_outlier_mass": 2}
     families = ["attention", "tokens"]

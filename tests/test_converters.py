@@ -8,14 +8,12 @@ agree with `reference_models` (which reads the official keys directly)."""
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 
 import pytest
 import torch
+from conftest import _r, _save_with_yacs_config, beit_official, our_forward, vit_official
 from reference_models import beit_forward, capi_forward, vit_forward
 
-from attnscope.capture import AttentionRecorder
 from attnscope.errors import AttnscopeError
 from attnscope.models import list_model_specs, load_model, token_layout
 from attnscope.models.checkpoints import open_checkpoint
@@ -25,76 +23,6 @@ from attnscope.models.converters.base import sincos_2d
 D, HEADS, PATCH, IMG = 32, 4, 8, 32  # a 4x4 grid
 GRID = IMG // PATCH
 TINY = {"embed_dim": D, "depth": 2, "num_heads": HEADS, "patch_size": PATCH}
-
-
-def _r(*shape, scale=0.3):
-    return torch.randn(*shape) * scale
-
-
-def _ln(name, dim=D):
-    return {f"{name}.weight": 1 + _r(dim, scale=0.1), f"{name}.bias": _r(dim, scale=0.1)}
-
-
-def vit_official(depth=2, *, pos=None, dim=D):
-    sd = {
-        "cls_token": _r(1, 1, dim),
-        "pos_embed": _r(1, 1 + GRID * GRID, dim) if pos is None else pos,
-        "patch_embed.proj.weight": _r(dim, 3, PATCH, PATCH, scale=0.1),
-        "patch_embed.proj.bias": _r(dim),
-        **_ln("norm", dim),
-    }
-    for i in range(depth):
-        p = f"blocks.{i}."
-        sd.update(_ln(p + "norm1", dim))
-        sd.update(_ln(p + "norm2", dim))
-        sd[p + "attn.qkv.weight"] = _r(3 * dim, dim)
-        sd[p + "attn.qkv.bias"] = _r(3 * dim)
-        sd[p + "attn.proj.weight"] = _r(dim, dim)
-        sd[p + "attn.proj.bias"] = _r(dim)
-        sd[p + "mlp.fc1.weight"] = _r(4 * dim, dim)
-        sd[p + "mlp.fc1.bias"] = _r(4 * dim)
-        sd[p + "mlp.fc2.weight"] = _r(dim, 4 * dim)
-        sd[p + "mlp.fc2.bias"] = _r(dim)
-    return sd
-
-
-def beit_official(depth=2):
-    sd = {
-        "cls_token": _r(1, 1, D),
-        "mask_token": _r(1, 1, D),
-        "patch_embed.proj.weight": _r(D, 3, PATCH, PATCH, scale=0.1),
-        "patch_embed.proj.bias": _r(D),
-        "rel_pos_bias.relative_position_bias_table": _r((2 * GRID - 1) ** 2 + 3, HEADS, scale=1.0),
-        "rel_pos_bias.relative_position_index": torch.zeros(
-            GRID * GRID + 1, GRID * GRID + 1, dtype=torch.long
-        ),
-        **_ln("norm"),
-    }
-    for i in range(depth):
-        p = f"blocks.{i}."
-        sd.update(_ln(p + "norm1"))
-        sd.update(_ln(p + "norm2"))
-        sd[p + "gamma_1"] = 0.1 + _r(D, scale=0.05)
-        sd[p + "gamma_2"] = 0.1 + _r(D, scale=0.05)
-        sd[p + "attn.qkv.weight"] = _r(3 * D, D)
-        sd[p + "attn.q_bias"] = _r(D)
-        sd[p + "attn.v_bias"] = _r(D)
-        sd[p + "attn.proj.weight"] = _r(D, D)
-        sd[p + "attn.proj.bias"] = _r(D)
-        sd[p + "mlp.fc1.weight"] = _r(4 * D, D)
-        sd[p + "mlp.fc1.bias"] = _r(4 * D)
-        sd[p + "mlp.fc2.weight"] = _r(D, 4 * D)
-        sd[p + "mlp.fc2.bias"] = _r(D)
-    return sd
-
-
-def our_forward(model, x):
-    """Captured attention maps (in block order) and forward_features of `model`."""
-    maps: dict[int, torch.Tensor] = {}
-    with AttentionRecorder(model, lambda b: maps.__setitem__(b.index, b.attn.detach()), residual=False):
-        with torch.no_grad():
-            feats = model.forward_features(x)
-    return [maps[i] for i in sorted(maps)], feats
 
 
 def assert_same_function(model, reference, x):
@@ -258,23 +186,6 @@ def test_shared_relative_position_bias_families(tmp_path, image, family):
     assert dropped <= set(loaded.checkpoint_report["dropped_keys"])
     bare = _load("beitv2_base_patch16_224", tmp_path / "pt.pth")  # recognised without the alias
     assert bare.checkpoint_report["layout"] == ("BEiT-v2" if family == "beitv2" else "SimMIM")
-
-
-def _save_with_yacs_config(path, model):
-    """SimMIM pickles its yacs CfgNode; write one without yacs installed, then forget the class."""
-    pkg, mod = types.ModuleType("yacs"), types.ModuleType("yacs.config")
-
-    class CfgNode(dict):
-        pass
-
-    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
-    mod.CfgNode, pkg.config = CfgNode, mod
-    sys.modules.update({"yacs": pkg, "yacs.config": mod})
-    try:
-        config = CfgNode(MODEL=CfgNode(TYPE="vit", VIT=CfgNode(USE_SHARED_RPB=True)))
-        torch.save({"model": model, "config": config, "epoch": 799, "max_accuracy": 0.0}, path)
-    finally:
-        del sys.modules["yacs"], sys.modules["yacs.config"]
 
 
 def test_a_pickled_class_outside_the_allow_list_is_refused_in_one_line(tmp_path):

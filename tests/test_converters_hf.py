@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_converters import our_forward
+from conftest import our_forward
 
 from attnscope.errors import AttnscopeError
 from attnscope.models import load_model

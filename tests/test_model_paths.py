@@ -186,7 +186,8 @@ def test_compare_takes_folders_as_models_and_as_checkpoints_and_hub_ids(folders,
 def test_compare_reuse_hash_follows_the_folders_weights(folders, tmp_path, sample_paths):
     """A compared model's run folder is reused while its config hash stays; for a folder, as
     the model or as a checkpoint, the hash must change when the folder's weights do."""
-    from attnscope.compare import config_hash, config_inputs, plan_models
+    from attnscope.compare import config_inputs, plan_models
+    from attnscope.inputs import config_hash
 
     folder = tmp_path / "mine"
     shutil.copytree(folders["dinov2"], folder)

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from conftest import _save_with_yacs_config, beit_official, our_forward, vit_official
 from reference_models import beit_forward, vit_forward
 from reference_positions import (
     antialias_rule,
@@ -23,7 +24,6 @@ from reference_positions import (
     offset_rule,
     size_rule,
 )
-from test_converters import _save_with_yacs_config, beit_official, our_forward, vit_official
 
 from attnscope.errors import AttnscopeError, ConfigError
 from attnscope.models import load_model
@@ -402,7 +402,7 @@ def test_a_size_that_is_not_whole_patches_is_refused_on_every_model(name, size, 
 def test_the_rule_is_an_input_of_every_resizable_run(tmp_path):
     """Folders written before the family rules resampled with timm's: they lack the key and
     are recomputed; a model at its own size on the hub, or random weights, keeps its hash."""
-    from attnscope.compare import run_inputs
+    from attnscope.inputs import run_inputs
     from attnscope.models import resolve_model_spec
 
     spec = resolve_model_spec("dinov2_vit_small")
@@ -513,7 +513,7 @@ def test_an_official_dinov2_register_file_is_resized_before_timm_folds_its_class
 
 
 def test_folders_of_the_timm_tag_transforms_are_not_reused():
-    from attnscope.compare import run_inputs
+    from attnscope.inputs import run_inputs
     from attnscope.models import resolve_model_spec
 
     inputs = run_inputs(

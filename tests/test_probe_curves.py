@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from test_probe_heads import mil_bags
+from conftest import mil_bags
 from typer.testing import CliRunner
 
 from attnscope.cli.app import app

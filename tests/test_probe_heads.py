@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import mil_bags
 
 from attnscope.errors import AttnscopeError
 from attnscope.probe.heads import (
@@ -34,29 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ---------------------------------------------------------------- known answer
-
-
-def mil_bags(n: int, seed: int, *, tokens: int = 16, dim: int = 32, classes: int = 4, registers: int = 2):
-    """Bags whose label is carried by ONE token at a random position.
-
-    Every token shows some class prototype: the distractors a random class, the key token
-    the true class plus a marker direction. Averaging therefore sees mostly noise about
-    the class, while a head that finds the marker reads the label off one token. Prefix
-    tokens (a class token and registers) carry the marker with a *wrong* class, so a head
-    that let them into the patch bag would be fooled.
-    """
-    g = np.random.default_rng(seed)
-    fixed = np.random.default_rng(1234)
-    protos = fixed.normal(size=(classes, dim)).astype(np.float32)
-    marker = fixed.normal(size=dim).astype(np.float32)
-    marker *= 4.0 / np.linalg.norm(marker)
-    y = g.integers(0, classes, n)
-    x = protos[g.integers(0, classes, (n, tokens))] + 0.3 * g.normal(size=(n, tokens, dim))
-    key = g.integers(0, tokens, n)
-    x[np.arange(n), key] = protos[y] + marker + 0.3 * g.normal(size=(n, dim))
-    decoy = (y[:, None] + 1 + g.integers(0, classes - 1, (n, 1 + registers))) % classes
-    prefix = protos[decoy] + marker + 0.3 * g.normal(size=(n, 1 + registers, dim))
-    return np.concatenate([prefix, x], axis=1).astype(np.float32), y, key
 
 
 def test_selective_heads_solve_the_one_token_task_and_mean_does_not():

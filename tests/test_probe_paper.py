@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_probe_heads import mil_bags
+from conftest import mil_bags
 
 from attnscope.probe.heads import ProbeHeads, build_aggregator
 from attnscope.probe.train import BankSpec, TensorSource, TrainingData, resolve_recipe, train_bank

@@ -230,7 +230,7 @@ def test_depth_panels_draw_the_interval_as_the_band(comparison):
     from matplotlib.collections import PolyCollection
 
     from attnscope.plots.compare import depth_panels, family_linestyles
-    from attnscope.plots.entropy import model_palette
+    from attnscope.plots.style import model_palette
 
     out, result = comparison
     layers = pd.read_csv(out / "layers.csv")

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "attnscope.analysis": 1,
     "attnscope.maps": 1,
     "attnscope.compare": 1,
+    "attnscope.inputs": 1,
     "attnscope.cka": 1,
     "attnscope.embedding": 1,
     "attnscope.probe": 1,

@@ -165,14 +165,6 @@ def parse_img_size(value: str | None) -> tuple[int, int] | None:
     return (nums[0], nums[-1])
 
 
-def parse_formats(values: list[str] | None) -> list[str]:
-    formats = [f.lower().lstrip(".") for v in (values or ["png"]) for f in v.split(",") if f]
-    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
-    if bad:
-        raise AttnscopeError(f"--format takes png, svg or pdf, got {', '.join(bad)}")
-    return list(dict.fromkeys(formats))
-
-
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["attnscope", *sys.argv[1:]])
 

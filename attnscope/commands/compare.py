@@ -10,7 +10,6 @@ same `load_with_ui` / `measure_configured` steps as `entropy`, so its numbers ar
 from __future__ import annotations
 
 import gc
-import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +33,11 @@ if TYPE_CHECKING:
     import torch
 
     from attnscope.analysis import AnalysisResult
-    from attnscope.cka import GramCollector
     from attnscope.compare import Gallery, ModelPlan, ModelRun
     from attnscope.measure import StreamState
     from attnscope.models import LoadedModel
+    from attnscope.results import Found
 
-GALLERY_FILE = "gallery.npz"
 _COMPARE_ENTRIES = frozenset(
     {
         "runs",
@@ -133,7 +131,8 @@ class CompareConfig:
 
     def inputs(self, plan: ModelPlan, paths: Sequence[Path]) -> dict[str, Any]:
         """`config_inputs` of one model under this configuration."""
-        from attnscope.compare import config_inputs, metric_inputs
+        from attnscope.compare import config_inputs
+        from attnscope.inputs import metric_inputs
 
         inputs = config_inputs(
             plan,
@@ -216,75 +215,6 @@ def _remove_stale_figures(folder: Path, written: set[Path]) -> None:
 # ---------------------------------------------------------------- one model's run folder
 
 
-def _read_gallery(path: Path, expected_hash: str, k: int) -> Gallery | None:
-    import numpy as np
-
-    from attnscope.compare import Gallery
-
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["config_hash"]) != expected_hash or len(data["maps"]) < k:
-                return None
-            return Gallery(
-                maps=data["maps"][:k],
-                views=data["views"][:k],
-                names=[str(n) for n in data["names"][:k]],
-                query=str(data["query"]),
-                patch_size=(int(data["patch_size"][0]), int(data["patch_size"][1])),
-            )
-    except (OSError, KeyError, ValueError):
-        return None  # a damaged cache is recomputed, not trusted
-
-
-def _gallery_bytes(gallery: Gallery, chash: str) -> bytes:
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        maps=gallery.maps.astype(np.float32),
-        views=gallery.views,
-        names=np.array(gallery.names),
-        query=np.array(gallery.query),
-        patch_size=np.array(gallery.patch_size),
-        config_hash=np.array(chash),
-    )
-    return buf.getvalue()
-
-
-Profiles = tuple["pd.DataFrame", "pd.DataFrame"] | None  # (spectrum, frequency): the tokens family
-Found = tuple["pd.DataFrame", "pd.DataFrame", dict[str, Any], "pd.DataFrame", Profiles]
-
-
-def _reusable_run(run_dir: Path, chash: str, name: str) -> Found | None:
-    """(layers, heads, run.json, images, profiles) of a finished run with this hash, or None.
-
-    A folder without images.csv (an older attnscope), or whose images.csv does not add up
-    to its layers.csv, is recomputed, not trusted; so is a run of the tokens family without
-    its spectrum.csv and frequency.csv.
-    """
-    from attnscope.compare import images_agree
-    from attnscope.results import read_images, read_profiles, read_run
-
-    meta_path = run_dir / "run.json"
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("config_hash") != chash or name not in meta.get("models", {}):
-            return None
-        layers, heads, meta = read_run(run_dir)
-        images = read_images(run_dir)
-        profiles = read_profiles(run_dir)
-    except (OSError, ValueError, KeyError, AttnscopeError):
-        return None
-    if profiles is None and "tokens" in meta.get("config_inputs", {}).get("metrics", []):
-        return None
-    return (layers, heads, meta, images, profiles) if images_agree(images, layers) else None
-
-
 def _load(plan: ModelPlan, config: CompareConfig) -> LoadedModel:
     from attnscope.models import load_model
 
@@ -335,15 +265,16 @@ def _reused(
     import torch
 
     from attnscope.compare import ModelRun
-    from attnscope.results import RunWriter
+    from attnscope.results import RunFolder
 
+    folder = RunFolder(run_dir)
     layers, heads, meta, images, profiles = found
     spectrum, frequency = profiles if profiles is not None else (None, None)
     info = dict(meta["models"][plan.name])
     info["family"] = plan.family  # family never changes a number, so an override needs no rerun
     k = min(config.gallery, len(info["images_used"]))
-    gallery = _read_gallery(run_dir / GALLERY_FILE, chash, k) if k else None
-    grams = _read_grams(run_dir)
+    gallery = folder.read_gallery(chash, k) if k else None
+    grams = folder.read_grams()
     if not k or gallery is not None:
         return ModelRun(
             plan, layers, heads, info, chash, "reused", gallery, images, grams, spectrum, frequency
@@ -354,43 +285,9 @@ def _reused(
         gallery = _gallery(loaded, info, config, dev)
     _free(loaded)
     if gallery is not None:
-        RunWriter(run_dir, overwrite=True).write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
+        folder.write_gallery(gallery, chash)
     status = "reused (gallery recomputed)"
     return ModelRun(plan, layers, heads, info, chash, status, gallery, images, grams, spectrum, frequency)
-
-
-GRAMS_FILE = "cka_grams.npz"
-
-
-def _read_grams(run_dir: Path) -> GramCollector | None:
-    """The CKA Grams a model run kept beside its tables, or None (older run, resumed run)."""
-    import numpy as np
-
-    from attnscope.cka import GramCollector
-
-    path = run_dir / GRAMS_FILE
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path) as data:
-            return GramCollector.from_arrays({k: data[k] for k in data.files})
-    except (OSError, ValueError, KeyError):
-        return None  # damaged: CKA is left out, the statistics stand
-
-
-def _write_grams(run_dir: Path, grams: GramCollector | None) -> GramCollector | None:
-    """Keep a complete set of Grams beside the model run (so a reuse can compute CKA)."""
-    import numpy as np
-
-    from attnscope.results import RunWriter
-
-    if grams is None or not grams.complete:
-        (run_dir / GRAMS_FILE).unlink(missing_ok=True)
-        return None
-    buffer = io.BytesIO()
-    np.savez(buffer, **grams.to_arrays())  # type: ignore[arg-type]
-    RunWriter(run_dir, overwrite=True).write_bytes(GRAMS_FILE, buffer.getvalue())
-    return grams
 
 
 def _write_model_run(
@@ -406,16 +303,12 @@ def _write_model_run(
     """layers.csv, heads.csv, images.csv, spectrum.csv and frequency.csv (tokens family),
     gallery.npz, then run.json: its presence (and hash) marks a reusable run, so an older
     run.json goes first."""
-    from attnscope.results import RunWriter, run_metadata, write_profiles
+    from attnscope.results import RunFolder, run_metadata
 
-    writer = RunWriter(run_dir, overwrite=True)
-    (writer.prepare() / "run.json").unlink(missing_ok=True)
-    writer.write_csv("layers.csv", result.layers)
-    writer.write_csv("heads.csv", result.heads)
-    writer.write_csv("images.csv", result.images, float_format=None)
-    write_profiles(writer, result.spectrum, result.frequency)
+    folder = RunFolder(run_dir)
+    folder.write_tables(result)
     if gallery is not None:
-        writer.write_bytes(GALLERY_FILE, _gallery_bytes(gallery, chash))
+        folder.write_gallery(gallery, chash)
     block = {
         "command": "compare",
         "model": plan.name,
@@ -426,7 +319,7 @@ def _write_model_run(
     meta = run_metadata(command, block, {plan.name: result.info}, config.seed)
     meta["config_hash"] = chash
     meta["config_inputs"] = inputs
-    writer.write_json("run.json", meta)
+    folder.finish(meta)
 
 
 def _computed(
@@ -451,7 +344,7 @@ def _computed(
     from attnscope.commands.resume import PartialRun, committing
     from attnscope.commands.steps import load_with_ui, measure_configured
     from attnscope.compare import ModelRun
-    from attnscope.results import read_images, read_profiles, read_run
+    from attnscope.results import RunFolder
 
     partial = None if distributed.is_distributed() else PartialRun(run_dir, chash, plan.name)
     resumed_after = resume.done if resume is not None else None  # the state object moves on
@@ -477,12 +370,13 @@ def _computed(
         gallery = _gallery(loaded, result.info, config, dev)
         _free(loaded)
         _write_model_run(run_dir, plan, config, result, gallery, inputs, chash, command)
-        grams = _write_grams(run_dir, grams)
+        grams = RunFolder(run_dir).write_grams(grams)
     # Round-trip through the CSV so reused and fresh runs stack to byte-identical tables.
-    layers, heads, _ = read_run(run_dir)
+    folder = RunFolder(run_dir)
+    layers, heads, _ = folder.read()
     status = "resumed" if resume is not None else "computed"
-    spectrum, frequency = read_profiles(run_dir) or (None, None)
-    images = read_images(run_dir)
+    spectrum, frequency = folder.read_profiles() or (None, None)
+    images = folder.read_images()
     return ModelRun(
         plan, layers, heads, result.info, chash, status, gallery, images, grams, spectrum, frequency
     )
@@ -506,7 +400,8 @@ def run_or_reuse(
     gallery and writes, and the other ranks return None.
     """
     from attnscope import distributed
-    from attnscope.compare import config_hash
+    from attnscope.inputs import config_hash
+    from attnscope.results import RunFolder
 
     run_dir = runs_root / plan.slug
     main = distributed.is_main()
@@ -517,7 +412,7 @@ def run_or_reuse(
         if main:
             inputs = config.inputs(plan, paths)
             chash = config_hash(inputs)
-            found = _reusable_run(run_dir, chash, plan.name) if config.reuse else None
+            found = RunFolder(run_dir).reusable(chash, plan.name) if config.reuse else None
     if distributed.broadcast_object(found is not None):
         # only rank 0 holds the folder it found; the other ranks have nothing to return
         return _reused(plan, config, found, run_dir, chash, dev, ui) if found is not None else None
@@ -652,7 +547,8 @@ def check_partial_runs(
     clean-up) is removed.
     """
     from attnscope.commands.resume import PartialRun
-    from attnscope.compare import config_hash
+    from attnscope.inputs import config_hash
+    from attnscope.results import RunFolder
 
     states: dict[str, StreamState | None] = {}
     waiting = []
@@ -662,7 +558,7 @@ def check_partial_runs(
             continue
         chash = config_hash(config.inputs(plan, paths))
         partial = PartialRun(run_dir, chash, plan.name)
-        if _reusable_run(run_dir, chash, plan.name) is not None:
+        if RunFolder(run_dir).reusable(chash, plan.name) is not None:
             partial.remove()
         elif config.resume:
             states[plan.name] = partial.load(len(paths))

@@ -27,7 +27,7 @@ from attnscope.models.loading import display_name
 
 if TYPE_CHECKING:
     from attnscope.analysis import AnalysisResult
-    from attnscope.results import RunWriter
+    from attnscope.results import RunFolder
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class EntropyConfig:
 
     def inputs_hash(self, paths: Sequence[Path]) -> str:
         """The hash of everything that changes this run's numbers (a resume must match it)."""
-        from attnscope.compare import config_hash, metric_inputs, run_inputs
+        from attnscope.inputs import config_hash, metric_inputs, run_inputs
         from attnscope.models.source import resolve_model
 
         inputs = run_inputs(
@@ -99,28 +99,23 @@ class EntropyConfig:
 
 
 def write_single_run(
-    writer: RunWriter, result: AnalysisResult, meta: dict[str, Any], formats: Sequence[str]
+    folder: RunFolder, result: AnalysisResult, meta: dict[str, Any], formats: Sequence[str]
 ) -> None:
     """layers.csv, heads.csv, images.csv, the token profiles (spectrum.csv, frequency.csv)
     when measured, figures/, then run.json last: its presence marks a finished run (an older
     run.json is removed first, so a half-rewritten folder never looks finished)."""
     from attnscope.plots.entropy import entropy_figures
     from attnscope.plots.tokens import single_model_figures
-    from attnscope.results import write_profiles
 
-    (writer.prepare() / "run.json").unlink(missing_ok=True)
-    writer.write_csv("layers.csv", result.layers)
-    writer.write_csv("heads.csv", result.heads)
-    writer.write_csv("images.csv", result.images, float_format=None)
-    write_profiles(writer, result.spectrum, result.frequency)
+    folder.write_tables(result)
     label = display_name(result.info["name"], bool(result.info.get("random_init")))
     figures = chain(
         entropy_figures(result.layers, result.heads, label=label),
         single_model_figures(result.spectrum, result.frequency, label=label),
     )
     for name, fig in figures:
-        writer.write_figure(f"figures/{name}", fig, formats)
-    writer.write_json("run.json", meta)
+        folder.write_figure(f"figures/{name}", fig, formats)
+    folder.finish(meta)
 
 
 def check_out(out: Path, config: EntropyConfig, ui: UI) -> bool:
@@ -131,9 +126,9 @@ def check_out(out: Path, config: EntropyConfig, ui: UI) -> bool:
     on a finished run is refused; on an empty or new folder it starts from the first image.
     """
     from attnscope.commands.resume import PartialRun
-    from attnscope.results import RunWriter
+    from attnscope.results import RunFolder, RunWriter
 
-    finished = (out / "run.json").is_file()
+    finished = RunFolder(out).finished
     if PartialRun.exists(out):
         partial = PartialRun(out, "", config.model)
         if finished:  # killed between run.json and the clean-up: the run is complete
@@ -197,7 +192,7 @@ def run(
     """
     from attnscope import distributed
     from attnscope.commands.resume import committing
-    from attnscope.results import RunWriter, run_metadata
+    from attnscope.results import RunFolder, run_metadata
 
     if config.resume and distributed.launched_by_torchrun():  # before the process group: said once
         raise ConfigError(
@@ -228,5 +223,5 @@ def run(
         if resumed_after is not None:
             result.info["resumed_after"] = resumed_after
         meta = run_metadata(command, config.as_dict(), {config.model: result.info}, config.seed)
-        write_single_run(RunWriter(out_dir, overwrite=True), result, meta, config.formats)
+        write_single_run(RunFolder(out_dir), result, meta, config.formats)
     return out_dir, result

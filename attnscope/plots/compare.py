@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from attnscope.metrics import METRICS
-from attnscope.plots.entropy import UNIT_INTERVAL, _setup, metric_label
+from attnscope.plots.style import UNIT_INTERVAL, metric_label, setup
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -151,7 +151,7 @@ def depth_panels(
     is written under the panel, so a model without a class token is visibly absent, never
     drawn as zero.
     """
-    plt, _ = _setup()
+    plt, _ = setup()
     models = [m for m in palette if m in set(layers["model"])]
     depths = _depths(layers)
     n = len(metrics)
@@ -222,7 +222,7 @@ def head_scatter(
     Heads are spread a little left-right within a block so they do not hide each other;
     the line is the mean over heads.
     """
-    plt, _ = _setup()
+    plt, _ = setup()
     data = heads[heads["metric"] == metric]
     models = [m for m in palette if m in set(data["model"])]
     fig, axes = plt.subplots(
@@ -292,7 +292,7 @@ def heatmaps_side_by_side(
     note: str = "",
 ) -> Figure:
     """Block x head heatmaps of `metric`, one per model, on one shared colour scale."""
-    plt, _ = _setup()
+    plt, _ = setup()
     from matplotlib.colors import Normalize
 
     data = heads[heads["metric"] == metric]
@@ -336,7 +336,7 @@ def heatmaps_side_by_side(
 def cka_heatmaps(cka: pd.DataFrame, token: str, *, models: Sequence[str], note: str = "") -> Figure:
     """Linear CKA block x block for every pair of models (upper triangle, self included), one
     panel per pair, on the common [0, 1] scale."""
-    plt, _ = _setup()
+    plt, _ = setup()
     from matplotlib.colors import Normalize
 
     data = cka[cka["token"] == token]

@@ -1,40 +1,18 @@
-"""DataFrame -> matplotlib Figure. Nothing here saves or prints; results.py does that."""
+"""A single-model run's figures: metric lines over depth and block x head heatmaps.
+
+DataFrame -> matplotlib Figure. Nothing here saves or prints; the run folder does that.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from attnscope.metrics import METRIC_LABELS, UNIT_INTERVAL_METRICS
+from attnscope.plots.style import HEATMAP_METRICS, UNIT_INTERVAL, metric_label, model_palette, setup
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
-
-HEATMAP_METRICS = ("cls_self_attn", "cls_patch_entropy_norm", "attn_distance_px")
-UNIT_INTERVAL = frozenset(UNIT_INTERVAL_METRICS)
-
-
-def _setup():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
-    return plt, sns
-
-
-def model_palette(models: Sequence[str]) -> dict[str, tuple]:
-    """One fixed colour per model, shared by every figure of a run or report."""
-    _, sns = _setup()
-    colours = sns.color_palette("colorblind" if len(models) <= 10 else "husl", len(models))
-    return dict(zip(models, colours, strict=True))
-
-
-def metric_label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric)
 
 
 def metric_lines(
@@ -51,7 +29,7 @@ def metric_lines(
     With `relative_depth`, x is block / (depth - 1) so a 12-block and a 32-block model
     share one axis.
     """
-    plt, _ = _setup()
+    plt, _ = setup()
     data = layers[layers["metric"] == metric]
     models = list(dict.fromkeys(data["model"]))
     palette = palette or model_palette(models)
@@ -79,7 +57,7 @@ def metric_lines(
 
 def head_heatmap(heads: pd.DataFrame, metric: str, *, model: str | None = None, ax=None) -> Figure:
     """Layer x head heatmap of the per-head mean of `metric` for one model."""
-    plt, sns = _setup()
+    plt, sns = setup()
     data = heads[heads["metric"] == metric]
     if model is not None:
         data = data[data["model"] == model]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attnscope.maps import mass_mask, upsample
-from attnscope.plots.entropy import _setup
+from attnscope.plots.style import setup
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -70,7 +70,7 @@ def attention_gallery(
     caption: str = "",
 ) -> Figure:
     """First K images (rows) x models (columns): last-block attention over each model's view."""
-    plt, _ = _setup()
+    plt, _ = setup()
     k = min(len(c.views) for c in columns)
     ncols = len(columns) + 1
     fig, axes = plt.subplots(k, ncols, figsize=(2.3 * ncols, 2.3 * k + 0.5), squeeze=False)
@@ -120,7 +120,7 @@ def overlay_figure(
     ncols: int = 4,
 ) -> Figure:
     """One image: the input, then one overlay per map (heads or their mean), one colour scale."""
-    plt, _ = _setup()
+    plt, _ = setup()
     from matplotlib.patches import Rectangle
 
     n = len(maps) + 1

@@ -12,23 +12,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from attnscope.plots.style import setup
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
     from attnscope.probe.clusters import EvalEmbedding
     from attnscope.probe.selection import MapRecord
-
-
-def _setup():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
-    return plt, sns
 
 
 def block_label(block: int, num_blocks: int) -> str:
@@ -45,7 +36,7 @@ def accuracy_by_aggregator(
     Dots are every head of the grid; the open diamond is the best-over-grid evaluation
     accuracy (optimistic: chosen on the evaluation split itself).
     """
-    plt, sns = _setup()
+    plt, sns = setup()
     names = list(summary["aggregator"])
     palette = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
     fig, ax = plt.subplots(figsize=(3.5 + 1.2 * len(names), 4.2))
@@ -104,7 +95,7 @@ def accuracy_by_lr(results: pd.DataFrame, *, label: str = "") -> Figure:
     With several weight decays each lr shows the best weight decay on the hold-out, so the
     figure stays readable; results.csv holds every head.
     """
-    plt, sns = _setup()
+    plt, sns = setup()
     names = list(dict.fromkeys(results["aggregator"]))
     palette = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -152,7 +143,7 @@ def accuracy_by_depth(
     (`{model label: summary}`, e.g. a MIM and a JEA model): one panel per aggregator and a
     line per model, so models of different depths share one axis.
     """
-    plt, sns = _setup()
+    plt, sns = setup()
     tables = {label or "": summaries} if not isinstance(summaries, Mapping) else dict(summaries)
     aggregators = list(dict.fromkeys(a for t in tables.values() for a in t["aggregator"]))
     panels = aggregators if len(tables) > 1 else [""]
@@ -190,7 +181,7 @@ def learning_curves(curves: pd.DataFrame, summary: pd.DataFrame, *, label: str =
     (dotted), the hold-out (solid) and the evaluation split (dashed; optimistic to pick an
     epoch on), with the best evaluation epoch marked (the paper code's "Max accuracy").
     The other heads of the grid are the thin grey evaluation lines."""
-    plt, sns = _setup()
+    plt, sns = setup()
     names = list(summary["aggregator"])
     palette = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
     fig, axes = plt.subplots(1, len(names), figsize=(1.0 + 3.4 * len(names), 3.8), squeeze=False, sharey=True)
@@ -246,7 +237,7 @@ def selection_maps(maps: Sequence[MapRecord], *, label: str = "") -> Figure:
     the title gives the Spearman rank correlation of the two over all patches (does the
     probe select what [cls] attends to?).
     """
-    plt, _ = _setup()
+    plt, _ = setup()
     with_cls = any(m.cls_attention is not None for m in maps)
     cols = 3 if with_cls else 2
     fig, axes = plt.subplots(
@@ -294,7 +285,7 @@ def _class_colours(num_classes: int):
     import matplotlib as mpl
 
     if num_classes <= 10:
-        _, sns = _setup()
+        _, sns = setup()
         return list(sns.color_palette("colorblind", 10))[:num_classes]
     if num_classes <= _MANY_CLASSES:
         cmap = mpl.colormaps["tab20"]
@@ -335,7 +326,7 @@ def embedding(emb: EvalEmbedding, classes: Sequence[str], *, label: str = "") ->
     Each panel's title gives the leave-one-out k-NN accuracy and the silhouette (cosine) of
     the full features, not of the 2-D picture: t-SNE keeps neighbourhoods, not distances, so
     the size of a cluster and the gaps between clusters mean little."""
-    plt, _ = _setup()
+    plt, _ = setup()
     kinds = list(emb.embeddings)
     colours = _class_colours(len(classes))
     many = len(classes) > _MANY_CLASSES

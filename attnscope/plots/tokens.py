@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from attnscope.plots.entropy import _setup, model_palette
+from attnscope.plots.style import model_palette, setup
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,7 +71,7 @@ def profile_at_depths(
     """One panel per depth (first block, a third, two thirds, last; by each model's relative
     depth), a line per model: the mean over images of the spectrum (top: normalised
     singular values, log-log; bottom: cumulative energy) or of the frequency profile."""
-    plt, _ = _setup()
+    plt, _ = setup()
     kind = _kind(table)
     models = list(dict.fromkeys(table["model"]))
     palette = palette or model_palette(models)
@@ -107,7 +107,7 @@ def profile_at_depths(
 def profile_by_block(table: pd.DataFrame, *, title: str | None = None) -> Figure:
     """One model's profile at every block in one panel per quantity, coloured by depth
     (dark: first block, yellow: last)."""
-    plt, _ = _setup()
+    plt, _ = setup()
     import matplotlib as mpl
 
     kind = _kind(table)

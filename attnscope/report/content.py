@@ -95,7 +95,7 @@ def summary_rows(
     `intervals` has it, or ("—", why) for a metric the model does not have: missing, never 0.
     """
     from attnscope.compare import HEADLINE_METRICS, missing_reason, model_interval
-    from attnscope.plots.entropy import metric_label
+    from attnscope.plots.style import metric_label
 
     infos = {r.name: r.info for r in runs}
     models = [str(m) for m in summary["model"]]

@@ -65,7 +65,7 @@ class _Encoding:
 def _encoding(runs: Sequence[ModelRun]) -> _Encoding:
     from attnscope.metrics import ALL_METRICS
     from attnscope.plots.compare import family_linestyles
-    from attnscope.plots.entropy import model_palette
+    from attnscope.plots.style import model_palette
 
     models = [r.name for r in runs]
     families = {r.name: r.plan.family for r in runs}
@@ -133,7 +133,7 @@ def _depth_panels(
 def _head_figures(emit: _Emitter, enc: _Encoding, heads: pd.DataFrame) -> None:
     """Per-head attention distance, then block x head heatmaps of the key metrics."""
     from attnscope.plots.compare import head_scatter, heatmaps_side_by_side
-    from attnscope.plots.entropy import HEATMAP_METRICS, metric_label
+    from attnscope.plots.style import HEATMAP_METRICS, metric_label
 
     present = set(heads["metric"])
     if "attn_distance_px" in present:

@@ -114,7 +114,7 @@ def render_html(
 ) -> str:
     """The whole report as one HTML document with no external resource."""
     from attnscope import __version__
-    from attnscope.plots.entropy import model_palette
+    from attnscope.plots.style import model_palette
 
     palette = {m: _hex(c) for m, c in model_palette([r.name for r in runs]).items()}
     created = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
