@@ -366,7 +366,7 @@ def test_a_release_file_resolves_to_the_alias_of_its_width(tmp_path):
 def test_a_timm_beit_state_dict_tells_its_heads_and_loads_as_its_model(tmp_path):
     """Per-block relative-position tables show the head count; the path then builds the same
     model the architecture's name and sizes do, with the same attention."""
-    from test_converters import our_forward
+    from conftest import our_forward
 
     sizes = {"embed_dim": 32, "depth": 2, "num_heads": 4, "patch_size": 8, "img_size": 32}
     torch.manual_seed(0)
