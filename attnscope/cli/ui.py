@@ -14,7 +14,30 @@ from attnscope import distributed
 from attnscope.cli.options import flag_for, resume_command_line, with_flags
 from attnscope.errors import AttnscopeError, ConfigError, Interrupted
 
-console = Console(stderr=False)
+class OutputConsole(Console):
+    """stdout. In a terminal it is rich's console. Elsewhere (a file, a pipe, a SLURM log) a
+    80-column guess would wrap a table and cut its numbers to `0…`; there each printed thing is
+    as wide as it needs, so a log holds every digit and a path on one line."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if self.is_terminal or self.quiet or not objects or kwargs.get("width") is not None:
+            super().print(*objects, **kwargs)
+            return
+        from rich.measure import Measurement
+
+        unbounded = self.options.update_width(1_000_000)
+        sep = kwargs.get("sep", " ")
+        needed = sum(Measurement.get(self, unbounded, obj).maximum for obj in objects)
+        needed += len(sep) * (len(objects) - 1)
+        saved = self._width
+        self.width = max(self.width, needed)
+        try:
+            super().print(*objects, **kwargs)
+        finally:
+            self._width = saved
+
+
+console = OutputConsole(stderr=False)
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
