@@ -14,6 +14,7 @@ from attnscope import distributed
 from attnscope.cli.options import flag_for, resume_command_line, with_flags
 from attnscope.errors import AttnscopeError, ConfigError, Interrupted
 
+
 class OutputConsole(Console):
     """stdout. In a terminal it is rich's console. Elsewhere (a file, a pipe, a SLURM log) a
     80-column guess would wrap a table and cut its numbers to `0…`; there each printed thing is
