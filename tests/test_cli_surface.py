@@ -179,3 +179,30 @@ def test_probe_summary_off_a_terminal_holds_every_number(tmp_path):
         cells = rows[row["aggregator"]]
         assert f"{row['lr']:g}" == cells[1] and f"{row['wd']:g}" == cells[2], cells
         assert f"{100 * row['eval_top1']:.1f}" in cells
+
+
+def test_probe_summary_fits_an_80_column_terminal_with_every_number_whole():
+    """The default aggregators at ImageNet's sizes (1,000 classes, 50,000 images, 90 epochs)."""
+    from rich.console import Console
+
+    from attnscope.cli.probe import _summary_table
+
+    rows = [
+        {
+            "aggregator": name, "lr": lr, "wd": wd, "params": 769_769, "selected_on": "holdout",
+            "holdout_top1": 0.6812, "train_top1": 0.7, "eval_top1": 0.6755, "eval_top1_ci_low": 0.6671,
+            "eval_top1_ci_high": 0.6838, "eval_top5": 0.8812, "best_over_grid_eval_top1": 0.6801,
+            "best_epoch": 87, "best_epoch_top1": 0.6803, "eval_images": 50_000, "baseline": "cls",
+            "delta_top1_vs_baseline": delta, "delta_ci_low": delta - 0.01, "delta_ci_high": delta + 0.01,
+        }
+        for name, lr, wd, delta in [
+            ("cls", 0.003, 0.0001, 0.0), ("mean", 0.1, 0.05, 0.0), ("abmilp", 0.001, 0.05, -0.012)
+        ]
+    ]  # fmt: skip
+    console = Console(width=80, force_terminal=True, color_system=None, record=True)
+    console.print(_summary_table(pd.DataFrame(rows), "mae_vit_base: probe accuracy"))
+    text = console.export_text()
+    assert "…" not in text, text
+    for cell in ("abmilp", "0.003", "0.0001", "769,769", "67..68", "ep 87", "-1.2", "Δ cls"):
+        assert cell in text, cell
+    assert "(optimistic)" in text  # the caption wraps, it is not cut

@@ -651,7 +651,16 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    # one space between columns: 80 columns hold the table with every number whole; the caption
+    # left-justified, as rich crops a centred caption's longest line to the terminal's width
+    table = Table(
+        title=title,
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        caption_justify="left",
+    )
     baseline = summary["baseline"].iloc[0] if len(summary) else None
     by_block = "block" in summary and summary["block"].nunique() > 1
     if by_block:
