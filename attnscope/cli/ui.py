@@ -16,9 +16,11 @@ from attnscope.errors import AttnscopeError, ConfigError, Interrupted
 
 
 class OutputConsole(Console):
-    """stdout. In a terminal it is rich's console. Elsewhere (a file, a pipe, a SLURM log) a
-    80-column guess would wrap a table and cut its numbers to `0…`; there each printed thing is
-    as wide as it needs, so a log holds every digit and a path on one line."""
+    """stdout. In a terminal it is rich's console. Elsewhere (a file, a pipe, a SLURM log) its
+    width is a guess (80, or $COLUMNS), and rich would cut a table's numbers to `0…` to fit it;
+    there each print widens the console as far as the printed thing needs so that nothing is
+    cut (its minimum width: whole cells of no-wrap columns, whole words), and text that can
+    wrap still wraps at the guess."""
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         if self.is_terminal or self.quiet or not objects or kwargs.get("width") is not None:
@@ -27,9 +29,7 @@ class OutputConsole(Console):
         from rich.measure import Measurement
 
         unbounded = self.options.update_width(1_000_000)
-        sep = kwargs.get("sep", " ")
-        needed = sum(Measurement.get(self, unbounded, obj).maximum for obj in objects)
-        needed += len(sep) * (len(objects) - 1)
+        needed = max(Measurement.get(self, unbounded, obj).minimum for obj in objects)
         saved = self._width
         self.width = max(self.width, needed)
         try:
