@@ -159,8 +159,6 @@ def compare_cmd(
 
       attnscope compare ./dinov2-small/ dino
     """
-    from rich.markup import escape
-
     from attnscope.commands.compare import CompareConfig, run
 
     config = CompareConfig(
@@ -188,8 +186,14 @@ def compare_cmd(
     )
     ui = CliUI()
     result = run(config, ui, command=command_line())
-    if result is None:  # torchrun: a rank other than 0; rank 0 reports
-        return
+    if result is not None:  # torchrun: rank 0 alone reports
+        _show_result(ui, result)
+
+
+def _show_result(ui: CliUI, result: Comparison) -> None:
+    """Which runs were reused, the summary table, the findings and where the report is."""
+    from rich.markup import escape
+
     reused = [r.name for r in result.runs if r.status.startswith("reused")]
     if reused:
         ui.print(
