@@ -22,8 +22,8 @@ app = typer.Typer(
         "layer by layer and head by head.\n\n"
         "Examples:\n\n"
         "  attnscope models\n\n"
-        "  attnscope entropy --model mae --images photos/ --out runs/mae\n\n"
-        "  attnscope entropy --model vit_small_patch16_224 --checkpoint my.pth --img-size 320x256"
+        "  attnscope entropy mae --images photos/ --out runs/mae\n\n"
+        "  attnscope entropy vit_small_patch16_224 --checkpoint my.pth --img-size 320x256"
     ),
     no_args_is_help=True,
     add_completion=False,

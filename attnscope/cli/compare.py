@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from attnscope.cli.options import (
+    IMAGES_PANEL,
+    MODEL_PANEL,
+    OUTPUT_PANEL,
     BatchSizeOpt,
     DeviceOpt,
     DtypeOpt,
@@ -50,6 +53,7 @@ CheckpointsOpt = Annotated[
         "(repeatable, one per model). "
         "With --random-init, models without a checkpoint get random weights (a baseline).",
         show_default=False,
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 DataConfigsOpt = Annotated[
@@ -60,6 +64,7 @@ DataConfigsOpt = Annotated[
         "interpolation=I (repeatable). Default: its alias's family, its recognised checkpoint family, "
         "else timm's.",
         show_default=False,
+        rich_help_panel=IMAGES_PANEL,
     ),
 ]
 FamiliesOpt = Annotated[
@@ -68,6 +73,7 @@ FamiliesOpt = Annotated[
         "--family",
         help="NAME=FAMILY: override a model's family (MIM, JEA, supervised, ...); sets its line style.",
         show_default=False,
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 CompareOutOpt = Annotated[
@@ -77,6 +83,7 @@ CompareOutOpt = Annotated[
         "-o",
         help="Report folder. An existing compare folder is refreshed (its runs reused). "
         "Default: a new folder under attnscope-runs/.",
+        rich_help_panel=OUTPUT_PANEL,
     ),
 ]
 ReuseOpt = Annotated[
@@ -84,10 +91,14 @@ ReuseOpt = Annotated[
     typer.Option(
         "--reuse/--no-reuse",
         help="Re-read a model's run in OUT/runs/ when its configuration hash matches instead of recomputing.",
+        rich_help_panel=OUTPUT_PANEL,
     ),
 ]
 GalleryOpt = Annotated[
-    int, typer.Option("--gallery", help="Images in the attention gallery (0: none).", min=0)
+    int,
+    typer.Option(
+        "--gallery", help="Images in the attention gallery (0: none).", min=0, rich_help_panel=OUTPUT_PANEL
+    ),
 ]
 
 
@@ -109,23 +120,23 @@ def parse_assignments(values: Sequence[str] | None, option: str) -> dict[str, st
 def compare_cmd(
     models: ModelsArg,
     checkpoint: CheckpointsOpt = None,
-    family: FamiliesOpt = None,
-    data_config: DataConfigsOpt = None,
-    images: ImagesOpt = None,
-    out: CompareOutOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    reuse: ReuseOpt = True,
     random_init: RandomInitOpt = False,
-    img_size: ImgSizeOpt = None,
+    family: FamiliesOpt = None,
     position_resize: PositionResizeOpt = "own",
+    images: ImagesOpt = None,
     max_images: MaxImagesOpt = None,
+    img_size: ImgSizeOpt = None,
+    data_config: DataConfigsOpt = None,
+    metrics: MetricsOpt = "attention",
     batch_size: BatchSizeOpt = 16,
     num_workers: WorkersOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
-    metrics: MetricsOpt = "attention",
     seed: SeedOpt = 0,
+    out: CompareOutOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    reuse: ReuseOpt = True,
     gallery: GalleryOpt = 4,
     formats: FormatOpt = None,
 ) -> None:
@@ -175,12 +186,12 @@ def compare_cmd(
     )
     ui = CliUI()
     result = run(config, ui, command=command_line())
-    if result is not None:  # None: torchrun, a rank other than 0; rank 0 reports
-        _report(result, ui)
+    if result is not None:  # torchrun: rank 0 alone reports
+        _show_result(ui, result)
 
 
-def _report(result: Comparison, ui: CliUI) -> None:
-    """What was reused, the summary table, the findings and where the report is."""
+def _show_result(ui: CliUI, result: Comparison) -> None:
+    """Which runs were reused, the summary table, the findings and where the report is."""
     from rich.markup import escape
 
     reused = [r.name for r in result.runs if r.status.startswith("reused")]

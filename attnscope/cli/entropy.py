@@ -41,22 +41,22 @@ def entropy_cmd(
     model_arg: ModelArg = None,
     model_opt: OptionalModelOpt = None,
     checkpoint: CheckpointOpt = None,
-    images: ImagesOpt = None,
-    out: OutOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
     random_init: RandomInitOpt = False,
     family: FamilyOpt = None,
-    data_config: DataConfigOpt = None,
-    img_size: ImgSizeOpt = None,
     position_resize: PositionResizeOpt = "own",
+    images: ImagesOpt = None,
     max_images: MaxImagesOpt = None,
+    img_size: ImgSizeOpt = None,
+    data_config: DataConfigOpt = None,
+    metrics: MetricsOpt = "attention",
     batch_size: BatchSizeOpt = 16,
     num_workers: WorkersOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
-    metrics: MetricsOpt = "attention",
     seed: SeedOpt = 0,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     formats: FormatOpt = None,
 ) -> None:
     """Per-layer and per-head attention statistics of one model.
@@ -64,25 +64,26 @@ def entropy_cmd(
     Writes layers.csv, heads.csv, images.csv (each image's value per block and metric),
     run.json and figures/ (line plots per metric, layer x head heatmaps), then prints a
     per-layer table. Ctrl-C keeps what is committed; --resume continues from there.
+    The model is named positionally or with --model; both say the same.
 
     Examples:
 
       attnscope entropy mae_vit_base
 
-      attnscope entropy --model mae --images ~/imagenet/val --max-images 500 --out runs/mae
+      attnscope entropy mae --images ~/imagenet/val --max-images 500 --out runs/mae
 
-      attnscope entropy --model dinov2_vit_base --img-size 224 --device cuda --dtype bfloat16
+      attnscope entropy dinov2_vit_base --img-size 224 --device cuda --dtype bfloat16
 
-      attnscope entropy --model vit_base_patch16_224 --checkpoint mae_pretrain_vit_base.pth
+      attnscope entropy vit_base_patch16_224 --checkpoint mae_pretrain_vit_base.pth
 
-      attnscope entropy --model mocov3_vit_small --checkpoint vit-s-300ep.pth.tar
+      attnscope entropy mocov3_vit_small --checkpoint vit-s-300ep.pth.tar
 
-      attnscope entropy --model ./dinov2-small/
+      attnscope entropy ./dinov2-small/
     """
     from attnscope.commands.entropy import EntropyConfig, run
     from attnscope.models import display_name
 
-    model = one_model(model_arg, model_opt)
+    model = one_model(model_arg, model_opt, "entropy")
     config = EntropyConfig(
         model=model,
         checkpoint=checkpoint,

@@ -72,7 +72,10 @@ def models_cmd(as_json: JsonOpt = False) -> None:
         console.print(_table(title, chosen))
     files = [e for e in entries if e.spec.file_weights]
     if files:  # links in full, one per line (a table cell would fold them)
-        console.print("[bold]weights published as files[/] (download, then --model ALIAS --checkpoint FILE):")
+        console.print(
+            "[bold]weights published as files[/] "
+            "(download, then e.g. attnscope entropy ALIAS --checkpoint FILE):"
+        )
         for e in files:
             kind, _, where = (e.weights or "").partition(":")
             what = where if kind == "url" else f"no public link; ask the authors ({where})"

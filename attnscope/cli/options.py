@@ -42,29 +42,43 @@ def with_flags(text: str, overrides: Mapping[str, str] | None = None) -> str:
     return _FIELD.sub(lambda m: flag_for(m[1], overrides), text)
 
 
+# Help panels: `--help` groups each command's options under these headings, a shared option
+# under the same one in every command; a command adds panels of its own for its own options.
+MODEL_PANEL = "Model"  # which network, with which weights
+IMAGES_PANEL = "Images"  # which images, and how they are prepared
+EXECUTION_PANEL = "Execution"  # how it runs: device, precision, batches, workers, seed
+OUTPUT_PANEL = "Output"  # what is written where
+MEASUREMENT_PANEL = "Measurement"  # which statistics (entropy, compare)
+
 _MODEL_HELP = (
     "Alias (see `attnscope models`), any timm ViT name, or the path of a Hugging Face folder "
     "or checkpoint file (its architecture read from it)."
 )
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help=_MODEL_HELP, show_default=False)]
-# `attnscope entropy mae` and `attnscope entropy --model mae` say the same thing
+# Every command names its model positionally (`attnscope maps mae`), and --model says the same
+# thing (`attnscope maps --model mae`); `one_model` reconciles the two.
 ModelArg = Annotated[
     str | None,
     typer.Argument(
-        help="Alias, timm name or weights path (or use --model).", show_default=False, metavar="MODEL"
+        help="Alias, timm name or weights path (or use --model).",
+        show_default=False,
+        metavar="MODEL",
     ),
 ]
-OptionalModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=_MODEL_HELP, show_default=False)]
+OptionalModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help=_MODEL_HELP, show_default=False, rich_help_panel=MODEL_PANEL),
+]
 
 
-def one_model(positional: str | None, option: str | None) -> str:
-    """The model named either way; an error when neither or two different ones are given."""
+def one_model(positional: str | None, option: str | None, command: str, default: str | None = None) -> str:
+    """The model named either way (`default` when neither); an error when two different ones
+    are given, or none and there is no default."""
     if positional and option and positional != option:
         raise AttnscopeError(f"two models given: {positional!r} and --model {option!r}; give one")
-    model = positional or option
+    model = positional or option or default
     if not model:
         raise AttnscopeError(
-            "no model given: name one, e.g. `attnscope entropy mae` (see `attnscope models`)"
+            f"no model given: name one, e.g. `attnscope {command} mae` (see `attnscope models`)"
         )
     return model
 
@@ -72,8 +86,53 @@ def one_model(positional: str | None, option: str | None) -> str:
 CheckpointOpt = Annotated[
     Path | None,
     typer.Option(
-        help="Weights for --model: a file (.pth/.pth.tar/.bin/.safetensors, any family's release layout), "
+        help="Weights for the model: a file (.pth/.pth.tar/.bin/.safetensors, any family's release layout), "
         "a Hugging Face folder (config.json + weights) or hub id (org/name).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+RandomInitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--random-init",
+        help="Random weights (seeded) - for testing pipelines only.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+FamilyOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Override the family: MIM, 'MIM (fine-tuned)', JEA, supervised, language-supervised.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+PositionResizeOpt = Annotated[
+    str,
+    typer.Option(
+        help="How position terms reach an --img-size other than the weights' own: 'own' = the model's "
+        "own code (DINOv2's offset rule, MAE's interpolate_pos_embed, BEiT's spline, ...; "
+        "docs/models.md), 'timm' = timm's loader, for comparison.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+ImagesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--images",
+        "-i",
+        help="Folder (recursive), image file or glob; repeatable. Default: bundled sample photos.",
+        rich_help_panel=IMAGES_PANEL,
+    ),
+]
+MaxImagesOpt = Annotated[
+    int | None,
+    typer.Option(help="Use at most this many images (after sorting).", min=1, rich_help_panel=IMAGES_PANEL),
+]
+ImgSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Run at another input size: H or HxW (e.g. 224 for DINOv2, 320x256).",
+        rich_help_panel=IMAGES_PANEL,
     ),
 ]
 DataConfigOpt = Annotated[
@@ -83,59 +142,58 @@ DataConfigOpt = Annotated[
         "mean=R,G,B,std=R,G,B,crop_pct=F,interpolation=bicubic|bilinear. Default: the alias's family, "
         "the recognised checkpoint family, else timm's.",
         show_default=False,
+        rich_help_panel=IMAGES_PANEL,
     ),
 ]
-PositionResizeOpt = Annotated[
+BatchSizeOpt = Annotated[
+    int, typer.Option(help="Images per forward pass.", min=1, rich_help_panel=EXECUTION_PANEL)
+]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        help="DataLoader worker processes for decoding images.", min=0, rich_help_panel=EXECUTION_PANEL
+    ),
+]
+DeviceOpt = Annotated[
     str,
     typer.Option(
-        help="How position terms reach an --img-size other than the weights' own: 'own' = the model's "
-        "own code (DINOv2's offset rule, MAE's interpolate_pos_embed, BEiT's spline, ...; "
-        "docs/models.md), 'timm' = timm's loader, for comparison.",
+        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=EXECUTION_PANEL
     ),
 ]
-RandomInitOpt = Annotated[
-    bool, typer.Option("--random-init", help="Random weights (seeded) - for testing pipelines only.")
-]
-FamilyOpt = Annotated[
-    str | None,
-    typer.Option(help="Override the family: MIM, 'MIM (fine-tuned)', JEA, supervised, language-supervised."),
-]
-ImagesOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--images",
-        "-i",
-        help="Folder (recursive), image file or glob; repeatable. Default: bundled sample photos.",
-    ),
-]
-MaxImagesOpt = Annotated[
-    int | None, typer.Option(help="Use at most this many images (after sorting).", min=1)
-]
-BatchSizeOpt = Annotated[int, typer.Option(help="Images per forward pass.", min=1)]
-WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for decoding images.", min=0)]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[
-    str, typer.Option(help="Forward precision: float32, bfloat16 or float16 (metrics stay float32).")
+    str,
+    typer.Option(
+        help="Forward precision: float32, bfloat16 or float16 (metrics stay float32).",
+        rich_help_panel=EXECUTION_PANEL,
+    ),
+]
+SeedOpt = Annotated[
+    int, typer.Option(help="Seed for random init and anything random.", rich_help_panel=EXECUTION_PANEL)
 ]
 MetricsOpt = Annotated[
     str,
     typer.Option(
         help="Metric families, comma-separated: attention (attention maps, residual ratios), tokens "
         "(the block outputs: cosines, norms, outliers, effective rank, frequency; slower, and needed "
-        "for compare's CKA). Default: attention."
+        "for compare's CKA). Default: attention.",
+        rich_help_panel=MEASUREMENT_PANEL,
     ),
-]
-SeedOpt = Annotated[int, typer.Option(help="Seed for random init and anything random.")]
-ImgSizeOpt = Annotated[
-    str | None, typer.Option(help="Run at another input size: H or HxW (e.g. 224 for DINOv2, 320x256).")
 ]
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Output folder. Default: a new folder under attnscope-runs/."),
+    typer.Option(
+        "--out",
+        "-o",
+        help="Output folder. Default: a new folder under attnscope-runs/.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
 ]
 OverwriteOpt = Annotated[
     bool,
-    typer.Option(help="Allow writing into a non-empty --out folder (an interrupted run there starts over)."),
+    typer.Option(
+        help="Allow writing into a non-empty --out folder (an interrupted run there starts over).",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
 ]
 ResumeOpt = Annotated[
     bool,
@@ -143,11 +201,16 @@ ResumeOpt = Annotated[
         "--resume",
         help="Continue the interrupted run in --out from its last committed image "
         "(runs commit every 64 images or 30 s). Not under torchrun.",
+        rich_help_panel=OUTPUT_PANEL,
     ),
 ]
 FormatOpt = Annotated[
     list[str] | None,
-    typer.Option("--format", help="Figure formats: png, svg, pdf (repeatable). Default: png."),
+    typer.Option(
+        "--format",
+        help="Figure formats: png, svg, pdf (repeatable). Default: png.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
 ]
 
 

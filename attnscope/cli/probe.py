@@ -9,12 +9,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from attnscope.cli.options import (
+    EXECUTION_PANEL,
+    OUTPUT_PANEL,
     CheckpointOpt,
     DataConfigOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
     ImgSizeOpt,
+    OptionalModelOpt,
     OutOpt,
     OverwriteOpt,
     PositionResizeOpt,
@@ -22,11 +25,12 @@ from attnscope.cli.options import (
     SeedOpt,
     WorkersOpt,
     command_line,
+    one_model,
     parse_img_size,
     with_flags,
 )
 from attnscope.cli.ui import CliUI, handle_errors
-from attnscope.commands.probe import ProbeHooks
+from attnscope.commands.probe import ProbeConfig, ProbeHooks
 from attnscope.errors import AttnscopeError
 from attnscope.models.loading import display_name
 from attnscope.probe.catalog import registered_aggregators
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from rich.table import Table
 
-    from attnscope.commands.probe import BankPlan, FeaturePlan, ProbeConfig, ProbeResult
+    from attnscope.commands.probe import BankPlan, FeaturePlan, ProbeResult
     from attnscope.probe.train import Recipe
 
 # ProbeConfig fields whose probe flag differs from the shared spelling (`options.flag_for`):
@@ -52,6 +56,12 @@ _ALIASES = {
     "--max-images": ("max_images_alias", "max_images"),
 }
 
+# probe's own help panels, beside the shared ones (options.MODEL_PANEL, ...)
+DATA_PANEL = "Probe data"  # the labelled images: where they are, how they are split
+HEADS_PANEL = "Heads"  # which aggregators, on which blocks' tokens
+TRAINING_PANEL = "Training"  # how the heads are trained
+SELECTION_PANEL = "Selection"  # the lr x wd grid and the hold-out that picks a head from it
+
 DataOpt = Annotated[
     str | None,
     typer.Option(
@@ -59,14 +69,26 @@ DataOpt = Annotated[
         help="ImageFolder tree: DIR/train/CLASS/ and DIR/val/ (or test/), or DIR/CLASS/ only "
         "(then a stratified --val-fraction split). Default: built-in handwritten digits (no network needed).",
         show_default=False,
+        rich_help_panel=DATA_PANEL,
     ),
 ]
 TrainDirOpt = Annotated[
     Path | None,
-    typer.Option("--train", help="Training class folders (with --val, or a split).", show_default=False),
+    typer.Option(
+        "--train",
+        help="Training class folders (with --val, or a split).",
+        show_default=False,
+        rich_help_panel=DATA_PANEL,
+    ),
 ]
 ValDirOpt = Annotated[
-    Path | None, typer.Option("--val", help="Evaluation class folders (needs --train).", show_default=False)
+    Path | None,
+    typer.Option(
+        "--val",
+        help="Evaluation class folders (needs --train).",
+        show_default=False,
+        rich_help_panel=DATA_PANEL,
+    ),
 ]
 CsvOpt = Annotated[
     Path | None,
@@ -75,6 +97,7 @@ CsvOpt = Annotated[
         help="CSV of path,label[,split] rows (split: train, val or test); paths relative to the file.",
         dir_okay=False,
         show_default=False,
+        rich_help_panel=DATA_PANEL,
     ),
 ]
 DatasetOpt = Annotated[
@@ -84,6 +107,7 @@ DatasetOpt = Annotated[
         help="torchvision dataset: cifar10, cifar100, stl10, flowers102, oxford_pets, food101, dtd "
         "(downloaded into --data-root where the network allows).",
         show_default=False,
+        rich_help_panel=DATA_PANEL,
     ),
 ]
 DataRootOpt = Annotated[
@@ -92,10 +116,17 @@ DataRootOpt = Annotated[
         "--data-root",
         help="Folder holding (or receiving) --dataset. Default: ~/.local/share/attnscope/datasets.",
         show_default=False,
+        rich_help_panel=DATA_PANEL,
     ),
 ]
 ValFractionOpt = Annotated[
-    float, typer.Option(help="Evaluation share when the data has no evaluation split.", min=0.0, max=0.9)
+    float,
+    typer.Option(
+        help="Evaluation share when the data has no evaluation split.",
+        min=0.0,
+        max=0.9,
+        rich_help_panel=DATA_PANEL,
+    ),
 ]
 HoldoutOpt = Annotated[
     float,
@@ -104,12 +135,16 @@ HoldoutOpt = Annotated[
         "0: select on training accuracy.",
         min=0.0,
         max=0.9,
+        rich_help_panel=SELECTION_PANEL,
     ),
 ]
 ShotsOpt = Annotated[
     int | None,
     typer.Option(
-        help="Keep K training images per class (seeded): few-shot probing.", min=1, show_default=False
+        help="Keep K training images per class (seeded): few-shot probing.",
+        min=1,
+        show_default=False,
+        rich_help_panel=DATA_PANEL,
     ),
 ]
 MaxImgOpt = Annotated[
@@ -119,6 +154,7 @@ MaxImgOpt = Annotated[
         help="At most N images per split (stratified, seeded).",
         min=2,
         show_default=False,
+        rich_help_panel=DATA_PANEL,
     ),
 ]
 AggregatorOpt = Annotated[
@@ -129,12 +165,15 @@ AggregatorOpt = Annotated[
         help="Comma list of: "
         + "; ".join(f"{name} ({text})" for name, text in registered_aggregators())
         + ".",
+        rich_help_panel=HEADS_PANEL,
     ),
 ]
 DepthOpt = Annotated[
     int,
     typer.Option(
-        help="AbMILP scorer depth: 1 = one Linear(D,1) (the paper); k adds k-1 Linear(D,D)+ReLU.", min=1
+        help="AbMILP scorer depth: 1 = one Linear(D,1) (the paper); k adds k-1 Linear(D,D)+ReLU.",
+        min=1,
+        rich_help_panel=HEADS_PANEL,
     ),
 ]
 RecipeOpt = Annotated[
@@ -142,13 +181,17 @@ RecipeOpt = Annotated[
     typer.Option(
         help="default: AdamW + lr/wd grid + cosine with warm-up. "
         "paper: the paper's code: LARS, base lr 0.1 x batch/256, batch 16384 (BatchNorm over 2048), "
-        "90 epochs, 10 warm-up, no wd, nn.Linear's initialisation of the classifier."
+        "90 epochs, 10 warm-up, no wd, nn.Linear's initialisation of the classifier.",
+        rich_help_panel=TRAINING_PANEL,
     ),
 ]
 EpochsOpt = Annotated[
     int | None,
     typer.Option(
-        help="Epochs. Default: about 1,000 steps (10-100 epochs); paper: 90.", min=1, show_default=False
+        help="Epochs. Default: about 1,000 steps (10-100 epochs); paper: 90.",
+        min=1,
+        show_default=False,
+        rich_help_panel=TRAINING_PANEL,
     ),
 ]
 WarmupOpt = Annotated[
@@ -159,6 +202,7 @@ WarmupOpt = Annotated[
         "whatever the epoch count (as its code).",
         min=0.0,
         show_default=False,
+        rich_help_panel=TRAINING_PANEL,
     ),
 ]
 TrainBatchOpt = Annotated[
@@ -168,6 +212,7 @@ TrainBatchOpt = Annotated[
         help="Images per optimizer step. Default 256; paper 16384 (capped at the training set).",
         min=2,
         show_default=False,
+        rich_help_panel=TRAINING_PANEL,
     ),
 ]
 LrsOpt = Annotated[
@@ -177,18 +222,24 @@ LrsOpt = Annotated[
         help="Comma list of learning rates (paper recipe: base lrs, scaled by batch/256). "
         "Default: 1e-3,3e-3,1e-2,3e-2,1e-1.",
         show_default=False,
+        rich_help_panel=SELECTION_PANEL,
     ),
 ]
 WdsOpt = Annotated[
     str | None,
     typer.Option(
-        "--wds", help="Comma list of weight decays. Default: 1e-4,5e-2 (paper: 0).", show_default=False
+        "--wds",
+        help="Comma list of weight decays. Default: 1e-4,5e-2 (paper: 0).",
+        show_default=False,
+        rich_help_panel=SELECTION_PANEL,
     ),
 ]
 PrenormOpt = Annotated[
     bool,
     typer.Option(
-        "--prenorm", help="Tokens before the model's final norm (the paper's code) instead of after it."
+        "--prenorm",
+        help="Tokens before the model's final norm (the paper's code) instead of after it.",
+        rich_help_panel=HEADS_PANEL,
     ),
 ]
 BlocksOpt = Annotated[
@@ -199,6 +250,7 @@ BlocksOpt = Annotated[
         "maps (2,5,8,11 on a 12-block ViT; -1 is the last; the paper code's --return_block k > 0 is block "
         "k). One forward fills every block's cache; the heads are trained on each block in turn. Only the "
         "last block gets the final norm.",
+        rich_help_panel=HEADS_PANEL,
     ),
 ]
 CurvesOpt = Annotated[
@@ -210,6 +262,7 @@ CurvesOpt = Annotated[
         "the paper code's 'Max accuracy'). Default: on, off with --no-cache (each measurement would "
         "run the backbone again).",
         show_default=False,
+        rich_help_panel=TRAINING_PANEL,
     ),
 ]
 CacheDirOpt = Annotated[
@@ -217,6 +270,7 @@ CacheDirOpt = Annotated[
     typer.Option(
         help="Feature cache folder. Default: ~/.cache/attnscope/probe ($ATTNSCOPE_CACHE/probe).",
         show_default=False,
+        rich_help_panel=EXECUTION_PANEL,
     ),
 ]
 NoCacheOpt = Annotated[
@@ -224,6 +278,7 @@ NoCacheOpt = Annotated[
     typer.Option(
         "--no-cache",
         help="Do not cache features: stream the backbone every epoch (for data larger than the disk).",
+        rich_help_panel=EXECUTION_PANEL,
     ),
 ]
 ExtractBatchOpt = Annotated[
@@ -232,6 +287,7 @@ ExtractBatchOpt = Annotated[
         "--batch-size",
         help="Images per backbone forward (feature extraction, or streaming with --no-cache).",
         min=1,
+        rich_help_panel=EXECUTION_PANEL,
     ),
 ]
 AugmentOpt = Annotated[
@@ -242,6 +298,7 @@ AugmentOpt = Annotated[
         "flip, seeded per image and view) and train on one per image each epoch; views already cached "
         "are reused when K grows. 0: the images as they are.",
         min=0,
+        rich_help_panel=TRAINING_PANEL,
     ),
 ]
 ThreadsOpt = Annotated[
@@ -253,10 +310,17 @@ ThreadsOpt = Annotated[
         "machine fewer threads (even 1) can be much faster.",
         min=1,
         show_default=False,
+        rich_help_panel=EXECUTION_PANEL,
     ),
 ]
 MapsOpt = Annotated[
-    int, typer.Option("--maps", help="Evaluation images in the AbMILP-vs-\\[cls] figure (0: none).", min=0)
+    int,
+    typer.Option(
+        "--maps",
+        help="Evaluation images in the AbMILP-vs-\\[cls] figure (0: none).",
+        min=0,
+        rich_help_panel=OUTPUT_PANEL,
+    ),
 ]
 EmbeddingOpt = Annotated[
     str,
@@ -266,18 +330,20 @@ EmbeddingOpt = Annotated[
         "block, coloured by class (embedding.csv, figures/embedding), with the k-NN accuracy and "
         "silhouette of the full features: tsne (seeded, after PCA to 50 dims), pca, or none. At most "
         "2,000 images (a seeded subsample). Example: --embedding pca",
+        rich_help_panel=OUTPUT_PANEL,
     ),
 ]
 OldExtractBatchOpt = Annotated[int | None, typer.Option("--extract-batch-size", hidden=True, min=1)]
 OldMaxImgOpt = Annotated[int | None, typer.Option("--max-images", hidden=True, min=2)]
 
 
-ProbeModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Alias (see `attnscope models`) or any timm ViT name. Default: the paper's MAE ViT-B/16.",
+_DEFAULT_MODEL = ProbeConfig.model  # the paper's MAE ViT-B/16
+ProbeModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        help=f"Alias, timm name or weights path (or use --model). Default: {_DEFAULT_MODEL}, the paper's.",
+        show_default=False,
+        metavar="MODEL",
     ),
 ]
 
@@ -285,13 +351,13 @@ ProbeModelOpt = Annotated[
 @handle_errors(flags=PROBE_FLAGS)
 def probe_cmd(
     ctx: typer.Context,
-    model: ProbeModelOpt = "mae_vit_base",
+    model_arg: ProbeModelArg = None,
+    model_opt: OptionalModelOpt = None,
     checkpoint: CheckpointOpt = None,
     random_init: RandomInitOpt = False,
-    data_config: DataConfigOpt = None,
-    seed: SeedOpt = 0,
-    img_size: ImgSizeOpt = None,
     position_resize: PositionResizeOpt = "own",
+    img_size: ImgSizeOpt = None,
+    data_config: DataConfigOpt = None,
     data: DataOpt = None,
     train: TrainDirOpt = None,
     val: ValDirOpt = None,
@@ -299,32 +365,33 @@ def probe_cmd(
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
     val_fraction: ValFractionOpt = 0.2,
-    holdout_fraction: HoldoutOpt = 0.1,
     shots: ShotsOpt = None,
     max_images: MaxImgOpt = None,
     aggregators: AggregatorOpt = "cls,mean,abmilp",
     abmilp_depth: DepthOpt = 1,
+    blocks: BlocksOpt = "last",
+    prenorm: PrenormOpt = False,
     recipe: RecipeOpt = "default",
     epochs: EpochsOpt = None,
     warmup_epochs: WarmupOpt = None,
     batch_size: TrainBatchOpt = None,
+    augment: AugmentOpt = 0,
+    curves: CurvesOpt = None,
     lrs: LrsOpt = None,
     wds: WdsOpt = None,
-    prenorm: PrenormOpt = False,
-    blocks: BlocksOpt = "last",
-    curves: CurvesOpt = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
+    holdout_fraction: HoldoutOpt = 0.1,
+    seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     num_workers: WorkersOpt = 0,
     extract_batch_size: ExtractBatchOpt = 64,
-    map_images: MapsOpt = 6,
-    embedding: EmbeddingOpt = "tsne",
     threads: ThreadsOpt = None,
-    augment: AugmentOpt = 0,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
+    map_images: MapsOpt = 6,
+    embedding: EmbeddingOpt = "tsne",
     formats: FormatOpt = None,
     extract_batch_size_alias: OldExtractBatchOpt = None,
     max_images_alias: OldMaxImgOpt = None,
@@ -333,7 +400,8 @@ def probe_cmd(
 
     Trains probe heads (cls, mean, abmilp, ...) on frozen last-block tokens, each at every point of
     an lr x wd grid, all in one pass over cached features; selects each aggregator's head on a
-    hold-out of the training split and reports its evaluation accuracy.
+    hold-out of the training split and reports its evaluation accuracy. The model is named
+    positionally or with --model; without either, the paper's MAE ViT-B/16 (mae_vit_base).
 
     Writes results.csv (every head), summary.csv (the selected head per aggregator), maps.csv,
     embedding.csv, run.json and figures/ (accuracy by aggregator, the lr grid, AbMILP weights beside
@@ -341,13 +409,13 @@ def probe_cmd(
 
     Examples:
 
-      attnscope probe --model test_vit --random-init --img-size 64   (built-in digits: no data, no network)
+      attnscope probe test_vit --random-init --img-size 64   (built-in digits: no data, no network)
 
-      attnscope probe --model mae --data ~/data/cub --aggregator cls,mean,abmilp,attentive
+      attnscope probe mae --data ~/data/cub --aggregator cls,mean,abmilp,attentive
 
-      attnscope probe --model mae --dataset cifar100 --data-root ~/datasets --shots 10
+      attnscope probe mae --dataset cifar100 --data-root ~/datasets --shots 10
 
-      attnscope probe --model dinov2_vit_base --img-size 224 --train tr/ --val va/ --prenorm --recipe paper
+      attnscope probe dinov2_vit_base --img-size 224 --train tr/ --val va/ --prenorm --recipe paper
     """
     from attnscope.commands.probe import run
 
@@ -367,6 +435,7 @@ def _config(ctx: typer.Context, ui: CliUI) -> ProbeConfig:
     from attnscope.commands.probe import ProbeConfig
 
     options = dict(ctx.params)
+    options["model"] = one_model(options.pop("model_arg"), options.pop("model_opt"), "probe", _DEFAULT_MODEL)
     for old, (param, name) in _ALIASES.items():
         value = options.pop(param)
         if value is None:
@@ -582,7 +651,16 @@ def _summary_table(summary: pd.DataFrame, title: str) -> Table:
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    # one space between columns: 80 columns hold the table with every number whole; the caption
+    # left-justified, as rich crops a centred caption's longest line to the terminal's width
+    table = Table(
+        title=title,
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        caption_justify="left",
+    )
     baseline = summary["baseline"].iloc[0] if len(summary) else None
     by_block = "block" in summary and summary["block"].nunique() > 1
     if by_block:

@@ -14,7 +14,31 @@ from attnscope import distributed
 from attnscope.cli.options import flag_for, resume_command_line, with_flags
 from attnscope.errors import AttnscopeError, ConfigError, Interrupted
 
-console = Console(stderr=False)
+
+class OutputConsole(Console):
+    """stdout. In a terminal it is rich's console. Elsewhere (a file, a pipe, a SLURM log) its
+    width is a guess (80, or $COLUMNS), and rich would cut a table's numbers to `0…` to fit it;
+    there each print widens the console as far as the printed thing needs so that nothing is
+    cut (its minimum width: whole cells of no-wrap columns, whole words), and text that can
+    wrap still wraps at the guess."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if self.is_terminal or self.quiet or not objects or kwargs.get("width") is not None:
+            super().print(*objects, **kwargs)
+            return
+        from rich.measure import Measurement
+
+        unbounded = self.options.update_width(1_000_000)
+        needed = max(Measurement.get(self, unbounded, obj).minimum for obj in objects)
+        saved = self._width
+        self.width = max(self.width, needed)
+        try:
+            super().print(*objects, **kwargs)
+        finally:
+            self._width = saved
+
+
+console = OutputConsole(stderr=False)
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])

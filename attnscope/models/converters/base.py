@@ -55,7 +55,7 @@ class Converter:
     def hint(self, width: int | None = None) -> str:
         alias = self.aliases.get(width) if width is not None else None
         alias = alias or next(iter(self.aliases.values()), None)
-        return f"; load it with --model {alias}" if alias else ""
+        return f"; load it as the model {alias}" if alias else ""
 
 
 def width_of(state: Mapping[str, torch.Tensor]) -> int | None:
