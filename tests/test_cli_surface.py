@@ -149,6 +149,7 @@ def run_logged(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a whole CLI run in a subprocess
 def test_entropy_table_off_a_terminal_is_whole(tmp_path):
     out = tmp_path / "run"
     proc = run_logged(

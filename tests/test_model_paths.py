@@ -81,7 +81,8 @@ def assert_one_line_error(result, *needles: str) -> str:
 # ---------------------------------------------------------------- entropy and maps
 
 
-@pytest.mark.parametrize("kind", ["dinov2", pytest.param("vit", marks=pytest.mark.slow)])
+@pytest.mark.slow  # whole CLI runs in subprocesses
+@pytest.mark.parametrize("kind", ["dinov2", "vit"])
 def test_entropy_folder_as_model_equals_folder_as_checkpoint(folders, tmp_path, kind):
     folder = folders[kind]
     by_path = invoke("entropy", "--model", folder, *ONE_IMAGE, "--out", tmp_path / "path")

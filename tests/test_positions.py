@@ -418,6 +418,7 @@ def test_the_rule_is_an_input_of_every_resizable_run(tmp_path):
     assert "position_resize" not in native and "position_resize" not in random
 
 
+@pytest.mark.slow  # a whole CLI run in a subprocess
 def test_entropy_says_and_records_the_resize(tmp_path):
     import timm
 
