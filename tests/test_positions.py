@@ -233,8 +233,9 @@ def test_hub_weights_are_loaded_at_their_size_then_resized_by_the_family_rule(tm
 
     path, sd = _dinov2_checkpoint(tmp_path)
 
-    def fake_pretrained(name, kwargs):
+    def fake_pretrained(name, kwargs, found=None):
         assert "img_size" not in kwargs  # native size: timm has nothing to resample
+        assert found == ("hf-hub:timm/fake", None)  # the source resolved once, not asked again
         model = timm.create_model(name.split(".")[0], **kwargs)
         model.load_state_dict(sd)
         return model, "hf-hub:timm/fake"

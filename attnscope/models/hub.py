@@ -81,10 +81,14 @@ def pretrained_source(timm_name: str) -> tuple[str, str | None]:
     return source, cached
 
 
-def _create_pretrained(timm_name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, str]:
+def _create_pretrained(
+    timm_name: str, kwargs: dict[str, Any], found: tuple[str, str | None] | None = None
+) -> tuple[nn.Module, str]:
+    """The tag's model with its weights; `found`: `pretrained_source` already asked (its
+    reachability check is a network round trip, not to be made twice)."""
     import timm
 
-    source, cached = pretrained_source(timm_name)
+    source, cached = found or pretrained_source(timm_name)
     if cached is not None:
         # Loading through the file override keeps timm's own filter but makes no network
         # request at all, so a cached model works offline.

@@ -286,8 +286,8 @@ def _build(
         if pretrained and img_size is None:
             model, weights = _create_pretrained(spec.timm_name, kwargs)
         else:
-            if pretrained:
-                pretrained_source(spec.timm_name)  # unreachable weights fail before any build
+            # unreachable weights fail before any build
+            found = pretrained_source(spec.timm_name) if pretrained else None
             torch.manual_seed(seed)
             if converter is not None and converter.build is not None:
                 model = converter.build({k: v for k, v in kwargs.items() if k != "num_classes"})
@@ -299,7 +299,7 @@ def _build(
                 # timm would resample the positions with its own rule while loading: load the
                 # weights at their native size, then bring them over with the family's rule
                 native, weights = _create_pretrained(
-                    spec.timm_name, {k: v for k, v in kwargs.items() if k != "img_size"}
+                    spec.timm_name, {k: v for k, v in kwargs.items() if k != "img_size"}, found
                 )
                 report = load_state_strict(model, Conversion(native.state_dict()), weights, rule)
                 del native
